@@ -1,0 +1,10 @@
+"""clipfast.ops: the fused ops behind the scan (DESIGN.md section 3), one public function each.
+
+Every op has a pure-PyTorch reference (reference.py) and compiled backends; `backend="auto"`
+picks the fastest one available for the tensors' device (see backends.py).
+"""
+
+from .backends import BACKENDS, OP_BACKENDS, BackendUnavailable, backend_status
+from .mask_crop import MaskCrops, mask_crop
+
+__all__ = ["BACKENDS", "OP_BACKENDS", "BackendUnavailable", "backend_status", "MaskCrops", "mask_crop"]

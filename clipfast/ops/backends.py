@@ -1,0 +1,110 @@
+"""Which op backends exist, which can run here and now, and which one a call gets.
+
+Backends: ``reference`` (pure PyTorch, always), ``cpu`` (C++ in clipfast._C), ``cuda`` (CUDA in
+clipfast._C, when built with CUDA and a GPU is present), ``triton`` (where Triton runs: a GPU, or
+the CPU interpreter under TRITON_INTERPRET=1). ``auto`` picks the fastest available for the tensors'
+device. An explicitly requested backend that cannot run raises BackendUnavailable saying why.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import json
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+# The backends each op implements; grows as kernels land.
+OP_BACKENDS: dict[str, tuple[str, ...]] = {
+    "mask_crop": ("reference", "cpu", "cuda"),
+}
+
+# auto's order of preference per device type.
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested backend cannot run; the message says why."""
+
+
+@functools.cache
+def extension():
+    """The compiled operator library clipfast._C, or the ImportError that prevented loading it."""
+    try:
+        return importlib.import_module("clipfast._C")
+    except ImportError as error:
+        return error
+
+
+@functools.cache
+def build_info() -> dict:
+    """What setup.py recorded about the build (torch/CUDA versions, compiled backends, arch list)."""
+    path = Path(__file__).resolve().parent.parent / "_build_info.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def backend_status(backend: str) -> tuple[bool, str]:
+    """(usable now, why or why not) for one backend, independent of any op."""
+    if backend == "reference":
+        return True, "pure PyTorch, always available"
+    ext = extension()
+    if backend == "cpu":
+        if isinstance(ext, ImportError):
+            return False, f"clipfast._C failed to import ({ext}); reinstall with `pip install --no-build-isolation -e .`"
+        return True, "C++ kernels in clipfast._C"
+    if backend == "cuda":
+        if isinstance(ext, ImportError):
+            return False, f"clipfast._C failed to import ({ext})"
+        info = build_info()
+        if "cuda" not in info.get("compiled_backends", ()):
+            return False, f"clipfast._C was built without CUDA ({info.get('cuda_reason', 'unknown reason')})"
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU is visible to torch"
+        return True, f"CUDA kernels for {info.get('cuda_arch_list')} on {torch.cuda.get_device_name()}"
+    if backend == "triton":
+        try:
+            import triton  # noqa: F401
+        except ImportError as error:
+            return False, f"triton is not installed ({error})"
+        if torch.cuda.is_available():
+            return True, f"triton {triton.__version__} on {torch.cuda.get_device_name()}"
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True, f"triton {triton.__version__} interpreter on CPU (TRITON_INTERPRET=1; tests only, slow)"
+        return False, "no CUDA GPU for Triton (set TRITON_INTERPRET=1 to run its interpreter on CPU)"
+    raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS + ('auto',))}")
+
+
+def resolve(op: str, backend: str, device: torch.device) -> str:
+    """The backend that runs `op` on tensors on `device` when the caller asked for `backend`."""
+    offered = OP_BACKENDS[op]
+    device_type = device.type
+    if backend == "auto":
+        for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
+            if candidate in offered and backend_status(candidate)[0]:
+                if candidate == "reference" and device_type == "cuda":
+                    warnings.warn(f"clipfast: {op} runs the slow reference on {device}: "
+                                  f"{backend_status('cuda')[1]}", stacklevel=3)
+                return candidate
+        return "reference"
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS + ('auto',))}")
+    if backend not in offered:
+        raise BackendUnavailable(f"{op} has no {backend} backend yet (it has: {', '.join(offered)})")
+    usable, why = backend_status(backend)
+    if not usable:
+        raise BackendUnavailable(f"{op}: backend {backend!r} cannot run: {why}")
+    if backend == "cpu" and device_type != "cpu":
+        raise BackendUnavailable(f"{op}: backend 'cpu' needs CPU tensors, got tensors on {device}")
+    if backend in ("cuda", "triton") and device_type != "cuda" and not (
+        backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
+    ):
+        raise BackendUnavailable(f"{op}: backend {backend!r} needs CUDA tensors, got tensors on {device}")
+    return backend

@@ -1,0 +1,66 @@
+"""Pure-PyTorch reference implementations of clipfast's ops.
+
+These are the semantic spec (DESIGN.md section 3), the test oracle for every compiled backend, the
+benchmark baseline and the fallback. They favour clarity over speed; inputs are validated by the
+public functions in this package before they get here.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def mask_box(mask: torch.Tensor, margin: float) -> tuple[int, int, int, int] | None:
+    """Tight box (y0, x0, y1, x1) of a [H, W] mask grown by floor(margin * side) per side and
+    clipped to the image; None for an empty mask."""
+    rows = torch.nonzero(mask.any(dim=1)).flatten()
+    if rows.numel() == 0:
+        return None
+    cols = torch.nonzero(mask.any(dim=0)).flatten()
+    y0, y1 = int(rows[0]), int(rows[-1]) + 1
+    x0, x1 = int(cols[0]), int(cols[-1]) + 1
+    pad_y, pad_x = math.floor(margin * (y1 - y0)), math.floor(margin * (x1 - x0))
+    height, width = mask.shape
+    return max(0, y0 - pad_y), max(0, x0 - pad_x), min(height, y1 + pad_y), min(width, x1 + pad_x)
+
+
+def mask_crop(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    out_size: int,
+    margin: float,
+    background: float,
+    mean: list[float],
+    std: list[float],
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Crop every (image b, mask m) to the mask's box grown by the margin, fill pixels outside the
+    mask with `background`, bilinear-resize (align_corners=False) to out_size, normalise.
+
+    images [B, C, H, W] uint8 (scaled by 1/255) or float; masks [B, M, H, W] bool/uint8.
+    Returns crops [B, M, C, S, S] (out_dtype), boxes [B, M, 4] int32 (y0, x0, y1, x1; zeros for an
+    empty mask) and valid [B, M] bool (False for an empty mask, whose crop is all background).
+    """
+    batch, channels = images.shape[:2]
+    num_masks = masks.shape[1]
+    pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    crops = torch.full((batch, num_masks, channels, out_size, out_size), float(background), device=images.device)
+    boxes = torch.zeros(batch, num_masks, 4, dtype=torch.int32, device=images.device)
+    valid = torch.zeros(batch, num_masks, dtype=torch.bool, device=images.device)
+    for b in range(batch):
+        for m in range(num_masks):
+            mask = masks[b, m].bool()
+            box = mask_box(mask, margin)
+            if box is None:
+                continue
+            y0, x0, y1, x1 = box
+            region = torch.where(mask[y0:y1, x0:x1], pixels[b, :, y0:y1, x0:x1], float(background))
+            crops[b, m] = F.interpolate(region[None], size=(out_size, out_size), mode="bilinear", align_corners=False)[0]
+            boxes[b, m] = torch.tensor(box, dtype=torch.int32)
+            valid[b, m] = True
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(channels, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(channels, 1, 1)
+    return ((crops - mean_t) / std_t).to(out_dtype), boxes, valid

@@ -1,0 +1,15 @@
+// The clipfast operator library: every op schema in one place, plus the Python module init that
+// lets `import clipfast._C` load the registrations. Backend implementations live beside this file.
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(clipfast, m) {
+  m.def(
+      "mask_crop(Tensor images, Tensor masks, int out_size, float margin, float background, "
+      "float[] mean, float[] std, ScalarType out_dtype) -> (Tensor crops, Tensor boxes, Tensor valid)");
+}
+
+static struct PyModuleDef clipfast_c_module = {PyModuleDef_HEAD_INIT, "_C",
+                                               "clipfast compiled operators", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&clipfast_c_module); }

@@ -1,0 +1,112 @@
+"""Build clipfast and its compiled operator library `clipfast._C`.
+
+CPU kernels are always built. CUDA kernels are built whenever torch has CUDA and nvcc is found
+(no GPU needed): set CLIPFAST_CUDA=0 to skip them, CLIPFAST_CUDA=1 to fail if they cannot be built.
+TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0": A100, H100/H200) and MAX_JOBS
+the parallel compile jobs. The build is recorded in clipfast/_build_info.json for `clipfast info`.
+"""
+
+import glob
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
+
+
+def find_cuda_home() -> str | None:
+    """The CUDA toolkit root that holds both nvcc and the headers (an nvcc on PATH may be a wrapper)."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(nvcc).resolve().parent.parent))
+    candidates += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
+    for root in filter(None, candidates):
+        if (Path(root) / "bin" / "nvcc").exists() and (Path(root) / "include" / "cuda_runtime.h").exists():
+            return root
+    return None
+
+
+# torch.utils.cpp_extension reads CUDA_HOME at import time, so settle it first.
+_cuda_home = find_cuda_home()
+if _cuda_home and not os.environ.get("CUDA_HOME"):
+    os.environ["CUDA_HOME"] = _cuda_home
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
+
+import torch  # noqa: E402
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+
+def want_cuda() -> tuple[bool, str]:
+    setting = os.environ.get("CLIPFAST_CUDA", "auto")
+    if setting == "0":
+        return False, "disabled by CLIPFAST_CUDA=0"
+    reasons = []
+    if torch.version.cuda is None:
+        reasons.append(f"torch {torch.__version__} is a CPU-only build")
+    if _cuda_home is None:
+        reasons.append("no CUDA toolkit (nvcc + headers) found; set CUDA_HOME")
+    if reasons:
+        if setting == "1":
+            sys.exit("clipfast: CLIPFAST_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(reasons))
+        return False, "; ".join(reasons)
+    return True, f"nvcc from {_cuda_home}"
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def nvcc_version() -> str | None:
+    if _cuda_home is None:
+        return None
+    try:
+        out = subprocess.run([str(Path(_cuda_home) / "bin" / "nvcc"), "--version"], capture_output=True,
+                             text=True, timeout=30).stdout
+        return out.strip().splitlines()[-1] if out else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+with_cuda, cuda_reason = want_cuda()
+cxx_flags = ["-O3", "-std=c++17"]
+include_dirs = [str(ROOT / "csrc" / "kernels"), str(ROOT / "csrc" / "ops")]
+sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "ops").glob("*.cpp") if not p.name.endswith("_cuda.cpp"))
+if with_cuda:
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "ops").glob("*_cuda.cpp"))
+    sources += sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc" / "kernels" / "cuda").glob("*.cu"))
+    extension = CUDAExtension(
+        "clipfast._C", sources, include_dirs=include_dirs,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+    )
+else:
+    extension = CppExtension("clipfast._C", sources, include_dirs=include_dirs, extra_compile_args={"cxx": cxx_flags})
+
+build_info = {
+    "torch": torch.__version__,
+    "torch_cuda": torch.version.cuda,
+    "python": sys.version.split()[0],
+    "compiled_backends": ["cpu"] + (["cuda"] if with_cuda else []),
+    "cuda_reason": cuda_reason,
+    "cuda_arch_list": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
+    "nvcc": nvcc_version() if with_cuda else None,
+    "commit": git_commit(),
+}
+(ROOT / "clipfast" / "_build_info.json").write_text(json.dumps(build_info, indent=2) + "\n")
+
+setup(
+    ext_modules=[extension],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
