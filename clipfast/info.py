@@ -12,7 +12,7 @@ from .ops import backends
 
 def build_report() -> dict:
     """The recorded build plus the live state of every backend, as a JSON-ready dict."""
-    build = backends.build_info()
+    build = backends.BUILD_INFO
     runtime = {
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -8,7 +8,6 @@ device. An explicitly requested backend that cannot run raises BackendUnavailabl
 
 from __future__ import annotations
 
-import functools
 import importlib
 import json
 import os
@@ -32,18 +31,14 @@ class BackendUnavailable(RuntimeError):
     """An explicitly requested backend cannot run; the message says why."""
 
 
-@functools.cache
-def extension():
-    """The compiled operator library clipfast._C, or the ImportError that prevented loading it."""
+def _load_extension():
     try:
         return importlib.import_module("clipfast._C")
     except ImportError as error:
         return error
 
 
-@functools.cache
-def build_info() -> dict:
-    """What setup.py recorded about the build (torch/CUDA versions, compiled backends, arch list)."""
+def _read_build_info() -> dict:
     path = Path(__file__).resolve().parent.parent / "_build_info.json"
     try:
         return json.loads(path.read_text())
@@ -51,11 +46,16 @@ def build_info() -> dict:
         return {}
 
 
+# Loaded once at import (cheap), so that backend resolution stays traceable by torch.compile.
+EXTENSION = _load_extension()  # the compiled library clipfast._C, or the ImportError that stopped it
+BUILD_INFO = _read_build_info()  # what setup.py recorded: versions, compiled backends, CUDA archs
+
+
 def backend_status(backend: str) -> tuple[bool, str]:
     """(usable now, why or why not) for one backend, independent of any op."""
     if backend == "reference":
         return True, "pure PyTorch, always available"
-    ext = extension()
+    ext = EXTENSION
     if backend == "cpu":
         if isinstance(ext, ImportError):
             return False, f"clipfast._C failed to import ({ext}); reinstall with `pip install --no-build-isolation -e .`"
@@ -63,7 +63,7 @@ def backend_status(backend: str) -> tuple[bool, str]:
     if backend == "cuda":
         if isinstance(ext, ImportError):
             return False, f"clipfast._C failed to import ({ext})"
-        info = build_info()
+        info = BUILD_INFO
         if "cuda" not in info.get("compiled_backends", ()):
             return False, f"clipfast._C was built without CUDA ({info.get('cuda_reason', 'unknown reason')})"
         if not torch.cuda.is_available():

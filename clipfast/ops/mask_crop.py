@@ -101,5 +101,5 @@ def _fake(images, masks, out_size, margin, background, mean, std, out_dtype):
     )
 
 
-if not isinstance(backends.extension(), ImportError):
+if not isinstance(backends.EXTENSION, ImportError):
     torch.library.register_fake("clipfast::mask_crop")(_fake)
