@@ -21,6 +21,8 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 # The backends each op implements; grows as kernels land.
 OP_BACKENDS: dict[str, tuple[str, ...]] = {
     "mask_crop": ("reference", "cpu", "cuda"),
+    "region_score": ("reference",),
+    "region_topk": ("reference",),
 }
 
 # auto's order of preference per device type.

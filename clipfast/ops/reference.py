@@ -64,3 +64,50 @@ def mask_crop(
     mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(channels, 1, 1)
     std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(channels, 1, 1)
     return ((crops - mean_t) / std_t).to(out_dtype), boxes, valid
+
+
+def region_score(
+    image_embeddings: torch.Tensor,
+    region_embeddings: torch.Tensor,
+    region_valid: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    logit_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Zero-shot scores of whole images and their regions, reduced per image.
+
+    image_embeddings [B, D], region_embeddings [B, M, D], region_valid [B, M] bool, text_embeddings
+    [C, D] (all normalised here), logit_scale: softmax temperature (CLIP's exp(logit_scale)).
+    Returns image_label [B] int64, image_prob [B], region_label [B, M] int64, region_prob [B, M]
+    (each region's top label and its probability), region_image_prob [B, M] (each region's
+    probability for the whole-image label) and discrepancy [B] = image_prob - max over valid regions
+    of region_image_prob (image_prob where an image has no valid region). Invalid regions get label
+    -1 and probabilities 0.
+    """
+    text = F.normalize(text_embeddings.float(), dim=-1)
+    image_probs = (logit_scale * F.normalize(image_embeddings.float(), dim=-1) @ text.T).softmax(-1)
+    region_probs = (logit_scale * F.normalize(region_embeddings.float(), dim=-1) @ text.T).softmax(-1)
+    image_prob, image_label = image_probs.max(-1)
+    region_prob, region_label = region_probs.max(-1)
+    index = image_label.view(-1, 1, 1).expand(-1, region_probs.shape[1], 1)
+    region_image_prob = region_probs.gather(-1, index).squeeze(-1)
+    valid = region_valid.bool()
+    region_label = torch.where(valid, region_label, -1)
+    region_prob = torch.where(valid, region_prob, 0.0)
+    region_image_prob = torch.where(valid, region_image_prob, 0.0)
+    discrepancy = image_prob - region_image_prob.max(-1).values  # 0 for invalid regions: max >= 0
+    return image_label, image_prob, region_label, region_prob, region_image_prob, discrepancy
+
+
+def region_topk(scores: torch.Tensor, labels: torch.Tensor, num_labels: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-label counts [num_labels] int64 and the indices [num_labels, k] int64 of the k highest
+    scores of each label (best first, ties to the lower index, -1 where a label has fewer than k).
+    Entries with a label outside [0, num_labels) are ignored."""
+    counts = torch.zeros(num_labels, dtype=torch.int64, device=scores.device)
+    top = torch.full((num_labels, k), -1, dtype=torch.int64, device=scores.device)
+    for label in range(num_labels):
+        members = torch.nonzero(labels == label).flatten()
+        counts[label] = members.numel()
+        # A stable sort on the negated score keeps the lower index first among ties.
+        order = torch.sort(-scores[members].float(), stable=True).indices[:k]
+        top[label, : order.numel()] = members[order]
+    return counts, top
