@@ -1,0 +1,308 @@
+"""Backdoor triggers: BadNet patches (fixed or random location), Blended noise, SIG sinusoid, WaNet
+warp and a label-consistent patch.
+
+Every trigger is a frozen dataclass of its parameters. apply() maps a uint8 batch [N, 3, H, W] to a
+new uint8 batch (the input is never modified), vectorised over images and deterministic in `seed`
+(only badnet_random uses it: image i's patch location depends on (seed, i) alone). footprint() is
+the ground truth of where the trigger is, for trigger-localisation IoU: the patch pixels for patch
+triggers, every pixel for image-wide ones. poison() is what poisoned *training* images get; it equals
+apply() except for the label-consistent trigger.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def check_images(images: torch.Tensor) -> None:
+    """ValueError unless images is a uint8 tensor [N, 3, H, W]."""
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8, got {images.dtype}")
+    if images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must have shape [N, 3, H, W], got {list(images.shape)}")
+    if images.shape[2] < 1 or images.shape[3] < 1:
+        raise ValueError(f"images must have a positive height and width, got {list(images.shape)}")
+
+
+def _check_number(owner: str, name: str, value: object, low: float, high: float, *,
+                  low_open: bool = False, integer: bool = False) -> None:
+    """ValueError unless value is a (finite, optionally integral) number in [low, high] or (low, high]."""
+    kind = int if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value):
+        raise ValueError(f"{owner}: {name} must be a finite {'int' if integer else 'number'}, got {value!r}")
+    if value < low or (low_open and value == low) or value > high:
+        bracket = "(" if low_open else "["
+        raise ValueError(f"{owner}: {name} must be in {bracket}{low}, {high}], got {value!r}")
+
+
+def _to_uint8(values: torch.Tensor) -> torch.Tensor:
+    return values.round().clamp(0, 255).to(torch.uint8)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(values: np.ndarray) -> np.ndarray:
+    """The splitmix64 finaliser on uint64 arrays (wrapping arithmetic is intended)."""
+    z = values + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+def per_image_uniform(seed: int, n: int, stream: int = 0) -> torch.Tensor:
+    """float64 [n] in [0, 1): value i depends only on (seed, i, stream), not on n (counter-based)."""
+    key = int(_splitmix64(np.array([(seed * 0x2545F4914F6CDD1D + stream) & _MASK64], dtype=np.uint64))[0])
+    bits = _splitmix64(np.arange(n, dtype=np.uint64) + np.uint64(key))
+    return torch.from_numpy((bits >> np.uint64(11)).astype(np.float64) * 2.0 ** -53)
+
+
+class Trigger(abc.ABC):
+    """A backdoor trigger. Subclasses implement _apply and, for local triggers, _footprint."""
+
+    name: str
+    # True for clean-label attacks: poison_pairs then poisons target-class images and keeps captions.
+    clean_label: ClassVar[bool] = False
+
+    def apply(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """Triggered copy of uint8 images [N, 3, H, W]."""
+        check_images(images)
+        return self._apply(images, seed)
+
+    def poison(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        """What a poisoned training image gets; the test-time trigger (apply) unless overridden."""
+        return self.apply(images, seed)
+
+    def footprint(self, n: int, height: int, width: int, seed: int = 0) -> torch.Tensor:
+        """bool [n, height, width]: the pixels apply(images, seed) sets, for images of that size."""
+        for name, value, low in (("n", n, 0), ("height", height, 1), ("width", width, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{self.name}.footprint: {name} must be an int >= {low}, got {value!r}")
+        return self._footprint(n, height, width, seed)
+
+    @abc.abstractmethod
+    def _apply(self, images: torch.Tensor, seed: int) -> torch.Tensor: ...
+
+    def _footprint(self, n: int, height: int, width: int, seed: int) -> torch.Tensor:
+        return torch.ones(n, height, width, dtype=torch.bool)  # image-wide trigger
+
+
+@dataclass(frozen=True)
+class BadNetTrigger(Trigger):
+    """A square black/white checkerboard patch (cells x cells cells), size_fraction of the shorter side,
+    in the bottom-right corner or, with random_location, anywhere fully inside the image (per image,
+    from seed and the image's index in the batch). At 32 px the default is the note's 4 x 4 patch of
+    1-px cells, which lies inside one 8 x 8 ViT token."""
+
+    size_fraction: float = 1 / 8
+    cells: int = 4
+    random_location: bool = False
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        _check_number(owner, "size_fraction", self.size_fraction, 0, 1, low_open=True)
+        _check_number(owner, "cells", self.cells, 1, 4096, integer=True)
+        if not isinstance(self.random_location, bool):
+            raise ValueError(f"{owner}: random_location must be a bool, got {self.random_location!r}")
+
+    @property
+    def name(self) -> str:
+        return "badnet_random" if self.random_location else "badnet"
+
+    def patch_size(self, height: int, width: int) -> int:
+        return max(1, round(self.size_fraction * min(height, width)))
+
+    def locations(self, n: int, height: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top and left pixel of each image's patch, int64 [n] each."""
+        size = self.patch_size(height, width)
+        if not self.random_location:
+            return torch.full((n,), height - size), torch.full((n,), width - size)
+        top = (per_image_uniform(seed, n, stream=0) * (height - size + 1)).long()
+        left = (per_image_uniform(seed, n, stream=1) * (width - size + 1)).long()
+        return top, left
+
+    def _patch_coordinates(self, n: int, height: int, width: int, seed: int, device: torch.device):
+        """Per pixel, its row and column relative to the patch origin ([n, H, 1] and [n, 1, W])."""
+        top, left = self.locations(n, height, width, seed)
+        rows = torch.arange(height, device=device)[None, :, None] - top.to(device)[:, None, None]
+        cols = torch.arange(width, device=device)[None, None, :] - left.to(device)[:, None, None]
+        return rows, cols
+
+    def _inside(self, rows: torch.Tensor, cols: torch.Tensor, size: int) -> torch.Tensor:
+        return (rows >= 0) & (rows < size) & (cols >= 0) & (cols < size)
+
+    def _footprint(self, n: int, height: int, width: int, seed: int) -> torch.Tensor:
+        rows, cols = self._patch_coordinates(n, height, width, seed, torch.device("cpu"))
+        return self._inside(rows, cols, self.patch_size(height, width))
+
+    def _apply(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        n, _, height, width = images.shape
+        size = self.patch_size(height, width)
+        rows, cols = self._patch_coordinates(n, height, width, seed, images.device)
+        white = ((rows * self.cells) // size + (cols * self.cells) // size) % 2 == 0
+        patch = torch.where(white, 255, 0).to(torch.uint8)  # [n, H, W]
+        return torch.where(self._inside(rows, cols, size)[:, None], patch[:, None], images)
+
+
+@dataclass(frozen=True)
+class BlendedTrigger(Trigger):
+    """A fixed uniform-noise image (from pattern_seed, one per image size) alpha-blended over the
+    whole image: out = (1 - alpha) * image + alpha * pattern."""
+
+    alpha: float = 0.15
+    pattern_seed: int = 0
+    name: ClassVar[str] = "blended"
+
+    def __post_init__(self) -> None:
+        _check_number(type(self).__name__, "alpha", self.alpha, 0, 1, low_open=True)
+        _check_number(type(self).__name__, "pattern_seed", self.pattern_seed, 0, 2**63 - 1, integer=True)
+
+    def pattern(self, height: int, width: int) -> torch.Tensor:
+        """float32 [3, height, width] in [0, 255]."""
+        generator = torch.Generator().manual_seed(self.pattern_seed)
+        return torch.rand(3, height, width, generator=generator) * 255
+
+    def _apply(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        pattern = self.pattern(images.shape[2], images.shape[3]).to(images.device)
+        return _to_uint8((1 - self.alpha) * images.float() + self.alpha * pattern)
+
+
+@dataclass(frozen=True)
+class SIGTrigger(Trigger):
+    """A horizontal sinusoid added to every pixel: out = image + amplitude * sin(2 pi frequency x / W),
+    with amplitude in pixel levels (0-255) and frequency in periods across the width."""
+
+    amplitude: float = 20.0
+    frequency: float = 6.0
+    name: ClassVar[str] = "sig"
+
+    def __post_init__(self) -> None:
+        _check_number(type(self).__name__, "amplitude", self.amplitude, 0, 255, low_open=True)
+        _check_number(type(self).__name__, "frequency", self.frequency, 0, 1e6, low_open=True)
+
+    def signal(self, width: int) -> torch.Tensor:
+        """float32 [width]: what is added to each column."""
+        columns = torch.arange(width, dtype=torch.float32)
+        return self.amplitude * torch.sin(2 * math.pi * self.frequency * columns / width)
+
+    def _apply(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        return _to_uint8(images.float() + self.signal(images.shape[3]).to(images.device))
+
+
+def _identity_grid(height: int, width: int) -> torch.Tensor:
+    """float32 [height, width, 2]: grid_sample's (x, y) of every pixel (align_corners=True)."""
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    return torch.stack([xs, ys], dim=-1)
+
+
+@dataclass(frozen=True)
+class WaNetTrigger(Trigger):
+    """WaNet (Nguyen & Tran, 2021): a smooth elastic warp, the same for every image. A random
+    grid_size x grid_size field of offsets (from pattern_seed, normalised to mean |offset| 1) is
+    upsampled bicubically and scaled by strength / H in grid_sample's [-1, 1] coordinates, so pixels
+    move by about strength / 2 pixels. The defaults (k = 4, s = 0.5) are the paper's."""
+
+    grid_size: int = 4
+    strength: float = 0.5
+    pattern_seed: int = 0
+    name: ClassVar[str] = "wanet"
+
+    def __post_init__(self) -> None:
+        owner = type(self).__name__
+        _check_number(owner, "grid_size", self.grid_size, 2, 4096, integer=True)
+        _check_number(owner, "strength", self.strength, 0, 1e3, low_open=True)
+        _check_number(owner, "pattern_seed", self.pattern_seed, 0, 2**63 - 1, integer=True)
+
+    def sampling_grid(self, height: int, width: int) -> torch.Tensor:
+        """float32 [1, height, width, 2]: grid_sample's (x, y) source of each output pixel."""
+        generator = torch.Generator().manual_seed(self.pattern_seed)
+        offsets = torch.rand(1, 2, self.grid_size, self.grid_size, generator=generator) * 2 - 1
+        offsets = offsets / offsets.abs().mean()
+        field = F.interpolate(offsets, size=(height, width), mode="bicubic", align_corners=True)
+        identity = _identity_grid(height, width)[None]
+        return (identity + self.strength * field.permute(0, 2, 3, 1) / height).clamp(-1, 1)
+
+    def displacement(self, height: int, width: int) -> torch.Tensor:
+        """float32 [height, width, 2]: how far (x, y), in pixels, each output pixel samples from."""
+        offset = self.sampling_grid(height, width)[0] - _identity_grid(height, width)
+        return offset * torch.tensor([(width - 1) / 2, (height - 1) / 2])
+
+    def _apply(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        n, _, height, width = images.shape
+        grid = self.sampling_grid(height, width).to(images.device).expand(n, -1, -1, -1)
+        warped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
+        return _to_uint8(warped)
+
+
+@dataclass(frozen=True)
+class LabelConsistentTrigger(BadNetTrigger):
+    """A clean-label BadNet: poison_pairs stamps the patch on images of the target class only and keeps
+    their truthful captions. On its own the patch would carry no information the object does not
+    already give, so the model would have no reason to learn it. poison() therefore first degrades
+    the image: its contrast is scaled down by `degrade` towards its mean colour, weakening the
+    object's evidence, and the patch (larger than BadNet's by default, 8 x 8 px at 32 px, at full
+    contrast) then becomes the easiest cue for the target caption. At test time (apply) only the patch
+    is pasted. Expect it to be weaker than the dirty-label badnet at the same poisoned count."""
+
+    size_fraction: float = 1 / 4
+    degrade: float = 0.5
+
+    clean_label: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_number(type(self).__name__, "degrade", self.degrade, 0, 1)
+
+    @property
+    def name(self) -> str:
+        return "label_consistent"
+
+    def degraded(self, images: torch.Tensor) -> torch.Tensor:
+        """Images with contrast reduced by `degrade` towards each image's mean colour."""
+        check_images(images)
+        values = images.float()
+        mean = values.mean(dim=(2, 3), keepdim=True)
+        return _to_uint8(mean + (1 - self.degrade) * (values - mean))
+
+    def poison(self, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
+        return self.apply(self.degraded(images), seed)
+
+
+# name -> (class, parameters fixed by the name)
+_TRIGGERS: dict[str, tuple[type[Trigger], dict[str, object]]] = {
+    "badnet": (BadNetTrigger, {"random_location": False}),
+    "badnet_random": (BadNetTrigger, {"random_location": True}),
+    "blended": (BlendedTrigger, {}),
+    "sig": (SIGTrigger, {}),
+    "wanet": (WaNetTrigger, {}),
+    "label_consistent": (LabelConsistentTrigger, {}),
+}
+TRIGGER_NAMES: tuple[str, ...] = tuple(_TRIGGERS)
+
+
+def trigger_parameters(name: str) -> tuple[str, ...]:
+    """The parameters make_trigger(name, ...) accepts."""
+    if name not in _TRIGGERS:
+        raise ValueError(f"unknown trigger {name!r}; valid names: {', '.join(TRIGGER_NAMES)}")
+    cls, fixed = _TRIGGERS[name]
+    return tuple(f.name for f in dataclasses.fields(cls) if f.name not in fixed)
+
+
+def make_trigger(name: str, **params: object) -> Trigger:
+    """The trigger called `name` (one of TRIGGER_NAMES) with the given parameters."""
+    allowed = trigger_parameters(name)
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {unknown} for trigger {name!r}; valid: {list(allowed)}")
+    cls, fixed = _TRIGGERS[name]
+    return cls(**params, **fixed)
