@@ -64,10 +64,34 @@ def test_matches_reference_on_random_odd_sizes(backend, image_dtype, out_dtype):
 
 
 @pytest.mark.parametrize("backend", compiled_backends)
+@pytest.mark.parametrize("square", [False, True])
 @pytest.mark.parametrize("out_size,margin", [(1, 0.0), (5, 0.5), (64, 0.1), (17, 3.0)])
-def test_matches_reference_upsampling_and_downsampling(backend, out_size, margin):
+def test_matches_reference_upsampling_and_downsampling(backend, square, out_size, margin):
     images, masks = random_inputs(2, 5, 19, 33, torch.float32, backend, seed=3)
-    assert_matches_reference(images, masks, backend, torch.float32, out_size=out_size, margin=margin)
+    assert_matches_reference(images, masks, backend, torch.float32, out_size=out_size, margin=margin, square=square)
+
+
+@pytest.mark.parametrize("backend", compiled_backends)
+@pytest.mark.parametrize("image_dtype", [torch.uint8, torch.bfloat16])
+def test_square_boxes_match_reference(backend, image_dtype):
+    images, masks = random_inputs(3, 7, 23, 41, image_dtype, backend, seed=5)
+    assert_matches_reference(images, masks, backend, torch.bfloat16, square=True, margin=0.3)
+
+
+def test_square_box_keeps_aspect_ratio_and_pads_with_background():
+    images = torch.rand(1, 3, 12, 12)
+    masks = torch.zeros(1, 1, 12, 12, dtype=torch.bool)
+    masks[0, 0, 5:7, 0:8] = True  # a flat bar touching the left border: 2 x 8
+    out = run(images, masks, "cpu", out_size=8, margin=0.0, square=True, mean=[0, 0, 0], std=[1, 1, 1])
+    assert out.boxes[0, 0].tolist() == [2, 0, 10, 8]  # 8 x 8, centred vertically on the bar
+    crop = out.crops[0, 0]
+    torch.testing.assert_close(crop[:, 3:5, :], images[0, :, 5:7, 0:8])  # the bar, unstretched
+    torch.testing.assert_close(crop[:, :3], torch.full_like(crop[:, :3], 0.37))  # background above
+    corner = torch.zeros(1, 1, 12, 12, dtype=torch.bool)
+    corner[0, 0, 10:12, 10:12] = True  # bottom-right corner: the square reaches outside the image
+    out = run(images, corner, "cpu", out_size=6, margin=0.5, square=True, mean=[0, 0, 0], std=[1, 1, 1])
+    assert out.boxes[0, 0].tolist() == [9, 9, 13, 13]
+    torch.testing.assert_close(out.crops[0, 0, :, -1], torch.full((3, 6), 0.37))  # outside the image
 
 
 @pytest.mark.parametrize("backend", ["reference"] + compiled_backends)
@@ -108,8 +132,9 @@ def test_pixels_outside_the_mask_do_not_leak():
 def test_opcheck():
     images, masks = random_inputs(2, 3, 17, 21, torch.uint8, "cpu")
     for out_dtype in (torch.float32, torch.bfloat16):
-        args = (images, masks, 11, 0.1, 0.5, MEAN, STD, out_dtype)
-        torch.library.opcheck(torch.ops.clipfast.mask_crop.default, args)
+        for square in (False, True):
+            args = (images, masks, 11, 0.1, square, 0.5, MEAN, STD, out_dtype)
+            torch.library.opcheck(torch.ops.clipfast.mask_crop.default, args)
 
 
 def test_torch_compile_matches_eager():
@@ -161,7 +186,7 @@ def test_cuda_backend_without_a_gpu_says_why():
 def test_registered_op_checks_its_inputs_too():
     with pytest.raises(RuntimeError, match="masks .* do not match images"):
         torch.ops.clipfast.mask_crop(torch.zeros(2, 3, 8, 8), torch.zeros(2, 1, 8, 9, dtype=torch.bool),
-                                     4, 0.1, 0.5, MEAN, STD, torch.float32)
+                                     4, 0.1, False, 0.5, MEAN, STD, torch.float32)
 
 
 def test_reference_box_rule():

@@ -17,7 +17,7 @@ MAX_CHANNELS = 4  # kMaxChannels in csrc/kernels/common/mask_crop_common.h
 
 class MaskCrops(NamedTuple):
     crops: torch.Tensor  # [B, M, C, S, S] normalised encoder input
-    boxes: torch.Tensor  # [B, M, 4] int32 (y0, x0, y1, x1) after the margin; zeros for empty masks
+    boxes: torch.Tensor  # [B, M, 4] int32 (y0, x0, y1, x1): the sampling box; zeros for empty masks
     valid: torch.Tensor  # [B, M] bool; False where the mask is empty (crop is all background)
 
 
@@ -27,6 +27,7 @@ def mask_crop(
     out_size: int,
     *,
     margin: float = 0.1,
+    square: bool = False,
     background: float = 0.5,
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
@@ -36,6 +37,9 @@ def mask_crop(
     """For every (image b, mask m): crop the mask's bounding box grown by floor(margin * side) on
     each side (clipped to the image), fill pixels outside the mask with `background`, bilinear-resize
     to out_size x out_size (align_corners=False) and normalise with the encoder's mean/std.
+    square=True keeps the region's aspect ratio instead: a square box of side max(h, w) * (1 + 2 *
+    margin) centred on the mask, not clipped, pixels outside the image read as background (see
+    reference.mask_box for the exact integer rule).
 
     images: [B, C, H, W] uint8 (read as value/255) or float32/bfloat16 in [0, 1], C <= 4.
     masks: [B, M, H, W] bool or uint8 (nonzero = inside), on the same device; pad with empty masks.
@@ -46,7 +50,7 @@ def mask_crop(
     std = _per_channel(std, 1.0, channels, "std")
     if any(s <= 0 for s in std):
         raise ValueError(f"mask_crop: std must be positive, got {std}")
-    args = (images, masks, int(out_size), float(margin), float(background), mean, std, out_dtype)
+    args = (images, masks, int(out_size), float(margin), bool(square), float(background), mean, std, out_dtype)
     chosen = backends.resolve("mask_crop", backend, images.device)
     if chosen == "reference":
         return MaskCrops(*reference.mask_crop(*args))
@@ -91,7 +95,7 @@ def _per_channel(values, default: float, channels: int, name: str) -> list[float
     return values
 
 
-def _fake(images, masks, out_size, margin, background, mean, std, out_dtype):
+def _fake(images, masks, out_size, margin, square, background, mean, std, out_dtype):
     batch, channels = images.shape[:2]
     num_masks = masks.shape[1]
     return (

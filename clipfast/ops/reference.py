@@ -13,16 +13,25 @@ import torch
 import torch.nn.functional as F
 
 
-def mask_box(mask: torch.Tensor, margin: float) -> tuple[int, int, int, int] | None:
-    """Tight box (y0, x0, y1, x1) of a [H, W] mask grown by floor(margin * side) per side and
-    clipped to the image; None for an empty mask."""
+def mask_box(mask: torch.Tensor, margin: float, square: bool = False) -> tuple[int, int, int, int] | None:
+    """Sampling box (y0, x0, y1, x1) of a [H, W] mask; None for an empty mask.
+
+    Default: the tight box grown by floor(margin * side) per side, clipped to the image. Square: a
+    square of side max(h, w) + 2 * floor(margin * max(h, w)) centred on the tight box (the odd pixel
+    of the extra goes right/down), not clipped: it may reach outside the image.
+    """
     rows = torch.nonzero(mask.any(dim=1)).flatten()
     if rows.numel() == 0:
         return None
     cols = torch.nonzero(mask.any(dim=0)).flatten()
     y0, y1 = int(rows[0]), int(rows[-1]) + 1
     x0, x1 = int(cols[0]), int(cols[-1]) + 1
-    pad_y, pad_x = math.floor(margin * (y1 - y0)), math.floor(margin * (x1 - x0))
+    h, w = y1 - y0, x1 - x0
+    if square:
+        side = max(h, w) + 2 * math.floor(margin * max(h, w))
+        y0, x0 = y0 - (side - h) // 2, x0 - (side - w) // 2
+        return y0, x0, y0 + side, x0 + side
+    pad_y, pad_x = math.floor(margin * h), math.floor(margin * w)
     height, width = mask.shape
     return max(0, y0 - pad_y), max(0, x0 - pad_x), min(height, y1 + pad_y), min(width, x1 + pad_x)
 
@@ -32,19 +41,21 @@ def mask_crop(
     masks: torch.Tensor,
     out_size: int,
     margin: float,
+    square: bool,
     background: float,
     mean: list[float],
     std: list[float],
     out_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Crop every (image b, mask m) to the mask's box grown by the margin, fill pixels outside the
-    mask with `background`, bilinear-resize (align_corners=False) to out_size, normalise.
+    """Crop every (image b, mask m) to the mask's sampling box (mask_box), with pixels outside the
+    mask (or outside the image) set to `background`, bilinear-resize (align_corners=False) to
+    out_size, normalise.
 
     images [B, C, H, W] uint8 (scaled by 1/255) or float; masks [B, M, H, W] bool/uint8.
-    Returns crops [B, M, C, S, S] (out_dtype), boxes [B, M, 4] int32 (y0, x0, y1, x1; zeros for an
+    Returns crops [B, M, C, S, S] (out_dtype), boxes [B, M, 4] int32 (the sampling box; zeros for an
     empty mask) and valid [B, M] bool (False for an empty mask, whose crop is all background).
     """
-    batch, channels = images.shape[:2]
+    batch, channels, height, width = images.shape
     num_masks = masks.shape[1]
     pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
     crops = torch.full((batch, num_masks, channels, out_size, out_size), float(background), device=images.device)
@@ -53,11 +64,14 @@ def mask_crop(
     for b in range(batch):
         for m in range(num_masks):
             mask = masks[b, m].bool()
-            box = mask_box(mask, margin)
+            box = mask_box(mask, margin, square)
             if box is None:
                 continue
             y0, x0, y1, x1 = box
-            region = torch.where(mask[y0:y1, x0:x1], pixels[b, :, y0:y1, x0:x1], float(background))
+            region = torch.full((channels, y1 - y0, x1 - x0), float(background), device=images.device)
+            iy0, ix0, iy1, ix1 = max(y0, 0), max(x0, 0), min(y1, height), min(x1, width)
+            inside = torch.where(mask[iy0:iy1, ix0:ix1], pixels[b, :, iy0:iy1, ix0:ix1], float(background))
+            region[:, iy0 - y0 : iy1 - y0, ix0 - x0 : ix1 - x0] = inside
             crops[b, m] = F.interpolate(region[None], size=(out_size, out_size), mode="bilinear", align_corners=False)[0]
             boxes[b, m] = torch.tensor(box, dtype=torch.int32)
             valid[b, m] = True

@@ -13,7 +13,7 @@ namespace clipfast {
 namespace ops {
 
 MaskCropCall prepare_mask_crop(const at::Tensor& images, const at::Tensor& masks, int64_t out_size,
-                               double margin, double background, at::ArrayRef<double> mean,
+                               double margin, bool square, double background, at::ArrayRef<double> mean,
                                at::ArrayRef<double> std, at::ScalarType out_dtype) {
   TORCH_CHECK(images.dim() == 4, "mask_crop: images must be [B, C, H, W], got shape ",
               images.sizes());
@@ -51,6 +51,7 @@ MaskCropCall prepare_mask_crop(const at::Tensor& images, const at::Tensor& masks
   p.width = images.size(3);
   p.out_size = out_size;
   p.margin = margin;
+  p.square = square;
   p.input_scale = in_type == at::kByte ? 1.f / 255.f : 1.f;
   p.background = static_cast<float>(background);
   for (int64_t c = 0; c < channels; ++c) {
@@ -74,10 +75,10 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_crop_cpu(
     const at::Tensor& images, const at::Tensor& masks, int64_t out_size, double margin,
-    double background, at::ArrayRef<double> mean, at::ArrayRef<double> std,
+    bool square, double background, at::ArrayRef<double> mean, at::ArrayRef<double> std,
     at::ScalarType out_dtype) {
   MaskCropCall call =
-      prepare_mask_crop(images, masks, out_size, margin, background, mean, std, out_dtype);
+      prepare_mask_crop(images, masks, out_size, margin, square, background, mean, std, out_dtype);
   auto parallel = [](int64_t begin, int64_t end, auto&& fn) {
     at::parallel_for(begin, end, /*grain_size=*/1, fn);
   };

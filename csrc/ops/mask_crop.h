@@ -18,7 +18,7 @@ struct MaskCropCall {
 };
 
 MaskCropCall prepare_mask_crop(const at::Tensor& images, const at::Tensor& masks, int64_t out_size,
-                               double margin, double background, at::ArrayRef<double> mean,
+                               double margin, bool square, double background, at::ArrayRef<double> mean,
                                at::ArrayRef<double> std, at::ScalarType out_dtype);
 
 }  // namespace ops

@@ -14,11 +14,11 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_crop_cuda(
     const at::Tensor& images, const at::Tensor& masks, int64_t out_size, double margin,
-    double background, at::ArrayRef<double> mean, at::ArrayRef<double> std,
+    bool square, double background, at::ArrayRef<double> mean, at::ArrayRef<double> std,
     at::ScalarType out_dtype) {
   const c10::cuda::CUDAGuard guard(images.device());
   MaskCropCall call =
-      prepare_mask_crop(images, masks, out_size, margin, background, mean, std, out_dtype);
+      prepare_mask_crop(images, masks, out_size, margin, square, background, mean, std, out_dtype);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_in_out(call.images.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
     using In = decltype(in_tag);

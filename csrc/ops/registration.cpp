@@ -5,7 +5,7 @@
 
 TORCH_LIBRARY(clipfast, m) {
   m.def(
-      "mask_crop(Tensor images, Tensor masks, int out_size, float margin, float background, "
+      "mask_crop(Tensor images, Tensor masks, int out_size, float margin, bool square, float background, "
       "float[] mean, float[] std, ScalarType out_dtype) -> (Tensor crops, Tensor boxes, Tensor valid)");
 }
 

@@ -24,7 +24,7 @@ clipfast::MaskCropParams params(int64_t b, int64_t m, int64_t c, int64_t h, int6
                                 double margin, float scale) {
   clipfast::MaskCropParams p{};
   p.batch = b; p.masks = m; p.channels = c; p.height = h; p.width = w; p.out_size = s;
-  p.margin = margin; p.input_scale = scale; p.background = 0.5f;
+  p.margin = margin; p.square = false; p.input_scale = scale; p.background = 0.5f;
   for (int i = 0; i < clipfast::kMaxChannels; ++i) { p.mean[i] = 0.25f * i; p.inv_std[i] = 2.f; }
   return p;
 }
@@ -41,8 +41,11 @@ void test_tight_box() {
 }
 
 void test_expand_box_clips() {
-  const clipfast::Box b = clipfast::expand_box({1, 2, 9, 6}, 0.25, 10, 7);  // 8 tall, 4 wide
+  const clipfast::Box b = clipfast::expand_box({1, 2, 9, 6}, 0.25, false, 10, 7);  // 8 tall, 4 wide
   expect(b.y0 == 0 && b.y1 == 10 && b.x0 == 1 && b.x1 == 7, "margin floor(0.25*side), clipped");
+  // Square: side 8 + 2 * floor(0.25 * 8) = 12, centred, not clipped.
+  const clipfast::Box s = clipfast::expand_box({1, 2, 9, 6}, 0.25, true, 10, 7);
+  expect(s.y0 == -1 && s.y1 == 11 && s.x0 == -2 && s.x1 == 10, "square box keeps the aspect ratio");
 }
 
 void test_identity_crop() {

@@ -15,7 +15,8 @@ struct MaskCropParams {
   int64_t height;     // H
   int64_t width;      // W
   int64_t out_size;   // S: crops are S x S
-  double margin;      // box grows by floor(margin * side) pixels on each side, clipped to the image
+  double margin;      // box grows by floor(margin * side) pixels on each side (see expand_box)
+  bool square;        // square boxes that keep the aspect ratio (see expand_box)
   float input_scale;  // 1/255 for uint8 images, 1 for float images
   float background;   // fill value outside the mask, in input_scale'd units (before normalisation)
   float mean[kMaxChannels];
@@ -27,11 +28,25 @@ struct Box {
   int32_t y0, x0, y1, x1;
 };
 
-// Grow a tight box by the margin and clip it to the image (same rule in every backend).
-CLIPFAST_HD Box expand_box(Box tight, double margin, int64_t height, int64_t width) {
-  const int32_t pad_y = static_cast<int32_t>(margin * (tight.y1 - tight.y0));
-  const int32_t pad_x = static_cast<int32_t>(margin * (tight.x1 - tight.x0));
+// The sampling box of a tight (non-empty) box, the same rule in every backend. Default: grow each
+// side by floor(margin * that side's length) and clip to the image. Square: a square of side
+// L = max(h, w) + 2 * floor(margin * max(h, w)) centred on the tight box (the extra split
+// floor-left), NOT clipped: keeps the region's aspect ratio; pixels outside the image read as
+// background.
+CLIPFAST_HD Box expand_box(Box tight, double margin, bool square, int64_t height, int64_t width) {
+  const int32_t h = tight.y1 - tight.y0, w = tight.x1 - tight.x0;
   Box b;
+  if (square) {
+    const int32_t longest = h > w ? h : w;
+    const int32_t side = longest + 2 * static_cast<int32_t>(margin * longest);
+    b.y0 = tight.y0 - (side - h) / 2;
+    b.x0 = tight.x0 - (side - w) / 2;
+    b.y1 = b.y0 + side;
+    b.x1 = b.x0 + side;
+    return b;
+  }
+  const int32_t pad_y = static_cast<int32_t>(margin * h);
+  const int32_t pad_x = static_cast<int32_t>(margin * w);
   b.y0 = tight.y0 - pad_y < 0 ? 0 : tight.y0 - pad_y;
   b.x0 = tight.x0 - pad_x < 0 ? 0 : tight.x0 - pad_x;
   b.y1 = tight.y1 + pad_y > height ? static_cast<int32_t>(height) : tight.y1 + pad_y;

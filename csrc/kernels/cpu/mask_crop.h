@@ -52,33 +52,30 @@ void mask_crop_one(const In* image, const uint8_t* mask, Out* out, Box* box_out,
     *valid_out = 0;
     return;
   }
-  const Box box = expand_box(tight, p.margin, H, W);
+  const Box box = expand_box(tight, p.margin, p.square, H, W);
   *box_out = box;
   *valid_out = 1;
 
+  // Column taps once per crop; a tap outside the image (square boxes) reads as background.
   std::vector<Taps> col_taps(S);
   for (int64_t ox = 0; ox < S; ++ox) col_taps[ox] = bilinear_taps(ox, box.x1 - box.x0, S);
+  auto read = [&](const In* channel, int64_t y, int64_t x) {
+    const bool inside = y >= 0 && y < H && x >= 0 && x < W && mask[y * W + x] != 0;
+    return inside ? to_float(channel[y * W + x]) * p.input_scale : p.background;
+  };
 
   for (int64_t oy = 0; oy < S; ++oy) {
     const Taps ty = bilinear_taps(oy, box.y1 - box.y0, S);
-    const int64_t row0 = (box.y0 + ty.i0) * W + box.x0;
-    const int64_t row1 = (box.y0 + ty.i1) * W + box.x0;
-    const uint8_t* m0 = mask + row0;
-    const uint8_t* m1 = mask + row1;
+    const int64_t y0 = box.y0 + ty.i0, y1 = box.y0 + ty.i1;
     for (int64_t c = 0; c < C; ++c) {
-      const In* r0 = image + c * H * W + row0;
-      const In* r1 = image + c * H * W + row1;
-      const float bg = p.background, scale = p.input_scale;
+      const In* channel = image + c * H * W;
       const float mean = p.mean[c], inv_std = p.inv_std[c];
       Out* dst = out + (c * S + oy) * S;
       for (int64_t ox = 0; ox < S; ++ox) {
         const Taps tx = col_taps[ox];
-        const float v00 = m0[tx.i0] ? to_float(r0[tx.i0]) * scale : bg;
-        const float v01 = m0[tx.i1] ? to_float(r0[tx.i1]) * scale : bg;
-        const float v10 = m1[tx.i0] ? to_float(r1[tx.i0]) * scale : bg;
-        const float v11 = m1[tx.i1] ? to_float(r1[tx.i1]) * scale : bg;
-        const float top = (1.f - tx.w1) * v00 + tx.w1 * v01;
-        const float bottom = (1.f - tx.w1) * v10 + tx.w1 * v11;
+        const int64_t x0 = box.x0 + tx.i0, x1 = box.x0 + tx.i1;
+        const float top = (1.f - tx.w1) * read(channel, y0, x0) + tx.w1 * read(channel, y0, x1);
+        const float bottom = (1.f - tx.w1) * read(channel, y1, x0) + tx.w1 * read(channel, y1, x1);
         const float v = (1.f - ty.w1) * top + ty.w1 * bottom;
         dst[ox] = from_float<Out>((v - mean) * inv_std);
       }

@@ -20,6 +20,14 @@ __device__ __forceinline__ void note_pixel(int64_t index, int64_t width, int& y_
   x_max = max(x_max, x);
 }
 
+// A pixel of one channel as the crop sees it: background outside the mask or the image.
+template <typename In>
+__device__ __forceinline__ float read_pixel(const In* __restrict__ channel, const uint8_t* __restrict__ mask,
+                                            int64_t y, int64_t x, const MaskCropParams& p) {
+  const bool inside = y >= 0 && y < p.height && x >= 0 && x < p.width && mask[y * p.width + x] != 0;
+  return inside ? to_float(channel[y * p.width + x]) * p.input_scale : p.background;
+}
+
 template <typename In, typename Out>
 __global__ void __launch_bounds__(kThreads)
     mask_crop_kernel(const In* __restrict__ images, const uint8_t* __restrict__ masks,
@@ -73,7 +81,7 @@ __global__ void __launch_bounds__(kThreads)
   const bool empty = s_box[1] < 0;
   Box box{0, 0, 0, 0};
   if (!empty) box = expand_box(Box{s_box[0], s_box[2], s_box[1] + 1, s_box[3] + 1}, p.margin,
-                               p.height, p.width);
+                               p.square, p.height, p.width);
   if (threadIdx.x == 0) {
     boxes[item] = box;
     valid[item] = empty ? 0 : 1;
@@ -90,14 +98,11 @@ __global__ void __launch_bounds__(kThreads)
     if (!empty) {
       const Taps ty = bilinear_taps(oy, box_h, S);
       const Taps tx = bilinear_taps(ox, box_w, S);
-      const int64_t row0 = (box.y0 + ty.i0) * p.width + box.x0;
-      const int64_t row1 = (box.y0 + ty.i1) * p.width + box.x0;
       const In* channel = image + c * plane;
-      const float scale = p.input_scale, bg = p.background;
-      const float v00 = mask[row0 + tx.i0] ? to_float(channel[row0 + tx.i0]) * scale : bg;
-      const float v01 = mask[row0 + tx.i1] ? to_float(channel[row0 + tx.i1]) * scale : bg;
-      const float v10 = mask[row1 + tx.i0] ? to_float(channel[row1 + tx.i0]) * scale : bg;
-      const float v11 = mask[row1 + tx.i1] ? to_float(channel[row1 + tx.i1]) * scale : bg;
+      const float v00 = read_pixel(channel, mask, box.y0 + ty.i0, box.x0 + tx.i0, p);
+      const float v01 = read_pixel(channel, mask, box.y0 + ty.i0, box.x0 + tx.i1, p);
+      const float v10 = read_pixel(channel, mask, box.y0 + ty.i1, box.x0 + tx.i0, p);
+      const float v11 = read_pixel(channel, mask, box.y0 + ty.i1, box.x0 + tx.i1, p);
       const float top = (1.f - tx.w1) * v00 + tx.w1 * v01;
       const float bottom = (1.f - tx.w1) * v10 + tx.w1 * v11;
       v = (1.f - ty.w1) * top + ty.w1 * bottom;
