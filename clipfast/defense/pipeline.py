@@ -1,0 +1,116 @@
+"""defend = scan -> curate -> repair, with every stage's output written atomically to one run
+directory so that a rerun with the same directory resumes where the last one stopped, and refuses
+to mix runs with different settings."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from clipfast.models import ClipBundle, save_checkpoint
+from clipfast.models.checkpoint import save_json, write_atomically
+from clipfast.oracle import Segmenter
+
+from .curate import CompactSet, CurateConfig, curate
+from .repair import RepairConfig, RepairResult, repair
+from .scan import LabelTest, ScanConfig, ScanResult, TriggerEstimate, scan
+
+CONFIG_NAME = "defense_config.json"
+SCAN_NAME = "scan.pt"
+COMPACT_NAME = "compact_set.pt"
+REPAIRED_NAME = "repaired_model.pt"
+
+
+class RunDirectoryMismatch(ValueError):
+    """The output directory holds a run made with different settings."""
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    curate: CurateConfig = field(default_factory=CurateConfig)
+    repair: RepairConfig = field(default_factory=RepairConfig)
+
+
+@dataclass
+class DefenseOutcome:
+    scan: ScanResult
+    compact: CompactSet | None  # None when no backdoor was found (the model is left alone)
+    repair: RepairResult | None
+    seconds: dict[str, float]
+    repaired_model_path: Path | None
+
+
+# Settings that do not change results (progress bars, op backend) do not tie a run directory.
+_UNTIED = {"progress", "backend", "batch_size"}
+
+
+def _tied_settings(config: DefenseConfig, identity: dict) -> dict:
+    stages = {name: {k: v for k, v in asdict(stage).items() if k not in _UNTIED}
+              for name, stage in (("scan", config.scan), ("curate", config.curate), ("repair", config.repair))}
+    return {"inputs": identity, **stages}
+
+
+def claim_run_directory(out_dir: Path, settings: dict) -> None:
+    """Record the settings of the run in out_dir, or check they equal the recorded ones."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / CONFIG_NAME
+    settings = json.loads(json.dumps(settings))  # normalise tuples etc. as JSON would
+    if path.exists():
+        recorded = json.loads(path.read_text())
+        if recorded != settings:
+            changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
+            raise RunDirectoryMismatch(f"{out_dir} holds a run with different settings (differences in: "
+                                       f"{', '.join(changed)}); use a new output directory")
+    else:
+        save_json(settings, path)
+
+
+def save_scan(result: ScanResult, path: Path) -> None:
+    write_atomically(path, lambda file: torch.save(asdict(result), file))
+
+
+def load_scan(path: Path) -> ScanResult:
+    data = torch.load(path, weights_only=True)
+    data["label_test"] = LabelTest(**data["label_test"])
+    data["triggers"] = [TriggerEstimate(**t) for t in data["triggers"]]
+    return ScanResult(**data)
+
+
+def defend(bundle: ClipBundle, classnames: list[str], probe_images: torch.Tensor, segmenter: Segmenter,
+           out_dir: str | Path, *, prompts: Callable[[str], list[str]] | None = None,
+           grounding_bundle: ClipBundle | None = None, config: DefenseConfig = DefenseConfig(),
+           identity: dict | None = None, run_repair: bool = True) -> DefenseOutcome:
+    """Scan, and if a backdoor is found curate and (unless run_repair is False) repair bundle.model
+    in place. `identity` describes the inputs (model, probe set, oracle) so that a run directory is
+    never reused for others; a rerun resumes from what the directory holds."""
+    out_dir = Path(out_dir)
+    claim_run_directory(out_dir, _tied_settings(config, {"classnames": list(classnames),
+                                                         "probe_images": len(probe_images), **(identity or {})}))
+    seconds = {}
+    start = time.perf_counter()
+    if (out_dir / SCAN_NAME).exists():
+        found = load_scan(out_dir / SCAN_NAME)
+    else:
+        found = scan(bundle, classnames, probe_images, segmenter, prompts=prompts,
+                     grounding_bundle=grounding_bundle, config=config.scan)
+        save_scan(found, out_dir / SCAN_NAME)
+    seconds["scan"] = time.perf_counter() - start
+    if not found.found or not run_repair:
+        return DefenseOutcome(found, None, None, seconds, None)
+
+    start = time.perf_counter()
+    compact = curate(found, probe_images, config.curate)
+    write_atomically(out_dir / COMPACT_NAME, lambda file: torch.save(asdict(compact), file))
+    seconds["curate"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    repaired = repair(bundle, compact, found, probe_images, out_dir / "repair", prompts=prompts, config=config.repair)
+    save_checkpoint(bundle, out_dir / REPAIRED_NAME)
+    seconds["repair"] = time.perf_counter() - start
+    return DefenseOutcome(found, compact, repaired, seconds, out_dir / REPAIRED_NAME)

@@ -1,0 +1,108 @@
+"""Stage 3, repair: fine-tune the poisoned model's image tower on the compact set with CleanCLIP's
+objective until the held-out ASR estimate reaches the target (early stop).
+
+DESIGN.md stops when the ASR estimate is below target AND clean accuracy is within tolerance. We
+stop on the ASR estimate alone: measured on the tiny world, training on past that point only moves
+clean predictions further (never back), so waiting for the clean condition cost accuracy. The
+clean-agreement estimate is still reported, and `clean_within_tolerance` says whether it held.
+
+The estimates use only what the scan knows: held-out victims (scan victims not in the compact set)
+for ASR, and held-out grounded probe images, scored by agreement with their pre-repair labels, for
+clean accuracy. Ground truth is never consulted here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from clipfast.models import ClipBundle, ZeroShotClassifier
+from clipfast.train.cleanclip import CleanCLIPObjective
+from clipfast.train.loop import TrainConfig, TrainResult, train
+
+from .curate import CompactSet
+from .scan import ScanResult
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    max_steps: int = 150
+    batch_size: int = 64
+    lr: float = 1e-4
+    freeze_text: bool = True  # keep the zero-shot head (text embeddings) fixed; only the image tower unlearns
+    warmup_steps: int = 10
+    eval_every: int = 10
+    target_asr: float = 0.05  # stop once the held-out ASR estimate is at or below this
+    clean_tolerance: float = 0.015  # report whether held-out clean agreement stayed >= 1 - this
+    self_supervised_weight: float = 1.0
+    holdout_clean: int = 512
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class RepairResult:
+    train: TrainResult
+    stopped_early: bool
+    estimates: dict  # last held-out asr_estimate / clean_agreement
+    clean_within_tolerance: bool
+
+
+def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: torch.Tensor, prompts,
+                      holdout_clean: int, seed: int) -> Callable[[ClipBundle], dict]:
+    """eval_fn for the training loop: ASR estimate on held-out victims, agreement on held-out clean images."""
+    in_compact = torch.zeros(len(probe_images), dtype=torch.bool)
+    in_compact[compact.source_indices] = True
+    victims = compact.victim_indices[~in_compact[compact.victim_indices]]
+    if len(victims) == 0:  # every victim was curated: fall back to them (an optimistic estimate)
+        victims = compact.victim_indices
+    clean = torch.nonzero(scan.grounded & ~scan.candidate & ~in_compact).flatten()
+    clean = clean[torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[:holdout_clean]]
+    targets = torch.tensor(scan.targets)
+    prompt_kwargs = {} if prompts is None else {"prompts": prompts}
+
+    def estimate(bundle: ClipBundle) -> dict:
+        classifier = ZeroShotClassifier(bundle, scan.classnames, **prompt_kwargs)
+        out = {}
+        if len(victims):
+            predicted = classifier.predict(probe_images[victims])[0][:, 0]
+            out["asr_estimate"] = float(torch.isin(predicted, targets).float().mean())
+        if len(clean):
+            predicted = classifier.predict(probe_images[clean])[0][:, 0]
+            out["clean_agreement"] = float((predicted == scan.image_label[clean]).float().mean())
+        return out
+
+    return estimate
+
+
+def freeze_text_tower(model: torch.nn.Module) -> None:
+    """Stop gradients into everything but the image tower (open_clip keeps it under `visual`)."""
+    for name, parameter in model.named_parameters():
+        if not name.startswith("visual."):
+            parameter.requires_grad_(False)
+
+
+def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_images: torch.Tensor, out_dir: str | Path,
+           *, prompts=None, config: RepairConfig = RepairConfig()) -> RepairResult:
+    """Fine-tune bundle.model in place; resumable from out_dir like any training run."""
+    if len(compact) == 0:
+        raise ValueError("repair: the compact set is empty")
+    estimate = holdout_estimator(scan, compact, probe_images, prompts, config.holdout_clean, config.seed)
+
+    def good_enough(metrics: dict) -> bool:
+        return metrics.get("asr_estimate", 0.0) <= config.target_asr
+
+    train_config = TrainConfig(steps=config.max_steps, batch_size=config.batch_size, lr=config.lr,
+                               warmup_steps=config.warmup_steps, seed=config.seed, eval_every=config.eval_every,
+                               checkpoint_every=config.eval_every, progress=config.progress)
+    objective = CleanCLIPObjective(compact.captions, bundle.tokenizer, config.self_supervised_weight, config.seed,
+                                   text_view=not config.freeze_text)
+    if config.freeze_text:
+        freeze_text_tower(bundle.model)
+    result = train(bundle, compact.images, compact.captions, train_config, out_dir, loss=objective,
+                   eval_fn=estimate, stop_when=good_enough)
+    estimates = result.last_eval or {}
+    clean_ok = estimates.get("clean_agreement", 1.0) >= 1.0 - config.clean_tolerance
+    return RepairResult(result, result.stopped_early, estimates, clean_ok)

@@ -1,0 +1,288 @@
+"""Stage 1, scan (EftCLIP Algorithm 1): find the backdoor's target label and trigger.
+
+For every probe image i: L_i = the poisoned model's top label on the whole image; the oracle
+segments the image and every object-sized region becomes a crop (ops.mask_crop, square boxes);
+S_i = the labels of L_i that the grounding model gives some object region with probability >=
+grounding_threshold; P_i = L_i minus S_i, refined by dropping labels the poisoned model itself
+gives to an object region (its top label). Then a causal refinement: L_i stays in P_i only if
+removing some region that is NOT object-sized (filled with the image's median colour) takes away at
+least `min_causal_drop` of p(L_i): a trigger patch explains the label, a mere misclassification has
+no such region. Across the probe set, a label is a target when it lands in P_i far more often than
+the other labels' rate predicts (one-sided binomial test, Bonferroni over labels, plus an
+effect-size and count floor). The trigger of each victim is its region with the largest drop.
+
+Only the top-1 label is used (k = 1 in DESIGN.md): a grounding threshold >= 0.5 makes "some
+region's probability for L_i passes the threshold" a property region_score reports without
+materialising [B, M, C] probabilities.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from scipy.stats import binom
+from tqdm import tqdm
+
+from clipfast.models import ClipBundle, ZeroShotClassifier
+from clipfast.ops import mask_crop, region_score
+from clipfast.oracle import Segmenter
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    grounding_threshold: float = 0.5  # a region grounds a label when its probability reaches this (>= 0.5)
+    object_min_fraction: float = 0.03  # smaller regions are not objects (a trigger patch is smaller)
+    crop_margin: float = 0.2  # mask_crop's box margin, as a fraction of the box side
+    crop_square: bool = True  # square crop boxes keep the region's aspect ratio
+    crop_background: float = 0.35  # fill outside the mask, in [0, 1] pixel units
+    min_causal_drop: float = 0.5  # removing the trigger region must take away this share of p(L_i)
+    significance: float = 1e-3  # family-wise false-alarm rate of the target-label test
+    min_effect: float = 3.0  # a target must also occur >= this many times more often than expected
+    min_count: int = 5  # and in at least this many images
+    batch_size: int = 256
+    backend: str = "auto"  # op backend (see clipfast.ops)
+    progress: bool = True
+
+    def __post_init__(self):
+        if not 0.5 <= self.grounding_threshold <= 1.0:
+            raise ValueError(f"grounding_threshold must be in [0.5, 1], got {self.grounding_threshold}")
+        if not 0.0 <= self.object_min_fraction < 1.0:
+            raise ValueError(f"object_min_fraction must be in [0, 1), got {self.object_min_fraction}")
+        if not 0.0 < self.significance < 1.0:
+            raise ValueError(f"significance must be in (0, 1), got {self.significance}")
+        if not 0.0 < self.min_causal_drop <= 1.0:
+            raise ValueError(f"min_causal_drop must be in (0, 1], got {self.min_causal_drop}")
+        if self.batch_size < 1 or self.min_count < 1:
+            raise ValueError("batch_size and min_count must be >= 1")
+
+
+@dataclass
+class LabelTest:
+    """The per-label evidence behind the target decision."""
+
+    predicted: list[int]  # n_l: images whose whole-image label is l
+    candidates: list[int]  # c_l: of those, images where l is ungrounded (l in P_i)
+    expected: list[float]  # e_l = n_l * (pooled ungrounded rate of the other labels)
+    p_values: list[float]  # P(X >= c_l), X ~ Binomial(n_l, that rate)
+    threshold: float  # Bonferroni-corrected significance level
+
+
+@dataclass
+class TriggerEstimate:
+    target: int
+    victim_indices: torch.Tensor  # [V] probe indices of the victims
+    region_masks: torch.Tensor  # bool [V, H, W]: each victim's trigger region
+    region_drops: torch.Tensor  # [V]: share of p(t*) its removal takes away
+    consensus_mask: torch.Tensor  # bool [H, W]: pixels in >= half of the victims' trigger regions
+    box: tuple[int, int, int, int] | None  # (y0, x0, y1, x1) of the consensus, None when it is empty
+
+
+@dataclass
+class ScanResult:
+    classnames: list[str]
+    image_label: torch.Tensor  # [N] L_i
+    image_prob: torch.Tensor  # [N]
+    grounded: torch.Tensor  # [N] bool: L_i in S_i
+    ungrounded: torch.Tensor  # [N] bool: L_i in P_i after dropping labels C_p gives object regions
+    causal_drop: torch.Tensor  # [N] largest share of p(L_i) removing one non-object region takes away (ungrounded only)
+    candidate: torch.Tensor  # [N] bool: L_i in P_i after the causal refinement
+    discrepancy: torch.Tensor  # [N] p_i(L_i) - max_j q_ij(L_i) over object regions
+    oracle_label: torch.Tensor  # [N] grounding model's label of the largest object region, -1 if none
+    region_counts: torch.Tensor  # [N] regions the oracle found
+    label_test: LabelTest
+    targets: list[int]
+    triggers: list[TriggerEstimate]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def found(self) -> bool:
+        return bool(self.targets)
+
+    def victims(self, target: int) -> torch.Tensor:
+        """Probe indices whose whole-image label is the target and a candidate (Algorithm 2)."""
+        return torch.nonzero(self.candidate & (self.image_label == target)).flatten()
+
+    def summary(self) -> dict:
+        return {
+            "target_found": self.found,
+            "targets": [self.classnames[t] for t in self.targets],
+            "probe_images": len(self.image_label),
+            "mean_regions_per_image": float(self.region_counts.float().mean()),
+            "ungrounded": int(self.ungrounded.sum()),
+            "candidates": int(self.candidate.sum()),
+            "label_test": {name: {"predicted": n, "candidates": c, "expected": round(e, 3), "p_value": p}
+                           for name, n, c, e, p in zip(self.classnames, self.label_test.predicted,
+                                                       self.label_test.candidates, self.label_test.expected,
+                                                       self.label_test.p_values)},
+            "significance_threshold": self.label_test.threshold,
+            "triggers": [{"target": self.classnames[t.target], "box": t.box, "victims_used": len(t.victim_indices),
+                          "consensus_pixels": int(t.consensus_mask.sum())} for t in self.triggers],
+            "seconds": self.seconds,
+        }
+
+
+class _RegionScorer:
+    """One model's view of images and their regions: embeddings and region_score outputs."""
+
+    def __init__(self, bundle: ClipBundle, classifier: ZeroShotClassifier, config: ScanConfig):
+        self.bundle, self.classifier, self.config = bundle, classifier, config
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor, masks: torch.Tensor, object_regions: torch.Tensor):
+        bundle = self.bundle
+        image_embeddings = bundle.encode_images(images)
+        crops = mask_crop(images.to(bundle.device), masks.to(bundle.device), bundle.image_size,
+                          margin=self.config.crop_margin, square=self.config.crop_square,
+                          background=self.config.crop_background,
+                          mean=bundle.mean, std=bundle.std, backend=self.config.backend)
+        valid = crops.valid.cpu() & object_regions
+        region_embeddings = torch.zeros(*masks.shape[:2], image_embeddings.shape[1])
+        if valid.any():
+            flat = crops.crops[valid.to(crops.crops.device)]
+            region_embeddings[valid] = torch.cat([
+                bundle.model.encode_image(flat[s : s + self.config.batch_size], normalize=True).float().cpu()
+                for s in range(0, len(flat), self.config.batch_size)
+            ])
+        return region_score(image_embeddings.cpu(), region_embeddings, valid, self.classifier.class_embeddings.cpu(),
+                            self.classifier.logit_scale, backend="reference")
+
+
+def scan(
+    bundle: ClipBundle,
+    classnames: Sequence[str],
+    images: torch.Tensor,
+    segmenter: Segmenter,
+    *,
+    prompts: Callable[[str], list[str]] | None = None,
+    grounding_bundle: ClipBundle | None = None,
+    config: ScanConfig = ScanConfig(),
+) -> ScanResult:
+    """Run Algorithm 1 over probe images (uint8 [N, 3, H, W]). grounding_bundle is a trusted clean
+    CLIP; without one the model under test grounds its own crops."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.dtype != torch.uint8:
+        raise ValueError("scan: probe images must be a uint8 tensor [N, 3, H, W]")
+    if len(images) == 0:
+        raise ValueError("scan: the probe set is empty")
+    classnames = list(classnames)
+    if len(classnames) < 2:
+        raise ValueError("scan: the label vocabulary needs at least two labels")
+    prompt_kwargs = {} if prompts is None else {"prompts": prompts}
+    seconds = {}
+    start = time.perf_counter()
+    suspect = _RegionScorer(bundle, ZeroShotClassifier(bundle, classnames, **prompt_kwargs), config)
+    grounder = suspect if grounding_bundle is None else _RegionScorer(
+        grounding_bundle, ZeroShotClassifier(grounding_bundle, classnames, **prompt_kwargs), config)
+    seconds["text_encoding"] = time.perf_counter() - start
+
+    n, height, width = len(images), images.shape[2], images.shape[3]
+    min_area = config.object_min_fraction * height * width
+    image_label = torch.zeros(n, dtype=torch.int64)
+    image_prob = torch.zeros(n)
+    grounded = torch.zeros(n, dtype=torch.bool)
+    self_supported = torch.zeros(n, dtype=torch.bool)
+    discrepancy = torch.zeros(n)
+    oracle_label = torch.full((n,), -1, dtype=torch.int64)
+    region_counts = torch.zeros(n, dtype=torch.int64)
+    small_regions = {}  # ungrounded image -> its non-object region masks, for the causal test
+    seconds["segment"] = seconds["score"] = 0.0
+    batches = range(0, n, config.batch_size)
+    for lo in tqdm(batches, desc="scan", unit="batch", disable=not config.progress):
+        batch = images[lo : lo + config.batch_size]
+        t0 = time.perf_counter()
+        segmentation = segmenter.segment(batch)
+        t1 = time.perf_counter()
+        areas = segmentation.masks.flatten(2).sum(-1)
+        objects = segmentation.valid & (areas >= min_area)
+        own = suspect.score(batch, segmentation.masks, objects)
+        ground = own if grounder is suspect else grounder.score(batch, segmentation.masks, objects)
+        sl = slice(lo, lo + len(batch))
+        image_label[sl], image_prob[sl], discrepancy[sl] = own.image_label, own.image_prob, own.discrepancy
+        label = own.image_label[:, None]
+        if grounder is suspect:  # region_score already has q_ij(L_i) for the suspect's own L_i
+            grounded[sl] = (own.region_image_prob >= config.grounding_threshold).any(-1)
+        else:  # threshold >= 0.5: q'_ij(L_i) passes it only as region j's top label
+            grounded[sl] = ((ground.region_label == label) & (ground.region_prob >= config.grounding_threshold)).any(-1)
+        self_supported[sl] = (own.region_label == label).any(-1)
+        # Regions are sorted largest first, so the first object region is the largest one.
+        has_object = objects.any(-1)
+        first_object = objects.float().argmax(-1)
+        oracle_label[sl] = torch.where(has_object, ground.region_label.gather(1, first_object[:, None]).squeeze(1), -1)
+        region_counts[sl] = segmentation.counts
+        small = segmentation.valid & ~objects
+        for k in torch.nonzero(~grounded[sl] & ~self_supported[sl] & small.any(-1)).flatten().tolist():
+            small_regions[lo + k] = segmentation.masks[k, small[k]]
+        seconds["segment"] += t1 - t0
+        seconds["score"] += time.perf_counter() - t1
+
+    ungrounded = ~grounded & ~self_supported
+    t0 = time.perf_counter()
+    causal_drop, trigger_masks = _causal_test(suspect.classifier, images, image_label, image_prob, small_regions,
+                                              config.batch_size)
+    seconds["causal_test"] = time.perf_counter() - t0
+    candidate = ungrounded & (causal_drop >= config.min_causal_drop)
+    label_test, targets = _decide_targets(image_label, candidate, len(classnames), config)
+    triggers = [_trigger_estimate(target, candidate, image_label, causal_drop, trigger_masks) for target in targets]
+    return ScanResult(classnames, image_label, image_prob, grounded, ungrounded, causal_drop, candidate, discrepancy,
+                      oracle_label, region_counts, label_test, targets, triggers, seconds)
+
+
+@torch.no_grad()
+def _causal_test(classifier: ZeroShotClassifier, images: torch.Tensor, image_label: torch.Tensor,
+                 image_prob: torch.Tensor, small_regions: dict[int, torch.Tensor],
+                 batch_size: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """For each image in small_regions: remove each of its regions in turn (fill with the image's
+    median colour) and find the largest relative drop of p(L_i). Returns the drops [N] (0 where not
+    tested) and, per tested image, the mask of the region with that drop."""
+    drops = torch.zeros(len(images))
+    best_masks = {}
+    pairs = [(i, j) for i, masks in small_regions.items() for j in range(len(masks))]
+    pair_drop = torch.zeros(len(pairs))
+    for lo in range(0, len(pairs), batch_size):
+        chunk = pairs[lo : lo + batch_size]
+        index = torch.tensor([i for i, _ in chunk])
+        masks = torch.stack([small_regions[i][j] for i, j in chunk])[:, None]  # [K, 1, H, W]
+        originals = images[index]
+        median = originals.flatten(2).median(-1).values[:, :, None, None]
+        probs = classifier.logits(torch.where(masks, median, originals)).softmax(-1)
+        kept = probs.gather(1, image_label[index][:, None]).squeeze(1)
+        pair_drop[lo : lo + len(chunk)] = (image_prob[index] - kept) / image_prob[index]
+    for k, (i, j) in enumerate(pairs):
+        if i not in best_masks or pair_drop[k] > drops[i]:
+            drops[i], best_masks[i] = pair_drop[k], small_regions[i][j]
+    return drops, best_masks
+
+
+def _trigger_estimate(target: int, candidate: torch.Tensor, image_label: torch.Tensor, causal_drop: torch.Tensor,
+                      trigger_masks: dict[int, torch.Tensor]) -> TriggerEstimate:
+    victims = torch.nonzero(candidate & (image_label == target)).flatten()
+    region_masks = torch.stack([trigger_masks[int(i)] for i in victims])
+    consensus = region_masks.float().mean(0) >= 0.5
+    box = None
+    if consensus.any():
+        rows, cols = torch.nonzero(consensus.any(1)).flatten(), torch.nonzero(consensus.any(0)).flatten()
+        box = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
+    return TriggerEstimate(target, victims, region_masks, causal_drop[victims], consensus, box)
+
+
+def _decide_targets(image_label: torch.Tensor, candidate: torch.Tensor, num_labels: int,
+                    config: ScanConfig) -> tuple[LabelTest, list[int]]:
+    predicted = torch.bincount(image_label, minlength=num_labels)
+    candidates = torch.bincount(image_label[candidate], minlength=num_labels)
+    threshold = config.significance / num_labels
+    expected, p_values, targets = [], [], []
+    for label in range(num_labels):
+        others_n = int(predicted.sum() - predicted[label])
+        others_c = int(candidates.sum() - candidates[label])
+        # The null rate pools the other labels; +1/+2 keeps it away from 0 with few candidates.
+        rate = (others_c + 1) / (others_n + 2)
+        n_l, c_l = int(predicted[label]), int(candidates[label])
+        expected.append(n_l * rate)
+        p = float(binom.sf(c_l - 1, n_l, rate)) if c_l > 0 else 1.0
+        p_values.append(p)
+        if p < threshold and c_l >= config.min_count and c_l >= config.min_effect * n_l * rate:
+            targets.append(label)
+    test = LabelTest(predicted.tolist(), candidates.tolist(), expected, p_values, threshold)
+    return test, targets

@@ -1,0 +1,88 @@
+"""CleanCLIP's objective (Bansal et al., 2023), the repair and baseline loss of DESIGN.md stage 3:
+the CLIP contrastive loss plus in-modal self-supervised losses that pull together two augmented
+views of the same image and two augmented views of the same caption.
+
+Fine-tuning sets of labels (the compact set) repeat captions; a plain InfoNCE would treat the
+identical captions in a batch as negatives. The contrastive term here counts every pair with an
+identical caption as a positive (soft targets), which equals CLIP's loss when captions are unique.
+With a frozen text tower (repair's default) the text view is skipped: it could not change anything.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import Batch
+
+
+def augment_views(images: torch.Tensor, generator: torch.Generator, max_shift: int = 3, noise: float = 0.1) -> torch.Tensor:
+    """A second view of normalised images [B, 3, S, S]: random translation (edge padding), per-image
+    contrast scaling and pixel noise. No flips: captions may name positions."""
+    batch, _, height, width = images.shape
+    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
+    offsets = torch.randint(0, 2 * max_shift + 1, (batch, 2), generator=generator).tolist()
+    shifted = torch.stack([padded[i, :, dy : dy + height, dx : dx + width] for i, (dy, dx) in enumerate(offsets)])
+    contrast = 1 + 0.2 * (2 * torch.rand(batch, 1, 1, 1, generator=generator) - 1)
+    jitter = noise * torch.randn(shifted.shape, generator=generator)
+    return shifted * contrast.to(images.device) + jitter.to(images.device)
+
+
+def augment_caption(caption: str, generator: torch.Generator, drop: float = 0.15) -> str:
+    """EDA-style text view: drop each word but the last (the label) with probability `drop`, and
+    swap two earlier words half the time."""
+    words = caption.split()
+    if len(words) <= 2:
+        return caption
+    keep = torch.rand(len(words) - 1, generator=generator) >= drop
+    kept = [w for w, k in zip(words[:-1], keep.tolist()) if k] + words[-1:]
+    if len(kept) > 2 and torch.rand(1, generator=generator).item() < 0.5:
+        i, j = torch.randperm(len(kept) - 1, generator=generator)[:2].tolist()
+        kept[i], kept[j] = kept[j], kept[i]
+    return " ".join(kept)
+
+
+def contrastive_loss(first: torch.Tensor, second: torch.Tensor, logit_scale: torch.Tensor,
+                     same: torch.Tensor | None = None) -> torch.Tensor:
+    """Symmetric InfoNCE between normalised features [B, D]; `same` [B, B] bool marks extra
+    positives (pairs with identical captions). Without it: CLIP's loss."""
+    logits = logit_scale * first @ second.T
+    targets = torch.eye(len(first), device=first.device) if same is None else same.float()
+    targets = targets / targets.sum(1, keepdim=True)
+    return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T))
+
+
+class CleanCLIPObjective:
+    """loss = CLIP(image, text) + weight * (CLIP(image, image') + CLIP(text, text'))."""
+
+    def __init__(self, captions: Sequence[str], tokenizer, self_supervised_weight: float = 1.0, seed: int = 0,
+                 text_view: bool = True):
+        self.captions = list(captions)
+        self.tokenizer = tokenizer
+        self.weight = self_supervised_weight
+        self.seed = seed
+        self.text_view = text_view
+
+    def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+        # Views are a function of the batch's sample indices, so resumed runs stay deterministic.
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch.indices.sum()))
+        size = len(batch.indices)
+        tokens = batch.tokens
+        if self.text_view:
+            views = [augment_caption(self.captions[i], generator) for i in batch.indices.tolist()]
+            tokens = torch.cat([tokens, self.tokenizer(views).to(tokens.device)])
+        image_features, text_features, logit_scale = model(torch.cat([batch.images, augment_views(batch.images, generator)]),
+                                                           tokens)[:3]
+        same_caption = (batch.tokens[:, None, :] == batch.tokens[None, :, :]).all(-1)
+        images, images_view = image_features[:size], image_features[size:]
+        contrastive = contrastive_loss(images, text_features[:size], logit_scale, same_caption)
+        in_image = contrastive_loss(images, images_view, logit_scale)
+        out = {"contrastive": contrastive, "in_image": in_image}
+        total = contrastive + self.weight * in_image
+        if self.text_view:
+            out["in_text"] = contrastive_loss(text_features[:size], text_features[size:], logit_scale, same_caption)
+            total = total + self.weight * out["in_text"]
+        return {"loss": total, **out}

@@ -1,0 +1,298 @@
+"""The training loop shared by poisoning (from scratch or fine-tuning) and repair.
+
+AdamW (betas 0.9/0.98, weight decay on matrices only), linear warm-up then cosine decay, bf16
+autocast on GPU, a JSON-lines log, atomic periodic checkpoints, resume from `out_dir`.
+
+Determinism: the batch order and augmentations of step s are functions of (seed, s) only, and
+the learning rate is a function of s only, so a run resumed from a checkpoint at step s
+continues exactly like the uninterrupted run (bit-identical on CPU).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from clipfast.models.bundle import ClipBundle
+from clipfast.models.checkpoint import load_state_dict_strict, read_checkpoint, save_checkpoint, write_atomically
+
+from .augment import shift_and_jitter
+from .losses import Batch, ClipContrastiveObjective, Objective
+
+CHECKPOINT_NAME = "checkpoint.pt"
+LOG_NAME = "train_log.jsonl"
+MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp on the learned temperature
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training hyper-parameters. The defaults are the tiny-world recipe: config E of
+    shared/notes/tiny-world-feasibility.md with 2000 steps instead of 1300 (the world now also
+    has second objects and distractors; 1300 steps gave CA 83 %, 2000 give 94 %). clipfast-tiny
+    runs ~11 steps/s on 2 idle CPU threads, so this is ~3 minutes."""
+
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_steps: int = 50
+    seed: int = 0
+    eval_every: int = 500  # 0: evaluate only at the end (when an eval_fn is given)
+    checkpoint_every: int = 100
+    log_every: int = 10
+    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    augment: bool = False
+    progress: bool = True
+
+    def __post_init__(self):
+        positive = ("steps", "batch_size", "checkpoint_every", "log_every")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("warmup_steps", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr <= 0 or self.weight_decay < 0:
+            raise ValueError(f"TrainConfig needs lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"TrainConfig.precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+# Fields that change the training trajectory: a resumed run must match them.
+_TRAJECTORY_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "seed", "precision", "augment")
+
+
+class ResumeMismatchError(ValueError):
+    """out_dir holds a checkpoint of a different run."""
+
+
+@dataclass
+class TrainResult:
+    step: int  # the step the model is at now
+    stopped_early: bool  # stop_when ended training before config.steps
+    resumed_from_step: int  # 0 for a fresh run
+    train_seconds: float  # wall time of this call's optimisation steps (evals and checkpoints excluded)
+    steps_per_s: float
+    samples_per_s: float
+    final_loss: float | None  # mean loss of the last logged interval (None if no step ran)
+    last_eval: dict | None
+    checkpoint_path: Path
+    log_path: Path
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate for optimisation step `step` (0-based): linear warm-up, then cosine to 0."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    decay_steps = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / decay_steps)
+    return 0.5 * config.lr * (1.0 + math.cos(math.pi * progress))
+
+
+_DATA_ORDER_STREAM, _AUGMENT_STREAM = 0, 1
+
+
+def _generator(seed: int, stream: int, counter: int) -> torch.Generator:
+    """An independent RNG for (seed, stream, counter), e.g. the data order of one epoch."""
+    return torch.Generator().manual_seed(((seed * 1_000_003 + stream) * 1_000_003 + counter) % 2**63)
+
+
+def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
+    """Indices of step `step`'s batch: consecutive slices of per-epoch permutations seeded by
+    (seed, epoch), so that any step's batch is known without replaying earlier steps."""
+    positions = torch.arange(step * batch_size, (step + 1) * batch_size)
+    epochs = positions // n
+    out = torch.empty(batch_size, dtype=torch.long)
+    for epoch in epochs.unique().tolist():
+        in_epoch = epochs == epoch
+        permutation = torch.randperm(n, generator=_generator(seed, _DATA_ORDER_STREAM, epoch))
+        out[in_epoch] = permutation[positions[in_epoch] % n]
+    return out
+
+
+def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.AdamW:
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": config.weight_decay},
+        # biases, norms, logit scale: no decay
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    is_cuda = next(model.parameters()).is_cuda
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=is_cuda or None)
+
+
+def train(
+    bundle: ClipBundle,
+    images: torch.Tensor,
+    captions: Sequence[str],
+    config: TrainConfig,
+    out_dir: str | Path,
+    loss: Objective | None = None,
+    eval_fn: Callable[[ClipBundle], dict] | None = None,
+    stop_when: Callable[[dict], bool] | None = None,
+) -> TrainResult:
+    """Train bundle.model in place on (images uint8 [N, 3, H, W], captions) pairs.
+
+    Writes out_dir/train_log.jsonl and out_dir/checkpoint.pt (a loadable model checkpoint plus
+    the optimizer and RNG state); if that checkpoint exists, training resumes from it.
+    eval_fn(bundle) -> metrics runs every config.eval_every steps and at the end; its metrics
+    are logged. stop_when(metrics) -> True ends training early at that evaluation; the checkpoint
+    records it, so a rerun in the same out_dir does not train further.
+    """
+    n = len(images)
+    if n == 0 or n != len(captions):
+        raise ValueError(f"need a non-empty training set with one caption per image, got {n} images, {len(captions)} captions")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / LOG_NAME
+    objective = loss or ClipContrastiveObjective()
+    model, device = bundle.model, bundle.device
+    batch_size = min(config.batch_size, n)  # tiny sets: one batch is the whole set
+    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+
+    # Data lives on the training device once; captions are tokenised once.
+    images = images.to(device)
+    tokens = bundle.tokenizer(list(captions)).to(device)
+
+    optimizer = make_optimizer(model, config)
+    start_step, stopped = 0, False
+    if checkpoint_path.exists():
+        start_step, stopped = _resume(checkpoint_path, bundle, optimizer, config, n)
+        _truncate_log(log_path, start_step)
+    else:
+        torch.manual_seed(config.seed)  # for any stochastic layers (e.g. patch dropout)
+        log_path.unlink(missing_ok=True)
+
+    def save(step: int) -> None:
+        state = {
+            "step": step,
+            "stopped_early": stopped,
+            "config": asdict(config),
+            "n_samples": n,
+            "optimizer": optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        save_checkpoint(bundle, checkpoint_path, extra={"train_state": state})
+
+    def evaluate(step: int) -> dict:
+        model.eval()
+        metrics = eval_fn(bundle)
+        model.train()
+        _append_log(log_path, {"kind": "eval", "step": step, **metrics})
+        return metrics
+
+    last_eval, final_loss = None, None
+    loss_sum, loss_count = torch.zeros((), device=device), 0
+    # Training time excludes checkpointing and evaluation (`paused`).
+    train_seconds, interval_start, paused = 0.0, time.perf_counter(), 0.0
+    model.train()
+    end_step = start_step if stopped else config.steps
+    progress = tqdm(range(start_step, end_step), initial=start_step, total=config.steps,
+                    desc="train", disable=not config.progress, dynamic_ncols=True)
+    for step in progress:
+        indices = batch_indices(step, batch_size, n, config.seed).to(device)
+        batch_images = images[indices]
+        if config.augment:
+            batch_images = shift_and_jitter(batch_images, _generator(config.seed, _AUGMENT_STREAM, step))
+        batch = Batch(bundle.preprocess(batch_images), tokens[indices], indices)
+
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, config)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            losses = objective(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        losses["loss"].backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+        loss_sum += losses["loss"].detach().float()
+        loss_count += 1
+
+        done = step + 1
+        if done % config.log_every == 0 or done == config.steps:
+            final_loss = loss_sum.item() / loss_count  # the one host sync per log interval
+            now = time.perf_counter()
+            elapsed = now - interval_start - paused
+            train_seconds += elapsed
+            record = {
+                "kind": "train",
+                "step": done,
+                "loss": round(final_loss, 5),
+                "lr": float(f"{lr_at(step, config):.4g}"),
+                "logit_scale": round(bundle.logit_scale, 4),
+                "samples_per_s": round(loss_count * batch_size / elapsed, 1),
+                **{k: round(v.item(), 5) for k, v in losses.items() if k != "loss"},
+            }
+            _append_log(log_path, record)
+            progress.set_postfix(loss=f"{final_loss:.3f}", scale=f"{record['logit_scale']:.1f}")
+            loss_sum.zero_()
+            loss_count, interval_start, paused = 0, now, 0.0
+        pause_start = time.perf_counter()
+        if done % config.checkpoint_every == 0 or done == config.steps:
+            save(done)
+        if eval_fn is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
+            last_eval = evaluate(done)
+            if stop_when is not None and done < config.steps and stop_when(last_eval):
+                stopped = True
+                save(done)
+                end_step = done
+                break
+        paused += time.perf_counter() - pause_start
+    progress.close()
+    model.eval()
+
+    steps_run = end_step - start_step
+    rate = steps_run / train_seconds if train_seconds > 0 else 0.0
+    return TrainResult(
+        step=end_step,
+        stopped_early=stopped,
+        resumed_from_step=start_step,
+        train_seconds=round(train_seconds, 2),
+        steps_per_s=round(rate, 3),
+        samples_per_s=round(rate * batch_size, 1),
+        final_loss=final_loss,
+        last_eval=last_eval,
+        checkpoint_path=checkpoint_path,
+        log_path=log_path,
+    )
+
+
+def _resume(path: Path, bundle: ClipBundle, optimizer: torch.optim.Optimizer, config: TrainConfig,
+            n: int) -> tuple[int, bool]:
+    payload = read_checkpoint(path)
+    state = payload.get("train_state")
+    if state is None:
+        raise ResumeMismatchError(f"{path} is a model checkpoint without training state; use an empty out_dir")
+    saved = state["config"]
+    changed = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in _TRAJECTORY_FIELDS if saved.get(k) != getattr(config, k)]
+    if state["n_samples"] != n:
+        changed.append(f"training set size: {state['n_samples']} -> {n}")
+    if changed:
+        raise ResumeMismatchError(f"cannot resume from {path}, the run differs: {'; '.join(changed)}. Use a new out_dir.")
+    load_state_dict_strict(bundle.model, payload["state_dict"], source=str(path))
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    return int(state["step"]), bool(state.get("stopped_early", False))
+
+
+def _append_log(path: Path, record: dict) -> None:
+    with path.open("a") as file:
+        file.write(json.dumps(record) + "\n")
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    write_atomically(path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))

@@ -1,0 +1,96 @@
+"""The defence's set logic on hand-made cases: target decision, curation, run directories, the
+CleanCLIP objective."""
+
+import pytest
+import torch
+
+from clipfast.defense.curate import CurateConfig, curate
+from clipfast.defense.pipeline import RunDirectoryMismatch, claim_run_directory, load_scan, save_scan
+from clipfast.defense.scan import LabelTest, ScanConfig, ScanResult, _decide_targets
+from clipfast.train.cleanclip import augment_caption
+
+
+def labels_with_candidates(per_label_predicted, per_label_candidates):
+    labels, candidate = [], []
+    for label, (n, c) in enumerate(zip(per_label_predicted, per_label_candidates)):
+        labels += [label] * n
+        candidate += [True] * c + [False] * (n - c)
+    return torch.tensor(labels), torch.tensor(candidate)
+
+
+def test_target_is_the_label_with_far_more_candidates_than_the_others_rate():
+    labels, candidate = labels_with_candidates([300] * 6, [3, 2, 4, 30, 1, 3])
+    test, targets = _decide_targets(labels, candidate, 6, ScanConfig())
+    assert targets == [3]
+    assert test.candidates == [3, 2, 4, 30, 1, 3]
+    assert test.p_values[3] < test.threshold < min(p for i, p in enumerate(test.p_values) if i != 3)
+
+
+@pytest.mark.parametrize("candidates", [[3, 2, 4, 5, 1, 3], [0] * 6, [4, 0, 0, 0, 0, 0]])
+def test_no_false_alarm_without_an_outlier(candidates):
+    labels, candidate = labels_with_candidates([300] * 6, candidates)
+    assert _decide_targets(labels, candidate, 6, ScanConfig())[1] == []
+
+
+def test_a_significant_but_tiny_count_is_not_a_target():
+    labels, candidate = labels_with_candidates([50, 5000], [4, 0])  # p tiny, but only 4 images
+    assert _decide_targets(labels, candidate, 2, ScanConfig(min_count=5))[1] == []
+
+
+def hand_made_scan():
+    """12 probe images, 4 labels, target 3. Victims (candidates labelled 3): 0, 1, 2, 4, 5."""
+    n = 12
+    image_label = torch.tensor([3, 3, 3, 0, 3, 3, 1, 2, 3, 0, 1, 2])
+    candidate = torch.tensor([1, 1, 1, 0, 1, 1, 0, 0, 0, 0, 0, 0], dtype=torch.bool)
+    oracle_label = torch.tensor([0, 0, 1, 0, 0, 3, 1, 2, 3, 0, 1, 2])  # victim 5's oracle says the target
+    discrepancy = torch.tensor([0.5, 0.9, 0.7, 0, 0.9, 0.8, 0, 0, 0, 0, 0, 0])
+    grounded = ~candidate
+    test = LabelTest([0] * 4, [0] * 4, [0.0] * 4, [1.0] * 4, 1e-3)
+    return ScanResult(["a", "b", "c", "d"], image_label, torch.ones(n), grounded, candidate, torch.zeros(n),
+                      candidate, discrepancy, oracle_label, torch.ones(n, dtype=torch.int64), test, [3], [])
+
+
+def test_curate_picks_top_victims_per_affected_label_and_balanced_replay():
+    scan = hand_made_scan()
+    images = torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1).expand(12, 3, 2, 2).contiguous()
+    compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1))
+    assert compact.victim_indices.tolist() == [0, 1, 2, 4, 5]
+    assert compact.affected_labels == [0, 1]  # victim 5's oracle label is the target: no corrective caption
+    victims = compact.source_indices[compact.is_victim].tolist()
+    assert victims == [1, 4, 2]  # label 0: 0.9 ties at 1 and 4 -> lower index first; label 1: image 2
+    captions = [c for c, v in zip(compact.captions, compact.is_victim) if v]
+    assert [c.split()[-1] for c in captions] == ["a.", "a.", "b."]
+    replay = compact.source_indices[~compact.is_victim].tolist()
+    assert sorted(scan.image_label[replay].tolist()) == [0, 1, 3]  # one per affected label and the target
+    assert all(scan.grounded[replay])
+    assert torch.equal(compact.images[:, 0, 0, 0], compact.source_indices.to(torch.uint8))
+
+
+def test_curate_refuses_a_scan_without_target():
+    scan = hand_made_scan()
+    scan.targets = []
+    with pytest.raises(ValueError, match="no target label"):
+        curate(scan, torch.zeros(12, 3, 2, 2, dtype=torch.uint8))
+
+
+def test_scan_result_round_trips_through_its_file(tmp_path):
+    scan = hand_made_scan()
+    save_scan(scan, tmp_path / "scan.pt")
+    loaded = load_scan(tmp_path / "scan.pt")
+    assert loaded.targets == [3] and torch.equal(loaded.candidate, scan.candidate)
+    assert loaded.label_test == scan.label_test
+
+
+def test_run_directory_refuses_other_settings(tmp_path):
+    claim_run_directory(tmp_path, {"scan": {"a": 1}, "inputs": {"model": "x"}})
+    claim_run_directory(tmp_path, {"scan": {"a": 1}, "inputs": {"model": "x"}})  # same settings: fine
+    with pytest.raises(RunDirectoryMismatch, match="differences in: scan"):
+        claim_run_directory(tmp_path, {"scan": {"a": 2}, "inputs": {"model": "x"}})
+
+
+def test_caption_views_keep_the_label_word():
+    generator = torch.Generator().manual_seed(0)
+    views = {augment_caption("a photo of a small heart.", generator) for _ in range(50)}
+    assert len(views) > 3
+    assert all(v.endswith("heart.") for v in views)
+    assert augment_caption("a heart.", generator) == "a heart."
