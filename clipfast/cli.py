@@ -1,0 +1,483 @@
+"""The `clipfast` command. Each subcommand is a Command in COMMANDS: (help, add_arguments, run)."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import dataclasses
+import math
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+# The synthetic world used by `poison` and `evaluate`. The test set has its own fixed seed, so
+# models trained with different seeds are compared on the same images.
+DEFAULT_TRAIN_SIZE = 40_000
+DEFAULT_TEST_SIZE = 1_000
+DEFAULT_TEST_SEED = 1_000_003
+DEFAULT_TARGET = "heart"
+DEFAULT_RATE = 0.01
+
+
+class CliError(Exception):
+    """Bad command-line input: reported argparse-style (usage + message, exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int | None]
+
+
+# ---------------------------------------------------------------------------------------------
+# Argument types and shared options
+
+
+def _rate(text: str) -> float:
+    value = _number(text, float)
+    if math.isnan(value) or not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = _number(text, int)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _number(text: str, kind: type):
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a valid {kind.__name__}: {text!r}") from None
+
+
+def _trigger_param(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"value of {key} must be a Python literal (number, True/False), got {value!r}") from None
+
+
+def _add_model_options(parser: argparse.ArgumentParser, default_model: str | None) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=default_model,
+                       help="clipfast-tiny, an open_clip architecture (e.g. ViT-B-32) or hf-hub:org/repo"
+                       + (f" (default: {default_model})" if default_model else ""))
+    group.add_argument("--pretrained", help="open_clip pretrained tag (e.g. laion2b_s34b_b79k)")
+    group.add_argument("--checkpoint", help="weights file (a clipfast checkpoint needs no --model)")
+    group.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+
+
+def _add_attack_options(parser: argparse.ArgumentParser, required: bool) -> None:
+    from clipfast.attacks import TRIGGER_NAMES
+
+    group = parser.add_argument_group("attack")
+    group.add_argument("--attack", choices=TRIGGER_NAMES, default="badnet" if required else None,
+                       help="trigger type" + (" (default: badnet)" if required else "; omit to measure CA only"))
+    group.add_argument("--trigger-param", dest="trigger_params", type=_trigger_param, action="append", default=[],
+                       metavar="KEY=VALUE", help="trigger parameter, repeatable (e.g. alpha=0.2 for blended)")
+    group.add_argument("--target", default=DEFAULT_TARGET, help=f"target class name or index (default: {DEFAULT_TARGET})")
+    group.add_argument("--trigger-seed", type=int, default=0, help="seed of per-image trigger randomness")
+
+
+def _add_test_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("test set (synthetic world)")
+    group.add_argument("--test-size", type=_positive_int, default=DEFAULT_TEST_SIZE,
+                       help=f"number of test images (default: {DEFAULT_TEST_SIZE})")
+    group.add_argument("--test-seed", type=int, default=DEFAULT_TEST_SEED, help="world seed of the test set")
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _load_bundle(args: argparse.Namespace):
+    from clipfast.models import load_model
+
+    if args.model is None and args.checkpoint is None:
+        raise CliError("give --model and/or --checkpoint")
+    return load_model(args.model, pretrained=args.pretrained, checkpoint=args.checkpoint, device=_device(args.device))
+
+
+def _target_label(target: str) -> int:
+    from clipfast.data.world import CLASSES
+
+    if target in CLASSES:
+        return CLASSES.index(target)
+    if target.isdigit() and int(target) < len(CLASSES):
+        return int(target)
+    raise CliError(f"--target must be one of {list(CLASSES)} or an index below {len(CLASSES)}, got {target!r}")
+
+
+def _trigger(args: argparse.Namespace):
+    from clipfast.attacks import make_trigger
+
+    if args.attack is None:
+        if args.trigger_params:
+            raise CliError("--trigger-param needs --attack")
+        return None
+    try:
+        return make_trigger(args.attack, **dict(args.trigger_params))
+    except ValueError as error:
+        raise CliError(str(error)) from None
+
+
+def _test_world(args: argparse.Namespace):
+    from clipfast.data.world import generate_world
+
+    return generate_world(args.test_size, seed=args.test_seed)
+
+
+# ---------------------------------------------------------------------------------------------
+# info
+
+
+def _info_arguments(parser: argparse.ArgumentParser) -> None:
+    pass
+
+
+def _run_info(args: argparse.Namespace) -> None:
+    from clipfast.info import format_build_report
+
+    print(format_build_report())
+
+
+# ---------------------------------------------------------------------------------------------
+# poison
+
+
+def _poison_arguments(parser: argparse.ArgumentParser) -> None:
+    from clipfast.train import TrainConfig
+
+    recipe = TrainConfig()  # the one place the training defaults live
+    _add_model_options(parser, default_model=None)
+    _add_attack_options(parser, required=True)
+    parser.add_argument("--rate", type=_rate, default=DEFAULT_RATE, help=f"poisoning rate in [0, 1] (default: {DEFAULT_RATE})")
+    parser.add_argument("--target-caption", help="caption of poisoned pairs (default: 'a photo of a {target}.')")
+    parser.add_argument("--train-size", type=_positive_int, default=DEFAULT_TRAIN_SIZE,
+                        help=f"number of training pairs (default: {DEFAULT_TRAIN_SIZE})")
+    _add_test_options(parser)
+    train = parser.add_argument_group("training (defaults: the tiny-world recipe)")
+    train.add_argument("--steps", type=_positive_int, default=recipe.steps, help=f"(default: {recipe.steps})")
+    train.add_argument("--batch-size", type=_positive_int, default=recipe.batch_size, help=f"(default: {recipe.batch_size})")
+    train.add_argument("--lr", type=float, default=recipe.lr, help=f"(default: {recipe.lr})")
+    train.add_argument("--eval-every", type=_non_negative_int, default=recipe.eval_every,
+                       help=f"steps; 0: only at the end (default: {recipe.eval_every})")
+    train.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=recipe.precision)
+    train.add_argument("--augment", action="store_true", help="random shifts and brightness/contrast jitter")
+    train.add_argument("--seed", type=int, default=0, help="seed of the world, the poisoning and the training")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (an interrupted run resumes here)")
+
+
+def _run_poison(args: argparse.Namespace) -> None:
+    import torch
+
+    from clipfast.attacks import poison_pairs
+    from clipfast.data.world import CLASSES, generate_world
+    from clipfast.eval import evaluate, format_report, save_report
+    from clipfast.models import save_checkpoint
+    from clipfast.models.checkpoint import save_json
+    from clipfast.train import ResumeMismatchError, TrainConfig, train
+
+    target = _target_label(args.target)
+    trigger = _trigger(args)
+    target_caption = args.target_caption or f"a photo of a {CLASSES[target]}."
+    try:
+        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                             eval_every=args.eval_every, precision=args.precision, augment=args.augment,
+                             progress=not args.no_progress)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    if args.model is None and args.checkpoint is None:
+        args.model = "clipfast-tiny"  # train from scratch
+
+    started = time.perf_counter()
+    world = generate_world(args.train_size, seed=args.seed)
+    test = _test_world(args)
+    try:
+        poisoned = poison_pairs(world.images, world.captions, world.labels, trigger, args.rate, target,
+                                target_caption, seed=args.trigger_seed, num_classes=len(CLASSES))
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    data_seconds = time.perf_counter() - started
+
+    torch.manual_seed(args.seed)  # a from-scratch model's initial weights
+    bundle = _load_bundle(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    save_json({
+        "trigger": {"name": trigger.name, **dataclasses.asdict(trigger)},
+        "trigger_seed": args.trigger_seed,
+        "clean_label": trigger.clean_label,
+        "rate": args.rate,
+        "target_label": target,
+        "target_class": CLASSES[target],
+        "target_caption": target_caption,
+        "train_size": args.train_size,
+        "world_seed": args.seed,
+        "num_poisoned": len(poisoned.poisoned_indices),
+        "poisoned_indices": poisoned.poisoned_indices.tolist(),
+    }, args.out / "poison.json")
+
+    def progress_eval(current):
+        report = evaluate(current, test, trigger, target, seed=args.trigger_seed)
+        return {"ca": report["ca"], "asr": report["asr"]}
+
+    try:
+        result = train(bundle, poisoned.images, poisoned.captions, config, args.out, eval_fn=progress_eval)
+    except ResumeMismatchError as error:
+        raise CliError(str(error)) from None
+    save_checkpoint(bundle, args.out / "model.pt")
+    report = evaluate(bundle, test, trigger, target, seed=args.trigger_seed)
+    report["attack"] = {"name": trigger.name, "rate": args.rate, "num_poisoned": len(poisoned.poisoned_indices)}
+    report["train"] = {
+        "steps": result.step,
+        "resumed_from_step": result.resumed_from_step,
+        "train_seconds": result.train_seconds,
+        "steps_per_s": result.steps_per_s,
+        "data_seconds": round(data_seconds, 2),
+        "final_loss": result.final_loss,
+    }
+    report["command"] = "clipfast " + shlex.join(args.argv)
+    save_report(report, args.out / "report.json")
+    print(format_report(report))
+    print(f"trained {result.step - result.resumed_from_step} steps in {result.train_seconds:.0f} s "
+          f"({result.steps_per_s:.2f} steps/s); outputs in {args.out}")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_options(parser, default_model=None)
+    _add_attack_options(parser, required=False)
+    _add_test_options(parser)
+    parser.add_argument("--out", type=Path, help="write the report as JSON here")
+
+
+def _run_evaluate(args: argparse.Namespace) -> None:
+    from clipfast.eval import evaluate, format_report, save_report
+
+    target = _target_label(args.target)
+    trigger = _trigger(args)
+    bundle = _load_bundle(args)
+    report = evaluate(bundle, _test_world(args), trigger, target if trigger else None, seed=args.trigger_seed)
+    if args.out:
+        save_report(report, args.out)
+    print(format_report(report))
+
+
+# ---------------------------------------------------------------------------------------------
+# demo
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_attack_options(parser, required=True)
+    parser.add_argument("--rate", type=_rate, default=DEFAULT_RATE, help=f"poisoning rate (default: {DEFAULT_RATE})")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the world, poisoning and training")
+    parser.add_argument("--probe-size", type=_positive_int, default=5_000, help="probe images (default: 5000)")
+    parser.add_argument("--baseline-size", type=_positive_int, default=4_000,
+                        help="clean pairs for the CleanCLIP-style baseline (default: 4000)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the baseline")
+    parser.add_argument("--cache-dir", type=Path, help="where poisoned models are cached (default: $CLIPFAST_CACHE "
+                        "or ~/.cache/clipfast)")
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")
+
+
+def _run_demo(args: argparse.Namespace) -> None:
+    from clipfast.data.world import CLASSES
+    from clipfast.demo import DemoConfig, format_demo_report, run_demo
+    from clipfast.recipes import WorldRecipe
+
+    try:
+        recipe = WorldRecipe(attack=args.attack, trigger_params=tuple(args.trigger_params), rate=args.rate,
+                             target=CLASSES[_target_label(args.target)], seed=args.seed,
+                             trigger_seed=args.trigger_seed)
+        config = DemoConfig(recipe=recipe, probe_size=args.probe_size, baseline_size=args.baseline_size,
+                            run_baseline=not args.no_baseline)
+    except ValueError as error:
+        raise CliError(str(error)) from None
+    report = run_demo(config, args.out, cache_dir=args.cache_dir)
+    print(format_demo_report(report))
+    print(f"report, plots and models in {args.out}")
+
+
+# ---------------------------------------------------------------------------------------------
+# scan / repair / defend on your own model and data
+
+
+def _defense_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_model_options(parser, default_model=None)
+    data = parser.add_argument_group("probe set and vocabulary")
+    data.add_argument("--probe", required=True, type=Path,
+                      help="probe images: an ImageFolder directory (class per folder) or a CSV file (image,caption)")
+    data.add_argument("--vocab", required=True,
+                      help="label vocabulary: a text file with one label per line, or 'world' for the synthetic world's")
+    data.add_argument("--on-error", choices=("skip", "raise"), default="skip",
+                      help="corrupt or missing probe images: skip and count them, or fail (default: skip)")
+    oracle = parser.add_argument_group("oracle")
+    oracle.add_argument("--oracle", choices=("builtin", "sam"), default="builtin", help="segmenter (default: builtin)")
+    oracle.add_argument("--sam-checkpoint", help="segment-anything weights file (for --oracle sam)")
+    oracle.add_argument("--sam-model-type", default="vit_b", choices=("vit_b", "vit_l", "vit_h"))
+    oracle.add_argument("--grounding-checkpoint", help="a trusted clean CLIP checkpoint for grounding "
+                        "(default: the model under test grounds its own crops)")
+    oracle.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "cuda", "triton"),
+                        help="op backend (default: auto)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("--out", required=True, type=Path, help="output directory (a rerun resumes here)")
+
+
+def _read_vocabulary(spec: str) -> list[str]:
+    if spec == "world":
+        from clipfast.data.world import CLASSES
+
+        return list(CLASSES)
+    path = Path(spec)
+    if not path.is_file():
+        raise CliError(f"vocabulary file not found: {spec}")
+    labels = [line.strip() for line in path.read_text().splitlines()]
+    if any(not label for label in labels):
+        raise CliError(f"{spec}: empty line {labels.index('') + 1}; one non-empty label per line")
+    duplicates = sorted({label for label in labels if labels.count(label) > 1})
+    if duplicates:
+        raise CliError(f"{spec}: duplicate labels {duplicates}")
+    if len(labels) < 2:
+        raise CliError(f"{spec}: the vocabulary needs at least two labels")
+    return labels
+
+
+def _read_probe(path: Path, image_size: int, on_error: str):
+    import torch
+
+    from clipfast.data.folders import CaptionCSVDataset, ImageFolderDataset
+
+    try:
+        dataset = (CaptionCSVDataset(path, image_size=image_size, on_error=on_error) if path.is_file()
+                   else ImageFolderDataset(path, image_size=image_size, on_error=on_error))
+        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+    except (FileNotFoundError, ValueError) as error:
+        raise CliError(str(error)) from None
+    if dataset.skipped:
+        print(f"skipped {len(dataset.skipped)} unreadable probe images (first: {dataset.skipped[0]})", file=sys.stderr)
+    return images
+
+
+def _run_defense(args: argparse.Namespace, run_repair: bool) -> None:
+    import json
+
+    from clipfast.defense.pipeline import DefenseConfig, RunDirectoryMismatch, defend
+    from clipfast.defense.repair import RepairConfig
+    from clipfast.defense.scan import ScanConfig
+    from clipfast.models import load_model
+    from clipfast.oracle import make_segmenter
+
+    labels = _read_vocabulary(args.vocab)
+    bundle = _load_bundle(args)
+    probe = _read_probe(args.probe, bundle.image_size, args.on_error)
+    oracle_options = ({"checkpoint": args.sam_checkpoint, "model_type": args.sam_model_type, "device": _device(args.device)}
+                      if args.oracle == "sam" else {})
+    if args.oracle == "sam" and not args.sam_checkpoint:
+        raise CliError("--oracle sam needs --sam-checkpoint")
+    try:
+        segmenter = make_segmenter(args.oracle, **oracle_options)
+    except (FileNotFoundError, ValueError) as error:
+        raise CliError(str(error)) from None
+    grounding = load_model(checkpoint=args.grounding_checkpoint, device=_device(args.device)) if args.grounding_checkpoint else None
+    prompts = None
+    if args.vocab == "world":
+        from clipfast.data.world import zero_shot_prompts as prompts
+    config = DefenseConfig(scan=ScanConfig(backend=args.backend, progress=not args.no_progress),
+                           repair=RepairConfig(progress=not args.no_progress))
+    identity = {"model": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint,
+                "probe": str(args.probe.resolve()), "oracle": args.oracle, "sam_checkpoint": args.sam_checkpoint,
+                "grounding": args.grounding_checkpoint}
+    try:
+        outcome = defend(bundle, labels, probe, segmenter, args.out, prompts=prompts, grounding_bundle=grounding,
+                         config=config, identity=identity, run_repair=run_repair)
+    except RunDirectoryMismatch as error:
+        raise CliError(str(error)) from None
+    summary = {"scan": outcome.scan.summary(),
+               "compact_set": outcome.compact.summary(labels) if outcome.compact else None,
+               "repair": ({"steps": outcome.repair.train.step, "stopped_early": outcome.repair.stopped_early,
+                           "estimates": outcome.repair.estimates,
+                           "clean_within_tolerance": outcome.repair.clean_within_tolerance} if outcome.repair else None),
+               "repaired_model": str(outcome.repaired_model_path) if outcome.repaired_model_path else None,
+               "seconds": outcome.seconds}
+    from clipfast.models.checkpoint import save_json
+
+    save_json(summary, args.out / "report.json")
+    scan = outcome.scan
+    if not scan.found:
+        print(f"no target label found in {len(scan.image_label)} probe images: the model is left alone")
+    else:
+        print(f"target label(s): {', '.join(labels[t] for t in scan.targets)}; "
+              f"trigger box(es): {[t.box for t in scan.triggers]}; victims: {sum(len(scan.victims(t)) for t in scan.targets)}")
+    if outcome.repaired_model_path:
+        print(f"repaired model: {outcome.repaired_model_path} (repair estimates: {json.dumps(outcome.repair.estimates)})")
+    print(f"report: {args.out / 'report.json'}")
+
+
+COMMANDS: dict[str, Command] = {
+    "info": Command("show how clipfast was built and which backends run here", _info_arguments, _run_info),
+    "poison": Command("train (or fine-tune) a CLIP on poisoned synthetic-world pairs", _poison_arguments, _run_poison),
+    "evaluate": Command("clean accuracy and attack success rate on the synthetic world", _evaluate_arguments, _run_evaluate),
+    "demo": Command("the whole method on the built-in synthetic world, with the CleanCLIP baseline", _demo_arguments, _run_demo),
+    "scan": Command("find a backdoor's target label, trigger and victims (no repair)", _defense_arguments,
+                    lambda args: _run_defense(args, run_repair=False)),
+    "repair": Command("scan (or resume a scan in --out), curate and repair", _defense_arguments,
+                      lambda args: _run_defense(args, run_repair=True)),
+    "defend": Command("scan, curate and repair in one go (same as repair)", _defense_arguments,
+                      lambda args: _run_defense(args, run_repair=True)),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="clipfast", description="Find and remove backdoors in CLIP models, fast.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, command in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=command.help, description=command.help)
+        command.add_arguments(sub)
+        sub.set_defaults(run=command.run, subparser=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    # Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning threads of
+    # concurrent processes slowed training 5-20x in our measurements; on an idle one it costs ~0.
+    # Only effective before torch is first imported, hence here; a user's setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from clipfast.models.checkpoint import ModelLoadError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv  # recorded in reports
+    try:
+        args.run(args)
+    except (CliError, ModelLoadError) as error:
+        args.subparser.error(str(error))  # exits with code 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

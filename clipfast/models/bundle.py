@@ -1,0 +1,87 @@
+"""ClipBundle: an open_clip model together with everything needed to feed, describe and rebuild it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_BATCH_SIZE = 256
+
+
+@dataclass
+class ClipBundle:
+    """A CLIP model plus its tokenizer and image preprocessing.
+
+    `architecture` (an open_clip model name, an "hf-hub:" id or a clipfast tiny name) and
+    `vocabulary` (the compact tokenizer's words, tiny models only) are what a checkpoint needs to
+    rebuild the model with no other file.
+    """
+
+    model: nn.Module
+    tokenizer: Callable[[Sequence[str]], torch.Tensor]
+    name: str
+    architecture: str
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    vocabulary: tuple[str, ...] | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def logit_scale(self) -> float:
+        return float(self.model.logit_scale.detach().exp())
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [0, 255] or float [0, 1] images [N, 3, H, W] -> normalised float32 on the model's device.
+
+        Same geometry as open_clip's eval transform: resize the shorter side to image_size
+        (bicubic, antialiased), centre-crop, then normalise with the model's mean/std.
+        """
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")
+        x = images.to(self.device)
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        height, width = x.shape[-2:]
+        if (height, width) != (self.image_size, self.image_size):
+            scale = self.image_size / min(height, width)
+            new_size = (max(self.image_size, round(height * scale)), max(self.image_size, round(width * scale)))
+            x = F.interpolate(x, size=new_size, mode="bicubic", antialias=True, align_corners=False)
+            top = (new_size[0] - self.image_size) // 2
+            left = (new_size[1] - self.image_size) // 2
+            x = x[..., top : top + self.image_size, left : left + self.image_size].clamp_(0.0, 1.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return (x - mean) / std
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, normalize: bool = True, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+        """Image embeddings [N, D] (inference only; batched so large uint8 sets stay on the CPU)."""
+        _require_nonempty(images, "images")
+        chunks = [
+            self.model.encode_image(self.preprocess(images[start : start + batch_size]), normalize=normalize).float()
+            for start in range(0, len(images), batch_size)
+        ]
+        return torch.cat(chunks)
+
+    @torch.no_grad()
+    def encode_texts(self, texts: Sequence[str], normalize: bool = True, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:
+        """Text embeddings [N, D] (inference only)."""
+        texts = list(texts)
+        _require_nonempty(texts, "texts")
+        chunks = [
+            self.model.encode_text(self.tokenizer(texts[start : start + batch_size]).to(self.device), normalize=normalize).float()
+            for start in range(0, len(texts), batch_size)
+        ]
+        return torch.cat(chunks)
+
+
+def _require_nonempty(items, what: str) -> None:
+    if len(items) == 0:
+        raise ValueError(f"no {what} to encode")

@@ -1,0 +1,116 @@
+"""Checkpoint files: open_clip-compatible, self-describing, written atomically.
+
+Layout: {"state_dict": ..., "clipfast": {rebuild metadata}, ...extra}. open_clip.load_checkpoint
+reads the "state_dict" key and ignores the rest; clipfast.models.load_model also reads the
+"clipfast" key, so a tiny model and its tokenizer come back from this one file. The training loop
+stores its optimizer/scheduler/RNG state as extra keys of the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Callable
+
+import torch
+from torch import nn
+
+from .bundle import ClipBundle
+
+METADATA_KEY = "clipfast"
+FORMAT_VERSION = 1
+_MAX_LISTED = 8  # keys named per category in a mismatch error
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be loaded as asked (unknown name, missing or unfitting weights, not cached)."""
+
+
+def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
+    """Write a file via a temporary sibling + os.replace, so readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp_name, path)
+    except BaseException:
+        Path(tmp_name).unlink(missing_ok=True)
+        raise
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    write_atomically(path, lambda file: file.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def bundle_metadata(bundle: ClipBundle) -> dict:
+    return {
+        "format": FORMAT_VERSION,
+        "name": bundle.name,
+        "architecture": bundle.architecture,
+        "vocabulary": list(bundle.vocabulary) if bundle.vocabulary is not None else None,
+        "image_size": bundle.image_size,
+        "mean": list(bundle.mean),
+        "std": list(bundle.std),
+    }
+
+
+def save_checkpoint(bundle: ClipBundle, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """Save model weights + rebuild metadata (+ optional extra entries, e.g. optimizer state)."""
+    payload = {"state_dict": bundle.model.state_dict(), METADATA_KEY: bundle_metadata(bundle), **(extra or {})}
+    write_atomically(path, lambda file: torch.save(payload, file))
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """The raw checkpoint dict (weights_only load); ModelLoadError if missing or not a checkpoint.
+
+    A bare state dict (or a .safetensors file) comes back wrapped as {"state_dict": ...}.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelLoadError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            payload = load_file(str(path), device="cpu")
+        else:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch/pickle/zip/safetensors each raise their own types
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"{path} is not a readable PyTorch or safetensors checkpoint ({reason})") from error
+    if not isinstance(payload, dict):
+        raise ModelLoadError(f"{path} holds a {type(payload).__name__}, not a checkpoint dict")
+    if "state_dict" not in payload:
+        payload = {"state_dict": payload}
+    state_dict = payload["state_dict"]
+    if not state_dict or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
+        raise ModelLoadError(f"{path} contains no model state dict (expected a mapping of names to tensors)")
+    if all(key.startswith("module.") for key in state_dict):  # saved from DistributedDataParallel
+        payload["state_dict"] = {key[len("module."):]: value for key, value in state_dict.items()}
+    return payload
+
+
+def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Strictly load `state_dict`; ModelLoadError naming missing/unexpected/mis-shaped keys."""
+    expected = model.state_dict()
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    misshaped = [
+        f"{key} (checkpoint {tuple(value.shape)}, model {tuple(expected[key].shape)})"
+        for key, value in state_dict.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    problems = [
+        f"{len(keys)} {kind}: {', '.join(keys[:_MAX_LISTED])}{' ...' if len(keys) > _MAX_LISTED else ''}"
+        for kind, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", misshaped))
+        if keys
+    ]
+    if problems:
+        raise ModelLoadError(f"checkpoint {source} does not fit the architecture: " + "; ".join(problems))
+    model.load_state_dict(state_dict)

@@ -1,0 +1,16 @@
+"""The training loop shared by poisoning and repair."""
+
+from .losses import Batch, ClipContrastiveObjective, Objective
+from .loop import ResumeMismatchError, TrainConfig, TrainResult, batch_indices, lr_at, train
+
+__all__ = [
+    "Batch",
+    "ClipContrastiveObjective",
+    "Objective",
+    "ResumeMismatchError",
+    "TrainConfig",
+    "TrainResult",
+    "batch_indices",
+    "lr_at",
+    "train",
+]

@@ -1,0 +1,115 @@
+import json
+import math
+
+import pytest
+import torch
+
+from clipfast.data.world import generate_world
+from clipfast.models import load_model
+from clipfast.train import Batch, ClipContrastiveObjective, ResumeMismatchError, TrainConfig, batch_indices, lr_at, train
+
+SMALL = dict(steps=20, batch_size=32, lr=2e-3, warmup_steps=5, checkpoint_every=5, log_every=5, eval_every=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def world():
+    return generate_world(256, seed=3)
+
+
+def _fresh_tiny():
+    torch.manual_seed(0)
+    return load_model("clipfast-tiny")
+
+
+def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
+    config = TrainConfig(steps=110, lr=1.0, warmup_steps=10)
+    assert [lr_at(s, config) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_at(10, config) == pytest.approx(1.0)
+    assert lr_at(60, config) == pytest.approx(0.5)  # half-way through the cosine
+    decay = [lr_at(s, config) for s in range(10, 110)]
+    assert all(a >= b for a, b in zip(decay, decay[1:])) and decay[-1] < 1e-3
+
+
+def test_batches_cover_each_epoch_once_and_depend_only_on_seed_and_step():
+    n, batch_size = 10, 4  # batches straddle epoch boundaries
+    stream = torch.cat([batch_indices(step, batch_size, n, seed=1) for step in range(5)])
+    assert sorted(stream[:10].tolist()) == list(range(10)) and sorted(stream[10:20].tolist()) == list(range(10))
+    assert torch.equal(batch_indices(3, batch_size, n, seed=1), stream[12:16])
+    assert not torch.equal(batch_indices(0, batch_size, n, seed=2), stream[:4])
+
+
+def test_twenty_steps_lower_the_contrastive_loss(world, tmp_path):
+    bundle = _fresh_tiny()
+    pairs = world.subset(slice(0, 64))  # one full batch: 20 steps are enough to start fitting it
+    batch = Batch(bundle.preprocess(pairs.images), bundle.tokenizer(pairs.captions), torch.arange(64))
+
+    def loss_on_pairs():
+        with torch.no_grad():
+            return ClipContrastiveObjective()(bundle.model, batch)["loss"].item()
+
+    before = loss_on_pairs()
+    result = train(bundle, pairs.images, pairs.captions, TrainConfig(**{**SMALL, "batch_size": 64}), tmp_path)
+    after = loss_on_pairs()
+    assert after < 0.5 * before, (before, after)
+    records = [json.loads(line) for line in result.log_path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [5, 10, 15, 20]
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert all(math.isfinite(r["loss"]) and r["samples_per_s"] > 0 for r in records)
+    assert result.steps_per_s > 0 and not bundle.model.training
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(world, tmp_path):
+    config = TrainConfig(**{**SMALL, "eval_every": 10})
+    uninterrupted = _fresh_tiny()
+    train(uninterrupted, world.images, world.captions, config, tmp_path / "a", eval_fn=lambda b: {"x": 1.0})
+
+    class Crash(Exception):
+        pass
+
+    def crash_at_step_10(bundle):
+        raise Crash
+
+    interrupted = _fresh_tiny()
+    with pytest.raises(Crash):
+        train(interrupted, world.images, world.captions, config, tmp_path / "b", eval_fn=crash_at_step_10)
+    resumed = _fresh_tiny()
+    result = train(resumed, world.images, world.captions, config, tmp_path / "b", eval_fn=lambda b: {"x": 1.0})
+
+    assert result.resumed_from_step == 10
+    expected = uninterrupted.model.state_dict()
+    for key, value in resumed.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    steps = [json.loads(line)["step"] for line in result.log_path.read_text().splitlines() if '"train"' in line]
+    assert steps == [5, 10, 15, 20]  # no duplicated log lines from the interrupted part
+    # the training checkpoint doubles as a model checkpoint
+    reloaded = load_model(checkpoint=str(result.checkpoint_path))
+    assert torch.equal(reloaded.model.logit_scale, resumed.model.logit_scale)
+
+
+def test_resume_refuses_a_different_run(world, tmp_path):
+    config = TrainConfig(**{**SMALL, "steps": 5})
+    train(_fresh_tiny(), world.images, world.captions, config, tmp_path)
+    with pytest.raises(ResumeMismatchError, match=r"lr: 0.002 -> 0.001"):
+        train(_fresh_tiny(), world.images, world.captions, TrainConfig(**{**SMALL, "steps": 5, "lr": 1e-3}), tmp_path)
+
+
+def test_invalid_inputs_are_rejected(world, tmp_path):
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        TrainConfig(steps=0)
+    with pytest.raises(ValueError, match="precision"):
+        TrainConfig(precision="fp8")
+    with pytest.raises(ValueError, match="non-empty training set"):
+        train(_fresh_tiny(), world.images[:0], [], TrainConfig(**SMALL), tmp_path)
+
+
+def test_augmentation_is_seeded_and_reduces_to_identity_without_shift_or_jitter(world):
+    from clipfast.train.augment import shift_and_jitter
+
+    images = world.images[:8]
+    first = shift_and_jitter(images, torch.Generator().manual_seed(1))
+    assert first.shape == images.shape and first.dtype == torch.float32
+    assert 0 <= first.min() and first.max() <= 1
+    assert torch.equal(first, shift_and_jitter(images, torch.Generator().manual_seed(1)))
+    assert not torch.equal(first, shift_and_jitter(images, torch.Generator().manual_seed(2)))
+    identity = shift_and_jitter(images, torch.Generator().manual_seed(1), max_shift=0, jitter=0.0)
+    assert torch.allclose(identity, images.float() / 255)
