@@ -4,23 +4,15 @@ from __future__ import annotations
 
 import argparse
 import ast
-import dataclasses
 import math
 import os
 import shlex
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-# The synthetic world used by `poison` and `evaluate`. The test set has its own fixed seed, so
-# models trained with different seeds are compared on the same images.
-DEFAULT_TRAIN_SIZE = 40_000
-DEFAULT_TEST_SIZE = 1_000
-DEFAULT_TEST_SEED = 1_000_003
-DEFAULT_TARGET = "heart"
-DEFAULT_RATE = 0.01
+DEFAULT_TEST_SIZE = 1_000  # synthetic-world test images for `poison` and `evaluate`
 
 
 class CliError(Exception):
@@ -36,6 +28,13 @@ class Command:
 
 # ---------------------------------------------------------------------------------------------
 # Argument types and shared options
+
+
+def _world_defaults():
+    """The one place the data and attack defaults live (the training ones: TrainConfig)."""
+    from clipfast.recipes import WorldRecipe
+
+    return WorldRecipe()
 
 
 def _rate(text: str) -> float:
@@ -94,15 +93,18 @@ def _add_attack_options(parser: argparse.ArgumentParser, required: bool) -> None
                        help="trigger type" + (" (default: badnet)" if required else "; omit to measure CA only"))
     group.add_argument("--trigger-param", dest="trigger_params", type=_trigger_param, action="append", default=[],
                        metavar="KEY=VALUE", help="trigger parameter, repeatable (e.g. alpha=0.2 for blended)")
-    group.add_argument("--target", default=DEFAULT_TARGET, help=f"target class name or index (default: {DEFAULT_TARGET})")
+    target = _world_defaults().target
+    group.add_argument("--target", default=target, help=f"target class name or index (default: {target})")
     group.add_argument("--trigger-seed", type=int, default=0, help="seed of per-image trigger randomness")
 
 
 def _add_test_options(parser: argparse.ArgumentParser) -> None:
+    from clipfast.recipes import TEST_SEED
+
     group = parser.add_argument_group("test set (synthetic world)")
     group.add_argument("--test-size", type=_positive_int, default=DEFAULT_TEST_SIZE,
                        help=f"number of test images (default: {DEFAULT_TEST_SIZE})")
-    group.add_argument("--test-seed", type=int, default=DEFAULT_TEST_SEED, help="world seed of the test set")
+    group.add_argument("--test-seed", type=int, default=TEST_SEED, help=f"world seed of the test set (default: {TEST_SEED})")
 
 
 def _device(name: str) -> str:
@@ -143,9 +145,9 @@ def _trigger(args: argparse.Namespace):
 
 
 def _test_world(args: argparse.Namespace):
-    from clipfast.data.world import generate_world
+    from clipfast.recipes import evaluation_world
 
-    return generate_world(args.test_size, seed=args.test_seed)
+    return evaluation_world(args.test_size, seed=args.test_seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,10 +174,11 @@ def _poison_arguments(parser: argparse.ArgumentParser) -> None:
     recipe = TrainConfig()  # the one place the training defaults live
     _add_model_options(parser, default_model=None)
     _add_attack_options(parser, required=True)
-    parser.add_argument("--rate", type=_rate, default=DEFAULT_RATE, help=f"poisoning rate in [0, 1] (default: {DEFAULT_RATE})")
+    defaults = _world_defaults()
+    parser.add_argument("--rate", type=_rate, default=defaults.rate, help=f"poisoning rate in [0, 1] (default: {defaults.rate})")
     parser.add_argument("--target-caption", help="caption of poisoned pairs (default: 'a photo of a {target}.')")
-    parser.add_argument("--train-size", type=_positive_int, default=DEFAULT_TRAIN_SIZE,
-                        help=f"number of training pairs (default: {DEFAULT_TRAIN_SIZE})")
+    parser.add_argument("--train-size", type=_positive_int, default=defaults.train_size,
+                        help=f"number of training pairs (default: {defaults.train_size})")
     _add_test_options(parser)
     train = parser.add_argument_group("training (defaults: the tiny-world recipe)")
     train.add_argument("--steps", type=_positive_int, default=recipe.steps, help=f"(default: {recipe.steps})")
@@ -185,77 +188,50 @@ def _poison_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"steps; 0: only at the end (default: {recipe.eval_every})")
     train.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=recipe.precision)
     train.add_argument("--augment", action="store_true", help="random shifts and brightness/contrast jitter")
-    train.add_argument("--seed", type=int, default=0, help="seed of the world, the poisoning and the training")
+    train.add_argument("--seed", type=int, default=defaults.seed, help="seed of the world, the poisoning and the training")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--out", required=True, type=Path, help="output directory (an interrupted run resumes here)")
 
 
 def _run_poison(args: argparse.Namespace) -> None:
-    import torch
-
-    from clipfast.attacks import poison_pairs
-    from clipfast.data.world import CLASSES, generate_world
+    from clipfast.data.world import CLASSES
     from clipfast.eval import evaluate, format_report, save_report
-    from clipfast.models import save_checkpoint
-    from clipfast.models.checkpoint import save_json
-    from clipfast.train import ResumeMismatchError, TrainConfig, train
+    from clipfast.recipes import WorldRecipe, train_world_model
+    from clipfast.train import TrainConfig
 
     target = _target_label(args.target)
     trigger = _trigger(args)
-    target_caption = args.target_caption or f"a photo of a {CLASSES[target]}."
+    from_scratch = args.checkpoint is None and args.pretrained is None
     try:
-        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                             eval_every=args.eval_every, precision=args.precision, augment=args.augment,
-                             progress=not args.no_progress)
+        recipe = WorldRecipe(
+            attack=args.attack, trigger_params=tuple(args.trigger_params), rate=args.rate, target=CLASSES[target],
+            target_caption=args.target_caption, train_size=args.train_size, seed=args.seed,
+            trigger_seed=args.trigger_seed, model=args.model or args.checkpoint or "clipfast-tiny",
+            train=TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                              eval_every=args.eval_every, precision=args.precision, augment=args.augment,
+                              progress=not args.no_progress),
+        )
     except ValueError as error:
         raise CliError(str(error)) from None
-    if args.model is None and args.checkpoint is None:
-        args.model = "clipfast-tiny"  # train from scratch
-
-    started = time.perf_counter()
-    world = generate_world(args.train_size, seed=args.seed)
     test = _test_world(args)
-    try:
-        poisoned = poison_pairs(world.images, world.captions, world.labels, trigger, args.rate, target,
-                                target_caption, seed=args.trigger_seed, num_classes=len(CLASSES))
-    except ValueError as error:
-        raise CliError(str(error)) from None
-    data_seconds = time.perf_counter() - started
+    bundle = None if from_scratch else _load_bundle(args)  # fine-tune a given model
 
-    torch.manual_seed(args.seed)  # a from-scratch model's initial weights
-    bundle = _load_bundle(args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    save_json({
-        "trigger": {"name": trigger.name, **dataclasses.asdict(trigger)},
-        "trigger_seed": args.trigger_seed,
-        "clean_label": trigger.clean_label,
-        "rate": args.rate,
-        "target_label": target,
-        "target_class": CLASSES[target],
-        "target_caption": target_caption,
-        "train_size": args.train_size,
-        "world_seed": args.seed,
-        "num_poisoned": len(poisoned.poisoned_indices),
-        "poisoned_indices": poisoned.poisoned_indices.tolist(),
-    }, args.out / "poison.json")
-
-    def progress_eval(current):
+    def progress_eval(current) -> dict:
         report = evaluate(current, test, trigger, target, seed=args.trigger_seed)
         return {"ca": report["ca"], "asr": report["asr"]}
 
     try:
-        result = train(bundle, poisoned.images, poisoned.captions, config, args.out, eval_fn=progress_eval)
-    except ResumeMismatchError as error:
+        bundle, result, pairs = train_world_model(recipe, args.out, bundle=bundle, eval_fn=progress_eval,
+                                                  device=_device(args.device))
+    except ValueError as error:  # a rate with too few eligible images, a run dir of another run
         raise CliError(str(error)) from None
-    save_checkpoint(bundle, args.out / "model.pt")
     report = evaluate(bundle, test, trigger, target, seed=args.trigger_seed)
-    report["attack"] = {"name": trigger.name, "rate": args.rate, "num_poisoned": len(poisoned.poisoned_indices)}
+    report["attack"] = {"name": trigger.name, "rate": args.rate, "num_poisoned": len(pairs.poisoned_indices)}
     report["train"] = {
         "steps": result.step,
         "resumed_from_step": result.resumed_from_step,
         "train_seconds": result.train_seconds,
         "steps_per_s": result.steps_per_s,
-        "data_seconds": round(data_seconds, 2),
         "final_loss": result.final_loss,
     }
     report["command"] = "clipfast " + shlex.join(args.argv)
@@ -294,7 +270,8 @@ def _run_evaluate(args: argparse.Namespace) -> None:
 
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     _add_attack_options(parser, required=True)
-    parser.add_argument("--rate", type=_rate, default=DEFAULT_RATE, help=f"poisoning rate (default: {DEFAULT_RATE})")
+    rate = _world_defaults().rate
+    parser.add_argument("--rate", type=_rate, default=rate, help=f"poisoning rate (default: {rate})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, poisoning and training")
     parser.add_argument("--probe-size", type=_positive_int, default=5_000, help="probe images (default: 5000)")
     parser.add_argument("--baseline-size", type=_positive_int, default=4_000,

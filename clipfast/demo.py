@@ -23,7 +23,7 @@ from clipfast.eval import evaluate
 from clipfast.eval.plots import plot_ca_asr, plot_label_test, plot_trigger
 from clipfast.models.checkpoint import save_json
 from clipfast.oracle import ClassicalSegmenter
-from clipfast.recipes import WorldRecipe, cached_world_model, test_world
+from clipfast.recipes import WorldRecipe, cached_world_model, evaluation_world
 
 BASELINE_SEED_OFFSET = 7_919  # the baseline's clean set is a fresh world, disjoint from training
 
@@ -63,7 +63,7 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
     seconds["poisoned_model" + ("_train" if trained else "_cached")] = time.perf_counter() - start
 
     trigger, target = recipe.make_trigger(), recipe.target_label
-    test = test_world(config.test_size)
+    test = evaluation_world(config.test_size)
     probe_images = pairs.images[: config.probe_size]
     poisoned = pairs.poisoned_indices[pairs.poisoned_indices < config.probe_size]
     before = evaluate(bundle, test, trigger, target)

@@ -70,7 +70,7 @@ def poisoned_world(recipe: WorldRecipe) -> tuple[WorldSamples, PoisonedPairs]:
     return world, pairs
 
 
-def test_world(size: int = 1_000, seed: int = TEST_SEED) -> WorldSamples:
+def evaluation_world(size: int = 1_000, seed: int = TEST_SEED) -> WorldSamples:
     return generate_world(size, seed=seed)
 
 

@@ -1,0 +1,66 @@
+"""One small end-to-end run: poison a tiny CLIP in the synthetic world, scan, curate, repair, and
+check the defence against the ground truth. About a minute on 2 CPU cores."""
+
+import copy
+
+import pytest
+import torch
+
+from clipfast.data.world import CLASSES, zero_shot_prompts
+from clipfast.defense.curate import CurateConfig
+from clipfast.defense.pipeline import DefenseConfig, RunDirectoryMismatch, defend
+from clipfast.defense.repair import RepairConfig
+from clipfast.defense.scan import ScanConfig
+from clipfast.eval import evaluate
+from clipfast.oracle import ClassicalSegmenter
+from clipfast.recipes import WorldRecipe, evaluation_world, train_world_model
+from clipfast.train import TrainConfig
+
+pytestmark = pytest.mark.slow
+
+RECIPE = WorldRecipe(attack="badnet", rate=0.02, train_size=8_000, seed=1,
+                     train=TrainConfig(steps=500, batch_size=128, lr=2e-3, eval_every=0, progress=False))
+PROBE = 3_000
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory):
+    bundle, _, pairs = train_world_model(RECIPE, tmp_path_factory.mktemp("poison"))
+    return bundle, pairs
+
+
+def test_scan_curate_repair_remove_the_backdoor(poisoned, tmp_path):
+    bundle, pairs = poisoned
+    trigger, target = RECIPE.make_trigger(), RECIPE.target_label
+    test = evaluation_world(500)
+    before = evaluate(bundle, test, trigger, target)
+    assert before["asr"] > 0.8  # the attack took
+
+    model = copy.deepcopy(bundle)
+    config = DefenseConfig(scan=ScanConfig(progress=False), curate=CurateConfig(),
+                           repair=RepairConfig(max_steps=80, progress=False))
+    probe = pairs.images[:PROBE]
+    outcome = defend(model, list(CLASSES), probe, ClassicalSegmenter(), tmp_path, prompts=zero_shot_prompts,
+                     config=config, identity={"recipe": RECIPE.cache_key()})
+    assert outcome.scan.targets == [target]
+    found = set(outcome.scan.victims(target).tolist())
+    poisoned_in_probe = set(pairs.poisoned_indices[pairs.poisoned_indices < PROBE].tolist())
+    assert len(found & poisoned_in_probe) / len(found) >= 0.9  # precision
+    assert len(found & poisoned_in_probe) / len(poisoned_in_probe) >= 0.7  # recall
+    assert outcome.scan.triggers[0].box == (28, 28, 32, 32)  # the 4x4 patch in the bottom-right corner
+
+    after = evaluate(model, test, trigger, target)
+    assert after["asr"] < before["asr"] / 2
+    assert after["ca"] > before["ca"] - 0.1
+
+    # A rerun in the same directory resumes (nothing left to do) and gives the same model...
+    again = copy.deepcopy(bundle)
+    defend(again, list(CLASSES), probe, ClassicalSegmenter(), tmp_path, prompts=zero_shot_prompts,
+           config=config, identity={"recipe": RECIPE.cache_key()})
+    for a, b in zip(model.model.parameters(), again.model.parameters()):
+        assert torch.equal(a, b)
+    # ...and other settings are refused.
+    with pytest.raises(RunDirectoryMismatch):
+        defend(copy.deepcopy(bundle), list(CLASSES), probe, ClassicalSegmenter(), tmp_path,
+               prompts=zero_shot_prompts, config=DefenseConfig(repair=RepairConfig(max_steps=81)),
+               identity={"recipe": RECIPE.cache_key()})
