@@ -274,8 +274,8 @@ def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rate", type=_rate, default=rate, help=f"poisoning rate (default: {rate})")
     parser.add_argument("--seed", type=int, default=0, help="seed of the world, poisoning and training")
     parser.add_argument("--probe-size", type=_positive_int, default=5_000, help="probe images (default: 5000)")
-    parser.add_argument("--baseline-size", type=_positive_int, default=4_000,
-                        help="clean pairs for the CleanCLIP-style baseline (default: 4000)")
+    parser.add_argument("--baseline-size", type=_positive_int, default=8_000,
+                        help="clean pairs for the CleanCLIP-style baseline (default: 8000)")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline")
     parser.add_argument("--cache-dir", type=Path, help="where poisoned models are cached (default: $CLIPFAST_CACHE "
                         "or ~/.cache/clipfast)")

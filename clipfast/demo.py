@@ -37,7 +37,7 @@ class DemoConfig:
     recipe: WorldRecipe = field(default_factory=WorldRecipe)
     probe_size: int = 5_000  # the first probe_size poisoned training pairs are the probe set
     test_size: int = 1_000
-    baseline_size: int = 4_000  # clean pairs for the CleanCLIP-style baseline
+    baseline_size: int = 8_000  # clean pairs for the CleanCLIP-style baseline
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     run_baseline: bool = True
@@ -125,8 +125,11 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
     plot_label_test(list(CLASSES), scan.label_test.candidates, scan.label_test.expected, report["targets_found"],
                     out_dir / "label_test.png")
     if localisation is not None and len(localisation.victim_indices):
-        plot_trigger(probe_images[localisation.victim_indices[0]], localisation.consensus_mask,
-                     footprints[0] if trigger.name == "badnet" else None, out_dir / "trigger.png")
+        # Show a true victim where there is one: its own true footprint (random locations differ).
+        shown = next((k for k, i in enumerate(localisation.victim_indices) if int(i) in position), 0)
+        victim = int(localisation.victim_indices[shown])
+        plot_trigger(probe_images[victim], localisation.region_masks[shown],
+                     footprints[position[victim]] if victim in position else None, out_dir / "trigger.png")
     return report
 
 

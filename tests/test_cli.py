@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pytest
 import torch
@@ -78,3 +79,47 @@ def test_bad_checkpoints_exit_with_code_2(tmp_path, capsys):
     torch.save({"state_dict": {"visual.conv1.weight": torch.zeros(1)}}, unfitting)
     code, err = _exit_code(["evaluate", "--model", "clipfast-tiny", "--checkpoint", str(unfitting)], capsys)
     assert code == 2 and "does not fit the architecture" in err and "visual.conv1.weight" in err
+
+
+@pytest.fixture(scope="module")
+def probe_folder(tmp_path_factory):
+    """An ImageFolder of 24 synthetic-world images (PNG), one folder per class."""
+    from PIL import Image
+
+    from clipfast.data.world import CLASSES, generate_world
+
+    root = tmp_path_factory.mktemp("probe")
+    world = generate_world(24, seed=5)
+    for i, (image, label) in enumerate(zip(world.images, world.labels)):
+        folder = root / CLASSES[int(label)]
+        folder.mkdir(exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{i}.png")
+    (root / CLASSES[0] / "broken.png").write_bytes(b"not a png")
+    return root
+
+
+def test_scan_on_an_image_folder_writes_a_report_and_resumes(poisoned_run, probe_folder, tmp_path, capsys):
+    argv = ["scan", "--checkpoint", str(poisoned_run / "model.pt"), "--probe", str(probe_folder), "--vocab", "world",
+            "--no-progress", "--out", str(tmp_path / "scan")]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "skipped 1 unreadable probe images" in out.err
+    report = json.loads((tmp_path / "scan" / "report.json").read_text())
+    assert report["scan"]["probe_images"] == 24
+    assert report["repaired_model"] is None
+    assert (tmp_path / "scan" / "scan.pt").exists()
+    assert main(argv) == 0  # resumes from scan.pt
+    other_probe = tmp_path / "other"
+    shutil.copytree(probe_folder, other_probe)
+    code, err = _exit_code([*argv[:-1], str(tmp_path / "scan"), "--probe", str(other_probe)], capsys)
+    assert code == 2 and "different settings" in err
+
+
+@pytest.mark.parametrize("content,message", [("heart\n\nstar\n", "empty line 2"), ("heart\nheart\nstar\n", "duplicate"),
+                                             ("heart\n", "at least two")])
+def test_bad_vocabulary_files_exit_with_code_2(poisoned_run, probe_folder, tmp_path, content, message, capsys):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text(content)
+    code, err = _exit_code(["scan", "--checkpoint", str(poisoned_run / "model.pt"), "--probe", str(probe_folder),
+                            "--vocab", str(vocab), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and message in err

@@ -26,7 +26,7 @@ CAPTION_TEMPLATES = ("a photo of a {}.", "an image of a {}.", "a drawing of a {}
 @dataclass(frozen=True)
 class CurateConfig:
     victims_per_label: int = 16
-    replay_per_label: int = 32
+    replay_per_label: int = 64
     seed: int = 0
 
     def __post_init__(self):

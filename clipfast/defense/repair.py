@@ -30,13 +30,15 @@ from .scan import ScanResult
 class RepairConfig:
     max_steps: int = 150
     batch_size: int = 64
-    lr: float = 1e-4
+    lr: float = 5e-5
     freeze_text: bool = True  # keep the zero-shot head (text embeddings) fixed; only the image tower unlearns
     warmup_steps: int = 10
-    eval_every: int = 10
-    target_asr: float = 0.05  # stop once the held-out ASR estimate is at or below this
+    eval_every: int = 5
+    target_asr: float = 0.0  # stop once the held-out ASR estimate is at or below this
     clean_tolerance: float = 0.015  # report whether held-out clean agreement stayed >= 1 - this
-    self_supervised_weight: float = 1.0
+    # CleanCLIP's in-modal term; 0 by default: on the compact set it cost clean accuracy (measured:
+    # weight 1 -> CA -2.7 points, 0 -> -0.1 at the same ASR; see the project note).
+    self_supervised_weight: float = 0.0
     holdout_clean: int = 512
     seed: int = 0
     progress: bool = True

@@ -55,8 +55,9 @@ def plot_label_test(classnames: list[str], candidates: list[int], expected: list
 
 def plot_trigger(example: torch.Tensor, recovered: torch.Tensor, true_footprint: torch.Tensor | None,
                  path: str | Path) -> None:
-    """example uint8 [3, H, W] (a victim), recovered bool [H, W], true_footprint bool [H, W] or None."""
-    panels = [("victim image", example.permute(1, 2, 0).numpy()), ("recovered trigger", recovered.float().numpy())]
+    """example uint8 [3, H, W] (a victim), recovered bool [H, W] (its trigger region), true_footprint
+    bool [H, W] or None."""
+    panels = [("victim image", example.permute(1, 2, 0).numpy()), ("recovered trigger region", recovered.float().numpy())]
     if true_footprint is not None:
         panels.append(("true trigger", true_footprint.float().numpy()))
     fig, axes = plt.subplots(1, len(panels), figsize=(2.4 * len(panels), 2.6))
