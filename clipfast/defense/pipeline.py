@@ -46,13 +46,14 @@ class DefenseOutcome:
     repaired_model_path: Path | None
 
 
-# Settings that do not change results (progress bars, op backend) do not tie a run directory.
-_UNTIED = {"progress", "backend", "batch_size"}
+# Settings that do not change results (progress bars, op backend, the scan's batching) do not tie
+# a run directory; everything else does.
+_UNTIED = {"scan": {"progress", "backend", "batch_size"}, "curate": set(), "repair": {"progress"}}
 
 
 def _tied_settings(config: DefenseConfig, identity: dict) -> dict:
-    stages = {name: {k: v for k, v in asdict(stage).items() if k not in _UNTIED}
-              for name, stage in (("scan", config.scan), ("curate", config.curate), ("repair", config.repair))}
+    stages = {name: {k: v for k, v in asdict(getattr(config, name)).items() if k not in untied}
+              for name, untied in _UNTIED.items()}
     return {"inputs": identity, **stages}
 
 
