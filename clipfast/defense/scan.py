@@ -147,7 +147,7 @@ class _RegionScorer:
                 for s in range(0, len(flat), self.config.batch_size)
             ])
         return region_score(image_embeddings.cpu(), region_embeddings, valid, self.classifier.class_embeddings.cpu(),
-                            self.classifier.logit_scale, backend="reference")
+                            self.classifier.logit_scale)
 
 
 def scan(
