@@ -295,7 +295,13 @@ def _run_demo(args: argparse.Namespace) -> None:
                             run_baseline=not args.no_baseline)
     except ValueError as error:
         raise CliError(str(error)) from None
-    report = run_demo(config, args.out, cache_dir=args.cache_dir)
+    from clipfast.defense import RunDirectoryMismatch
+    from clipfast.train import ResumeMismatchError
+
+    try:
+        report = run_demo(config, args.out, cache_dir=args.cache_dir)
+    except (RunDirectoryMismatch, ResumeMismatchError) as error:
+        raise CliError(str(error)) from None
     print(format_demo_report(report))
     print(f"report, plots and models in {args.out}")
 
