@@ -16,16 +16,15 @@ from pathlib import Path
 
 import torch
 
+from . import reference
+
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
-# The backends each op implements; grows as kernels land.
-OP_BACKENDS: dict[str, tuple[str, ...]] = {
-    "mask_crop": ("reference", "cpu", "cuda"),
-    "region_score": ("reference",),
-    "region_topk": ("reference",),
-}
+# The backends each op implements.
+OPS = ("mask_crop", "mask_pool", "region_score", "region_topk")
+OP_BACKENDS: dict[str, tuple[str, ...]] = {op: BACKENDS for op in OPS}
 
-# auto's order of preference per device type.
+# auto's order of preference per device type (the Triton interpreter is never picked on a CPU).
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
@@ -110,3 +109,14 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
     ):
         raise BackendUnavailable(f"{op}: backend {backend!r} needs CUDA tensors, got tensors on {device}")
     return backend
+
+
+def call(op: str, backend: str, *args):
+    """Run `op` on a resolved backend; every backend takes the reference function's arguments."""
+    if backend == "reference":
+        return getattr(reference, op)(*args)
+    if backend == "triton":
+        from . import triton  # imported on first use: loading Triton costs about a second
+
+        return getattr(triton, op)(*args)
+    return getattr(torch.ops.clipfast, op)(*args)

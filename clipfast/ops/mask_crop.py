@@ -7,7 +7,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from . import backends, reference
+from . import backends
 
 IMAGE_DTYPES = (torch.uint8, torch.float32, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.uint8)
@@ -52,9 +52,7 @@ def mask_crop(
         raise ValueError(f"mask_crop: std must be positive, got {std}")
     args = (images, masks, int(out_size), float(margin), bool(square), float(background), mean, std, out_dtype)
     chosen = backends.resolve("mask_crop", backend, images.device)
-    if chosen == "reference":
-        return MaskCrops(*reference.mask_crop(*args))
-    return MaskCrops(*torch.ops.clipfast.mask_crop(*args))
+    return MaskCrops(*backends.call("mask_crop", chosen, *args))
 
 
 def _check_inputs(images, masks, out_size, margin, background, out_dtype) -> int:

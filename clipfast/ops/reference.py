@@ -125,3 +125,87 @@ def region_topk(scores: torch.Tensor, labels: torch.Tensor, num_labels: int, k: 
         order = torch.sort(-scores[members].float(), stable=True).indices[:k]
         top[label, : order.numel()] = members[order]
     return counts, top
+
+
+def unpack_mask_bits(packed: torch.Tensor, width: int) -> torch.Tensor:
+    """[..., ceil(W/8)] uint8 with pixel x in bit (x % 8) of byte x // 8 -> [..., W] bool."""
+    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :width].bool()
+
+
+def mask_patch_counts(masks: torch.Tensor, grid_h: int, grid_w: int, packed_width: int) -> torch.Tensor:
+    """Pixels of each mask inside each patch: [B, M, H, W] (or bit-packed) -> [B, M, grid_h * grid_w]
+    float32, patches row-major; a patch is (H / grid_h) x (W / grid_w) pixels."""
+    pixels = unpack_mask_bits(masks, packed_width) if packed_width else masks.bool()
+    batch, num_masks, height, width = pixels.shape
+    blocks = pixels.reshape(batch, num_masks, grid_h, height // grid_h, grid_w, width // grid_w)
+    return blocks.sum(dim=(3, 5), dtype=torch.int32).reshape(batch, num_masks, grid_h * grid_w).float()
+
+
+def mask_pool_weights(counts: torch.Tensor, logits: torch.Tensor | None) -> torch.Tensor:
+    """Normalised pooling weights [B, M, heads, P]: count * exp(logit - max over covered patches),
+    divided by their sum; all zero for an empty mask."""
+    if logits is None:
+        weights = counts[:, :, None, :]
+    else:
+        scores = logits.float()[:, None]  # [B, 1, heads, P]
+        covered = counts[:, :, None, :] > 0
+        top = torch.where(covered, scores, -math.inf).amax(-1, keepdim=True)
+        top = torch.where(torch.isfinite(top), top, 0.0)  # empty masks: any finite shift
+        weights = torch.where(covered, counts[:, :, None, :] * torch.exp(scores - top), 0.0)
+    total = weights.sum(-1, keepdim=True)
+    return weights / torch.where(total > 0, total, 1.0)
+
+
+def mask_pool(
+    features: torch.Tensor,
+    masks: torch.Tensor,
+    logits: torch.Tensor | None,
+    grid_h: int,
+    grid_w: int,
+    packed_width: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pool patch features under masks (DESIGN.md section 3).
+
+    features [B, P, D] (P = grid_h * grid_w patch tokens, row-major); masks [B, M, H, W] bool/uint8
+    at pixel resolution (H, W multiples of the grid), or bit-packed uint8 [B, M, H, ceil(W/8)] with
+    packed_width = W (0 = not packed); logits None or [B, heads, P] per-head attention logits, D a
+    multiple of heads. pooled[b, m, head h] = sum_p w x[b, p, h] / sum_p w with w = the mask's pixel
+    count in patch p times exp(logit[b, h, p] - max over covered patches). Returns pooled [B, M, D]
+    (features' dtype, accumulated in fp32; zeros for an empty mask) and valid [B, M] bool.
+    """
+    counts = mask_patch_counts(masks, grid_h, grid_w, packed_width)
+    batch, patches, dim = features.shape
+    heads = 1 if logits is None else logits.shape[1]
+    weights = mask_pool_weights(counts, logits)
+    values = features.float().reshape(batch, patches, heads, dim // heads)
+    pooled = torch.einsum("bmhp,bphd->bmhd", weights, values).reshape(batch, counts.shape[1], dim)
+    return pooled.to(features.dtype), counts.sum(-1) > 0
+
+
+def mask_pool_backward(
+    grad_pooled: torch.Tensor,
+    features: torch.Tensor,
+    masks: torch.Tensor,
+    logits: torch.Tensor | None,
+    grid_h: int,
+    grid_w: int,
+    packed_width: int,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of mask_pool's pooled output w.r.t. features and logits (None without logits),
+    from the closed form: d features = a^T g; d logit = sum_m a * (g.x_p - g.pooled)."""
+    counts = mask_patch_counts(masks, grid_h, grid_w, packed_width)
+    batch, patches, dim = features.shape
+    heads = 1 if logits is None else logits.shape[1]
+    weights = mask_pool_weights(counts, logits)  # [B, M, heads, P]
+    grad = grad_pooled.float().reshape(batch, counts.shape[1], heads, dim // heads)
+    values = features.float().reshape(batch, patches, heads, dim // heads)
+    grad_features = torch.einsum("bmhp,bmhd->bphd", weights, grad).reshape(batch, patches, dim).to(features.dtype)
+    if logits is None:
+        return grad_features, None
+    pooled = torch.einsum("bmhp,bphd->bmhd", weights, values)
+    grad_dot_values = torch.einsum("bmhd,bphd->bmhp", grad, values)
+    grad_dot_pooled = (grad * pooled).sum(-1, keepdim=True)
+    grad_logits = (weights * (grad_dot_values - grad_dot_pooled)).sum(1)
+    return grad_features, grad_logits.to(logits.dtype)

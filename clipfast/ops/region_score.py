@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import backends, reference
+from . import backends
 
 
 class RegionScores(NamedTuple):
@@ -44,6 +44,30 @@ def region_score(image_embeddings: torch.Tensor, region_embeddings: torch.Tensor
                          ("text_embeddings", text_embeddings)):
         if not tensor.is_floating_point():
             raise TypeError(f"region_score: {name} must be floating point, got {tensor.dtype}")
-    backends.resolve("region_score", backend, image_embeddings.device)
-    return RegionScores(*reference.region_score(image_embeddings, region_embeddings, region_valid,
-                                                text_embeddings, float(logit_scale)))
+    # Compiled kernels take one dtype: bf16 when every input is bf16, else fp32 (what the reference computes in).
+    dtype = torch.bfloat16 if all(t.dtype == torch.bfloat16 for t in (image_embeddings, region_embeddings,
+                                                                      text_embeddings)) else torch.float32
+    image_embeddings, region_embeddings, text_embeddings = (
+        t.to(dtype) for t in (image_embeddings, region_embeddings, text_embeddings))
+    if region_valid.dtype != torch.bool:
+        region_valid = region_valid != 0
+    for name, tensor in (("region_embeddings", region_embeddings), ("region_valid", region_valid),
+                         ("text_embeddings", text_embeddings)):
+        if tensor.device != image_embeddings.device:
+            raise ValueError(f"region_score: {name} is on {tensor.device} but image_embeddings on "
+                             f"{image_embeddings.device}")
+    chosen = backends.resolve("region_score", backend, image_embeddings.device)
+    return RegionScores(*backends.call("region_score", chosen, image_embeddings, region_embeddings, region_valid,
+                                       text_embeddings, float(logit_scale)))
+
+
+def _fake(image_embeddings, region_embeddings, region_valid, text_embeddings, logit_scale):
+    batch, num_regions = region_valid.shape
+    new = image_embeddings.new_empty
+    return (new(batch, dtype=torch.int64), new(batch, dtype=torch.float32), new(batch, num_regions, dtype=torch.int64),
+            new(batch, num_regions, dtype=torch.float32), new(batch, num_regions, dtype=torch.float32),
+            new(batch, dtype=torch.float32))
+
+
+if not isinstance(backends.EXTENSION, ImportError):
+    torch.library.register_fake("clipfast::region_score")(_fake)

@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import backends, reference
+from . import backends
 
 
 class LabelTopK(NamedTuple):
@@ -26,5 +26,16 @@ def region_topk(scores: torch.Tensor, labels: torch.Tensor, num_labels: int, k: 
         raise TypeError(f"region_topk: scores must be float and labels int32/int64, got {scores.dtype}, {labels.dtype}")
     if num_labels < 1 or k < 1:
         raise ValueError(f"region_topk: num_labels and k must be >= 1, got {num_labels}, {k}")
-    backends.resolve("region_topk", backend, scores.device)
-    return LabelTopK(*reference.region_topk(scores, labels, num_labels, k))
+    if scores.device != labels.device:
+        raise ValueError(f"region_topk: scores are on {scores.device} but labels on {labels.device}")
+    scores, labels = scores.float(), labels.long()  # the kernels' types; bf16 -> fp32 is exact
+    chosen = backends.resolve("region_topk", backend, scores.device)
+    return LabelTopK(*backends.call("region_topk", chosen, scores, labels, int(num_labels), int(k)))
+
+
+def _fake(scores, labels, num_labels, k):
+    return scores.new_empty(num_labels, dtype=torch.int64), scores.new_empty((num_labels, k), dtype=torch.int64)
+
+
+if not isinstance(backends.EXTENSION, ImportError):
+    torch.library.register_fake("clipfast::region_topk")(_fake)

@@ -7,6 +7,14 @@ TORCH_LIBRARY(clipfast, m) {
   m.def(
       "mask_crop(Tensor images, Tensor masks, int out_size, float margin, bool square, float background, "
       "float[] mean, float[] std, ScalarType out_dtype) -> (Tensor crops, Tensor boxes, Tensor valid)");
+  m.def(
+      "mask_pool(Tensor features, Tensor masks, Tensor? logits, int grid_h, int grid_w, int packed_width) "
+      "-> (Tensor pooled, Tensor valid)");
+  m.def(
+      "region_score(Tensor image_embeddings, Tensor region_embeddings, Tensor region_valid, "
+      "Tensor text_embeddings, float logit_scale) -> (Tensor image_label, Tensor image_prob, "
+      "Tensor region_label, Tensor region_prob, Tensor region_image_prob, Tensor discrepancy)");
+  m.def("region_topk(Tensor scores, Tensor labels, int num_labels, int k) -> (Tensor counts, Tensor indices)");
 }
 
 static struct PyModuleDef clipfast_c_module = {PyModuleDef_HEAD_INIT, "_C",
