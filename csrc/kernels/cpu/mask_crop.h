@@ -5,6 +5,7 @@
 // `parallel_for(begin, end, fn)` runs fn(lo, hi) over chunks of [begin, end): the torch glue passes
 // at::parallel_for, the C++ unit tests a serial loop.
 #pragma once
+#include <climits>
 #include <cstdint>
 #include <vector>
 
@@ -59,26 +60,50 @@ void mask_crop_one(const In* image, const uint8_t* mask, Out* out, Box* box_out,
   // Column taps once per crop; a tap outside the image (square boxes) reads as background.
   std::vector<Taps> col_taps(S);
   for (int64_t ox = 0; ox < S; ++ox) col_taps[ox] = bilinear_taps(ox, box.x1 - box.x0, S);
-  auto read = [&](const In* channel, int64_t y, int64_t x) {
-    const bool inside = y >= 0 && y < H && x >= 0 && x < W && mask[y * W + x] != 0;
-    return inside ? to_float(channel[y * W + x]) * p.input_scale : p.background;
+  const int64_t plane = H * W;
+
+  // Bilinear is separable: lerp along x within a source row, then along y between two rows. The
+  // x-lerped rows ([C][S] each) are cached by source row, so each is made once even when
+  // upsampling; the arithmetic is the same as lerping the four taps directly.
+  std::vector<float> row_cache(2 * C * S);
+  // Source row held in each slot; rows may be negative (square boxes), so "none" is INT64_MIN.
+  int64_t cached_row[2] = {INT64_MIN, INT64_MIN};
+  // Row y in cache, never evicting the slot `keep` (the other row of the same output line).
+  auto lerped_row = [&](int64_t y, int keep) -> int {
+    for (int slot = 0; slot < 2; ++slot)
+      if (cached_row[slot] == y) return slot;
+    const int slot = keep >= 0 ? 1 - keep : (cached_row[0] < cached_row[1] ? 0 : 1);  // rows only move down
+    cached_row[slot] = y;
+    float* dst = row_cache.data() + slot * C * S;
+    const bool row_inside = y >= 0 && y < H;
+    for (int64_t ox = 0; ox < S; ++ox) {
+      const Taps tx = col_taps[ox];
+      const int64_t x0 = box.x0 + tx.i0, x1 = box.x0 + tx.i1;
+      const bool in0 = row_inside && x0 >= 0 && x0 < W && mask[y * W + x0] != 0;
+      const bool in1 = row_inside && x1 >= 0 && x1 < W && mask[y * W + x1] != 0;
+      for (int64_t c = 0; c < C; ++c) {
+        const In* channel = image + c * plane + y * W;
+        const float v0 = in0 ? to_float(channel[x0]) * p.input_scale : p.background;
+        const float v1 = in1 ? to_float(channel[x1]) * p.input_scale : p.background;
+        dst[c * S + ox] = (1.f - tx.w1) * v0 + tx.w1 * v1;
+      }
+    }
+    return slot;
   };
 
   for (int64_t oy = 0; oy < S; ++oy) {
     const Taps ty = bilinear_taps(oy, box.y1 - box.y0, S);
-    const int64_t y0 = box.y0 + ty.i0, y1 = box.y0 + ty.i1;
+    const int top_slot = lerped_row(box.y0 + ty.i0, -1);
+    const int bottom_slot = lerped_row(box.y0 + ty.i1, top_slot);
+    const float* top = row_cache.data() + top_slot * C * S;
+    const float* bottom = row_cache.data() + bottom_slot * C * S;
     for (int64_t c = 0; c < C; ++c) {
-      const In* channel = image + c * H * W;
       const float mean = p.mean[c], inv_std = p.inv_std[c];
       Out* dst = out + (c * S + oy) * S;
-      for (int64_t ox = 0; ox < S; ++ox) {
-        const Taps tx = col_taps[ox];
-        const int64_t x0 = box.x0 + tx.i0, x1 = box.x0 + tx.i1;
-        const float top = (1.f - tx.w1) * read(channel, y0, x0) + tx.w1 * read(channel, y0, x1);
-        const float bottom = (1.f - tx.w1) * read(channel, y1, x0) + tx.w1 * read(channel, y1, x1);
-        const float v = (1.f - ty.w1) * top + ty.w1 * bottom;
-        dst[ox] = from_float<Out>((v - mean) * inv_std);
-      }
+      const float* t = top + c * S;
+      const float* b = bottom + c * S;
+      for (int64_t ox = 0; ox < S; ++ox)
+        dst[ox] = from_float<Out>(((1.f - ty.w1) * t[ox] + ty.w1 * b[ox] - mean) * inv_std);
     }
   }
 }

@@ -5,7 +5,6 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "../common/bf16.h"
 #include "../common/region_score_common.h"
@@ -13,19 +12,23 @@
 namespace clipfast {
 namespace cpu {
 
+// The softmax loops vectorise only when GCC may ignore signed zeros, FP traps and errno, which
+// nothing here relies on; scoped to these two functions (region_topk relies on signed zeros).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-signed-zeros", "no-trapping-math", "no-math-errno")
+#endif
+
 // exp(x) for x <= 0 to ~2e-7 relative error, branch-free so the loops around it vectorise
-// (libm's expf does not). Inputs below -87 return ~0, which is exact enough beside a sum >= 1.
+// (libm's expf does not). Inputs below -69 return 2^-100, nothing beside a softmax sum >= 1.
 inline float exp_nonpositive(float x) {
-  float t = x * 1.44269504f;  // log2(e)
-  t = t < -126.f ? -126.f : t;
-  const int n = static_cast<int>(t + 128.5f) - 128;  // round(t) without a libm call
+  const float scaled = x * 1.44269504f;                  // log2(e) * x
+  const float t = scaled > -100.f ? scaled : -100.f;     // keeps results normal (subnormals are slow)
+  const int n = static_cast<int>(t + 128.5f) - 128;     // round(t) without a libm call
   const float f = (t - static_cast<float>(n)) * 0.693147181f;  // |f| <= ln2 / 2
   const float poly =
       1.f + f * (1.f + f * (0.5f + f * (1.f / 6 + f * (1.f / 24 + f * (1.f / 120 + f * (1.f / 720))))));
-  const uint32_t bits = static_cast<uint32_t>(n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return poly * scale;
+  return poly * __builtin_bit_cast(float, static_cast<uint32_t>(n + 127) << 23);
 }
 
 // out[i] = 1 / ||x[i]|| (0 for a zero row) for rows of length dim, in fp32.
@@ -49,12 +52,11 @@ inline void softmax_rows(float* dots, int64_t rows, int64_t classes, const float
   for (int64_t r = 0; r < rows; ++r) {
     float* logits = dots + r * classes;
     const float s = row_scale[r];
+#pragma omp simd
+    for (int64_t c = 0; c < classes; ++c) logits[c] = s * logits[c] * text_inv_norm[c];
     float top = -3.402823466e38f;
 #pragma omp simd reduction(max : top)
-    for (int64_t c = 0; c < classes; ++c) {
-      logits[c] = s * logits[c] * text_inv_norm[c];
-      top = logits[c] > top ? logits[c] : top;
-    }
+    for (int64_t c = 0; c < classes; ++c) top = logits[c] > top ? logits[c] : top;
     int64_t argmax = 0;
     while (argmax < classes - 1 && logits[argmax] != top) ++argmax;  // first index of the max
     float sum = 0.f;
@@ -63,6 +65,10 @@ inline void softmax_rows(float* dots, int64_t rows, int64_t classes, const float
     states[r] = SoftmaxState{top, argmax, sum};
   }
 }
+
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC pop_options
+#endif
 
 // Outputs of images [lo, hi) from their softmax states: image and region labels/probabilities,
 // each valid region's probability for the image's label (one dot product) and the discrepancy.
