@@ -369,6 +369,7 @@ def _read_probe(path: Path, image_size: int, on_error: str):
 def _run_defense(args: argparse.Namespace, run_repair: bool) -> None:
     import json
 
+    from clipfast.defense.curate import CurateConfig
     from clipfast.defense.pipeline import DefenseConfig, RunDirectoryMismatch, defend
     from clipfast.defense.repair import RepairConfig
     from clipfast.defense.scan import ScanConfig
@@ -391,7 +392,7 @@ def _run_defense(args: argparse.Namespace, run_repair: bool) -> None:
     if args.vocab == "world":
         from clipfast.data.world import zero_shot_prompts as prompts
     config = DefenseConfig(scan=ScanConfig(backend=args.backend, progress=not args.no_progress),
-                           repair=RepairConfig(progress=not args.no_progress))
+                           curate=CurateConfig(backend=args.backend), repair=RepairConfig(progress=not args.no_progress))
     identity = {"model": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint,
                 "probe": str(args.probe.resolve()), "oracle": args.oracle, "sam_checkpoint": args.sam_checkpoint,
                 "grounding": args.grounding_checkpoint}

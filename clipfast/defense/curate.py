@@ -28,6 +28,7 @@ class CurateConfig:
     victims_per_label: int = 16
     replay_per_label: int = 64
     seed: int = 0
+    backend: str = "auto"  # region_topk's op backend (see clipfast.ops); does not change results
 
     def __post_init__(self):
         if self.victims_per_label < 1 or self.replay_per_label < 0:
@@ -70,7 +71,8 @@ def curate(scan: ScanResult, images: torch.Tensor, config: CurateConfig = Curate
     victim_labels[victims] = scan.oracle_label[victims]
     for target in scan.targets:  # a victim whose oracle also says t* gives no corrective caption
         victim_labels[victim_labels == target] = -1
-    counts, top = region_topk(scan.discrepancy, victim_labels, num_labels, config.victims_per_label)
+    counts, top = region_topk(scan.discrepancy, victim_labels, num_labels, config.victims_per_label,
+                              backend=config.backend)
     affected = [label for label in range(num_labels) if counts[label] > 0]
     chosen = top[affected].flatten()
     chosen = chosen[chosen >= 0]

@@ -27,7 +27,7 @@ from scipy.stats import binom
 from tqdm import tqdm
 
 from clipfast.models import ClipBundle, ZeroShotClassifier
-from clipfast.ops import mask_crop, region_score
+from clipfast.ops import RegionScores, mask_crop, region_score
 from clipfast.oracle import Segmenter
 
 
@@ -146,8 +146,11 @@ class _RegionScorer:
                 bundle.model.encode_image(flat[s : s + self.config.batch_size], normalize=True).float().cpu()
                 for s in range(0, len(flat), self.config.batch_size)
             ])
-        return region_score(image_embeddings.cpu(), region_embeddings, valid, self.classifier.class_embeddings.cpu(),
-                            self.classifier.logit_scale)
+        device = crops.crops.device  # score where the model runs: the GPU kernels on a GPU
+        scores = region_score(image_embeddings.to(device), region_embeddings.to(device), valid.to(device),
+                              self.classifier.class_embeddings.to(device), self.classifier.logit_scale,
+                              backend=self.config.backend)
+        return RegionScores(*(t.cpu() for t in scores))
 
 
 def scan(
