@@ -218,7 +218,7 @@ def test_region_score_opcheck_and_compile():
 # ---------------------------------------------------------------- region_topk
 
 @pytest.mark.parametrize("backend", compiled_backends)
-@pytest.mark.parametrize("n,num_labels,k", [(1, 1, 1), (997, 13, 5), (20011, 101, 37), (5000, 3, 4000)])
+@pytest.mark.parametrize("n,num_labels,k", [(1, 1, 1), (997, 13, 5), (20011, 101, 37), (5000, 7, 1024)])
 def test_region_topk_matches_reference(backend, n, num_labels, k):
     gen = torch.Generator().manual_seed(n)
     scores = torch.randn(n, generator=gen)
