@@ -251,3 +251,14 @@ def test_region_topk_opcheck_and_compile():
     compiled = torch.compile(lambda s, lab: region_topk(s, lab, 9, 4, backend="cpu").indices, backend="aot_eager",
                              fullgraph=True)
     assert torch.equal(compiled(scores, labels), region_topk(scores, labels, 9, 4, backend="reference").indices)
+
+
+@pytest.mark.parametrize("backend", compiled_backends)
+def test_region_score_without_regions(backend):
+    device = device_of(backend)
+    images, _, _, text = score_inputs(3, 1, 10, 6)
+    regions, valid = torch.zeros(3, 0, 10), torch.zeros(3, 0, dtype=torch.bool)
+    want = region_score(images, regions, valid, text, 30.0, backend="reference")
+    got = region_score(images.to(device), regions.to(device), valid.to(device), text.to(device), 30.0, backend=backend)
+    assert_scores_match(got, want, PROB_TOLERANCE)
+    torch.testing.assert_close(want.discrepancy, want.image_prob)  # no region supports the label

@@ -108,7 +108,8 @@ def region_score(
     region_label = torch.where(valid, region_label, -1)
     region_prob = torch.where(valid, region_prob, 0.0)
     region_image_prob = torch.where(valid, region_image_prob, 0.0)
-    discrepancy = image_prob - region_image_prob.max(-1).values  # 0 for invalid regions: max >= 0
+    # Invalid regions hold 0, and the padded 0 column covers images with M = 0: max over valid regions or 0.
+    discrepancy = image_prob - F.pad(region_image_prob, (0, 1)).max(-1).values
     return image_label, image_prob, region_label, region_prob, region_image_prob, discrepancy
 
 
