@@ -64,35 +64,39 @@ RegionScoreCall prepare_region_score(const at::Tensor& image_embeddings, const a
 
 namespace {
 
-constexpr int64_t kRowTile = 256;  // rows per GEMM tile: big enough for BLAS efficiency, 256 x C fp32 fits L2
+constexpr int64_t kRowTile = 1024;  // rows per GEMM: 1024 x C fp32 logits (4 MB at C = 1000)
 
-// Softmax states of `rows` rows of x [rows, D] against text_t [D, C] fp32 (pre-transposed): each
-// tile's logits come from one fp32 BLAS call (bf16 rows are widened per tile, as the reference
-// computes in fp32) and are reduced while still in cache.
+// Softmax states of `rows` rows of x [rows, D] against text_t [D, C] fp32 (pre-transposed). Tile by
+// tile: one fp32 BLAS call using every thread (bf16 rows widened first, as the reference computes
+// in fp32), then the rows of the tile reduced in parallel while the logits are still in cache.
 template <typename T>
 void softmax_states(const T* x, int64_t rows, const at::Tensor& text_t, const float* row_inv_norm,
                     const float* text_inv_norm, const RegionScoreParams& p, SoftmaxState* states) {
   const int64_t C = p.classes, D = p.dim;
-  at::parallel_for(0, (rows + kRowTile - 1) / kRowTile, 1, [&](int64_t lo, int64_t hi) {
-    at::Tensor dots = at::empty({kRowTile, C}, text_t.options());
-    at::Tensor widened = std::is_same_v<T, float> ? at::Tensor() : at::empty({kRowTile, D}, text_t.options());
-    std::vector<float> row_scale(kRowTile);
-    for (int64_t tile = lo; tile < hi; ++tile) {
-      const int64_t r0 = tile * kRowTile, n = std::min(kRowTile, rows - r0);
-      at::Tensor block;
-      if constexpr (std::is_same_v<T, float>) {
-        block = at::from_blob(const_cast<float*>(x + r0 * D), {n, D}, text_t.options());
-      } else {
-        float* w = widened.mutable_data_ptr<float>();
-        for (int64_t i = 0; i < n * D; ++i) w[i] = to_float(x[r0 * D + i]);
-        block = widened.narrow(0, 0, n);
-      }
-      at::Tensor out = dots.narrow(0, 0, n);
-      at::mm_out(out, block, text_t);
-      for (int64_t r = 0; r < n; ++r) row_scale[r] = p.logit_scale * row_inv_norm[r0 + r];
-      cpu::softmax_rows(out.mutable_data_ptr<float>(), n, C, row_scale.data(), text_inv_norm, states + r0);
+  at::Tensor dots = at::empty({std::min(kRowTile, rows), C}, text_t.options());
+  at::Tensor widened = std::is_same_v<T, float> ? at::Tensor() : at::empty({std::min(kRowTile, rows), D},
+                                                                             text_t.options());
+  for (int64_t r0 = 0; r0 < rows; r0 += kRowTile) {
+    const int64_t n = std::min(kRowTile, rows - r0);
+    at::Tensor block;
+    if constexpr (std::is_same_v<T, float>) {
+      block = at::from_blob(const_cast<float*>(x + r0 * D), {n, D}, text_t.options());
+    } else {
+      float* w = widened.mutable_data_ptr<float>();
+      at::parallel_for(0, n * D, 1 << 14, [&](int64_t lo, int64_t hi) {
+        for (int64_t i = lo; i < hi; ++i) w[i] = to_float(x[r0 * D + i]);
+      });
+      block = widened.narrow(0, 0, n);
     }
-  });
+    at::Tensor out = dots.narrow(0, 0, n);
+    at::mm_out(out, block, text_t);
+    float* logits = out.mutable_data_ptr<float>();
+    at::parallel_for(0, n, 16, [&](int64_t lo, int64_t hi) {
+      std::vector<float> row_scale(hi - lo);
+      for (int64_t r = lo; r < hi; ++r) row_scale[r - lo] = p.logit_scale * row_inv_norm[r0 + r];
+      cpu::softmax_rows(logits + lo * C, hi - lo, C, row_scale.data(), text_inv_norm, states + r0 + lo);
+    });
+  }
 }
 
 template <typename T>
