@@ -105,24 +105,27 @@ def _check_logits(logits, features) -> torch.Tensor:
     return logits
 
 
-def _fake(features, masks, logits, grid_h, grid_w, packed_width):
+def fake_mask_pool(features, masks, logits, grid_h, grid_w, packed_width):
+    """Output shapes only: the fake kernel of every backend's registered op."""
     batch, _, dim = features.shape
     num_masks = masks.shape[1]
     return features.new_empty((batch, num_masks, dim)), features.new_empty((batch, num_masks), dtype=torch.bool)
 
 
-def _setup_context(ctx, inputs, output):
+def autograd_setup(ctx, inputs, output):
+    """Saves what mask_pool_backward needs (every backend's registered op shares it)."""
     features, masks, logits, grid_h, grid_w, packed_width = inputs
     ctx.save_for_backward(features, masks, logits)
     ctx.geometry = (grid_h, grid_w, packed_width)
 
 
-def _backward(ctx, grad_pooled, grad_valid):
+def autograd_backward(ctx, grad_pooled, grad_valid):
+    """Gradients for features and logits from the closed form in reference.mask_pool_backward."""
     features, masks, logits = ctx.saved_tensors
     grad_features, grad_logits = reference.mask_pool_backward(grad_pooled, features, masks, logits, *ctx.geometry)
     return grad_features, None, grad_logits, None, None, None
 
 
 if not isinstance(backends.EXTENSION, ImportError):
-    torch.library.register_fake("clipfast::mask_pool")(_fake)
-    torch.library.register_autograd("clipfast::mask_pool", _backward, setup_context=_setup_context)
+    torch.library.register_fake("clipfast::mask_pool")(fake_mask_pool)
+    torch.library.register_autograd("clipfast::mask_pool", autograd_backward, setup_context=autograd_setup)

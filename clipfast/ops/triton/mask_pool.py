@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import reference
+from ..mask_pool import autograd_backward, autograd_setup, fake_mask_pool
 from ._launch import INTERPRETED, pow2_block
 
 
@@ -195,24 +195,7 @@ def mask_pool(
     return pooled, valid
 
 
-@mask_pool.register_fake
-def _(features, masks, logits, grid_h, grid_w, packed_width):
-    # Shapes only (see mask_crop's fake for why triton_op's traced default is replaced).
-    batch, _, dim = features.shape
-    num_masks = masks.shape[1]
-    return features.new_empty((batch, num_masks, dim)), features.new_empty((batch, num_masks), dtype=torch.bool)
-
-
-def _setup_context(ctx, inputs, output):
-    features, masks, logits, grid_h, grid_w, packed_width = inputs
-    ctx.save_for_backward(features, masks, logits)
-    ctx.geometry = (grid_h, grid_w, packed_width)
-
-
-def _backward(ctx, grad_pooled, grad_valid):
-    features, masks, logits = ctx.saved_tensors
-    grad_features, grad_logits = reference.mask_pool_backward(grad_pooled, features, masks, logits, *ctx.geometry)
-    return grad_features, None, grad_logits, None, None, None
-
-
-mask_pool.register_autograd(_backward, setup_context=_setup_context)
+# Shapes only (see mask_crop's fake for why triton_op's traced default is replaced); autograd as the
+# compiled backends.
+mask_pool.register_fake(fake_mask_pool)
+mask_pool.register_autograd(autograd_backward, setup_context=autograd_setup)
