@@ -23,6 +23,7 @@ constexpr int kThreads = kMaskPoolThreads;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xffffffffu;
 constexpr size_t kDefaultSharedLimit = 48 * 1024;  // usable without cudaFuncSetAttribute
+constexpr size_t kStaticSharedBound = 256;         // >= the kernel's static __shared__ bytes (80)
 
 // 32-bit copies of the mask geometry for cheap index arithmetic (sizes checked < 2^31 by the glue).
 struct Geometry {
@@ -385,6 +386,9 @@ __global__ void __launch_bounds__(kThreads, kSharedWeights ? 4 : 3)
 
 // Shared memory for vector width V (floats of the cross-group reduction depend on it).
 size_t shared_bytes(const MaskPoolParams& p, int V, size_t max_shared_bytes, bool* weights_in_shared) {
+  // The opt-in limit bounds static + dynamic shared memory together (cudaFuncSetAttribute rejects a
+  // dynamic size whose sum with the kernel's static __shared__ arrays exceeds it): keep room for them.
+  max_shared_bytes = max_shared_bytes > kStaticSharedBound ? max_shared_bytes - kStaticSharedBound : 0;
   const int64_t heads = p.has_logits ? p.heads : 1;
   const int64_t nv = p.dim / V;
   const int64_t groups = nv > 0 && nv < kThreads ? kThreads / nv : 1;
@@ -406,7 +410,7 @@ template <typename T, int V, bool kSharedWeights>
 cudaError_t launch(const T* features, const uint8_t* masks, const float* logits, T* pooled, uint8_t* valid,
                    const MaskPoolParams& p, size_t smem, cudaStream_t stream) {
   auto kernel = mask_pool_kernel<T, V, kSharedWeights>;
-  if (smem > kDefaultSharedLimit) {
+  if (smem + kStaticSharedBound > kDefaultSharedLimit) {  // static + dynamic must fit the default 48 KiB
     const cudaError_t status =
         cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (status != cudaSuccess) return status;
