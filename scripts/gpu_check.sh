@@ -29,6 +29,8 @@ run_stage() {  # run_stage NAME COMMAND...: logs, timing, pass/fail recorded, ne
   stage_status+=("$name,$([ "$rc" = 0 ] && echo passed || echo "failed(rc=$rc)"),$((SECONDS - start))")
 }
 
+# 0. A GPU must be visible: otherwise every GPU test would be skipped and the run look green.
+run_stage gpu "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA GPU is visible to torch')"
 # 1. Pure-Python dependencies the machine lacks (open_clip, segment_anything, ftfy, wcwidth).
 if ls .gpu-wheels/*.whl >/dev/null 2>&1; then
   run_stage wheels "$PYTHON" -m pip install --no-index --no-deps --quiet .gpu-wheels/*.whl
