@@ -262,3 +262,34 @@ def test_region_score_without_regions(backend):
     got = region_score(images.to(device), regions.to(device), valid.to(device), text.to(device), 30.0, backend=backend)
     assert_scores_match(got, want, PROB_TOLERANCE)
     torch.testing.assert_close(want.discrepancy, want.image_prob)  # no region supports the label
+
+
+# ---------------------------------------------------------------- dispatch
+
+def small_calls():
+    features, masks, logits = pool_inputs(1, 2, (2, 2), (2, 2), 4, 1)
+    images, regions, valid, text = score_inputs(2, 3, 8, 5)
+    return {
+        "mask_pool": lambda backend: mask_pool(features, masks, (2, 2), backend=backend),
+        "region_score": lambda backend: region_score(images, regions, valid, text, 10.0, backend=backend),
+        "region_topk": lambda backend: region_topk(torch.randn(9), torch.randint(0, 3, (9,)), 3, 2, backend=backend),
+    }
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU messages")
+@pytest.mark.parametrize("op", ["mask_pool", "region_score", "region_topk"])
+def test_explicit_backends_that_cannot_run_say_why(op, monkeypatch):
+    from clipfast.ops import BackendUnavailable
+
+    call = small_calls()[op]
+    with pytest.raises(BackendUnavailable, match="no CUDA GPU is visible"):
+        call("cuda")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BackendUnavailable, match="no CUDA GPU for Triton"):
+        call("triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        call("gpu")
+    from clipfast.ops import backends
+
+    assert backends.resolve(op, "auto", torch.device("cpu")) == "cpu"  # the C++ kernels for CPU tensors
+    call("auto")
