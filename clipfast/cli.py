@@ -165,6 +165,21 @@ def _run_info(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# bench
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from clipfast import bench
+
+    bench.add_arguments(parser, default_csv=Path("clipfast_bench_ops.csv"))
+
+
+def _run_bench(args: argparse.Namespace) -> None:
+    from clipfast import bench
+
+    bench.run(args)
+
+
+# ---------------------------------------------------------------------------------------------
 # poison
 
 
@@ -424,6 +439,8 @@ def _run_defense(args: argparse.Namespace, run_repair: bool) -> None:
 
 COMMANDS: dict[str, Command] = {
     "info": Command("show how clipfast was built and which backends run here", _info_arguments, _run_info),
+    "bench": Command("time every op backend against the reference (GB/s, TFLOP/s vs measured rooflines)",
+                     _bench_arguments, _run_bench),
     "poison": Command("train (or fine-tune) a CLIP on poisoned synthetic-world pairs", _poison_arguments, _run_poison),
     "evaluate": Command("clean accuracy and attack success rate on the synthetic world", _evaluate_arguments, _run_evaluate),
     "demo": Command("the whole method on the built-in synthetic world, with the CleanCLIP baseline", _demo_arguments, _run_demo),

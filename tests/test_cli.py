@@ -123,3 +123,14 @@ def test_bad_vocabulary_files_exit_with_code_2(poisoned_run, probe_folder, tmp_p
     code, err = _exit_code(["scan", "--checkpoint", str(poisoned_run / "model.pt"), "--probe", str(probe_folder),
                             "--vocab", str(vocab), "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and message in err
+
+
+def test_bench_times_every_usable_backend_and_appends_csv(tmp_path, capsys):
+    import csv
+
+    out = tmp_path / "ops.csv"
+    assert main(["bench", "--quick", "--ops", "region_topk", "--min-run-time", "0.01", "--csv", str(out)]) == 0
+    rows = list(csv.DictReader(out.open()))
+    assert {row["variant"] for row in rows} == {"torch.sort baseline", "reference", "cpu"}
+    assert all(row["device"] and row["torch"] and row["commit"] and float(row["ms"]) > 0 for row in rows)
+    assert "region_topk" in capsys.readouterr().out

@@ -1,0 +1,243 @@
+"""`clipfast bench`: every backend of mask_crop, mask_pool, region_score and region_topk against the
+reference (and torch.compile / sort baselines), ratios measured in one run, plus achieved GB/s or
+TFLOP/s against the machine's measured copy bandwidth and bf16 matrix rate.
+
+    clipfast bench                      # sizes for this machine: --full on a GPU, --quick on a CPU
+    clipfast bench --quick --ops region_topk --csv /tmp/ops.csv
+    python benchmarks/ops.py            # the same, appending to benchmarks/results/ops.csv
+
+Prints a table and appends CSV rows (device, versions, commit). Never asserts speed: the numbers
+are for reading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tbench
+
+from clipfast.ops import backends, mask_crop, mask_pool, pack_mask_bits, reference, region_score, region_topk
+
+FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "op", "variant", "sizes", "dtype", "ms",
+          "speedup_vs_reference", "achieved", "unit", "roofline", "fraction_of_roofline"]
+
+# Sizes: `full` is the issue's realistic GPU sizes, `quick` fits this 2-core CPU in minutes.
+SIZES = {
+    "full": dict(crop=dict(B=256, M=32, H=224, W=224, S=224), pool=dict(B=256, M=32, H=224, W=224, grid=14, D=768,
+                                                                            heads=12),
+                 score=dict(B=4096, M=32, C=1000, D=768), topk=dict(N=1_000_000, L=1000, k=64)),
+    "quick": dict(crop=dict(B=8, M=16, H=224, W=224, S=224), pool=dict(B=16, M=32, H=224, W=224, grid=14, D=768,
+                                                                           heads=12),
+                  score=dict(B=128, M=32, C=1000, D=768), topk=dict(N=1_000_000, L=1000, k=64)),
+}
+
+
+def timed_ms(fn, min_run_time: float) -> float:
+    """Median milliseconds of fn() (torch.utils.benchmark synchronises CUDA around each run)."""
+    fn()  # warm-up: compilation, autotuning, allocator
+    return tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
+
+
+def copy_bandwidth(device: str) -> float:
+    """GB/s of a large device-to-device copy, counting read + write."""
+    n = (1 << 28) if device == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
+    src, dst = torch.ones(n, device=device), torch.empty(n, device=device)
+    ms = timed_ms(lambda: dst.copy_(src), 0.5)
+    return 2 * 4 * n / (ms * 1e-3) / 1e9
+
+
+def matrix_rate(device: str) -> float:
+    """TFLOP/s of a square bf16 matmul (fp32 on a CPU without it being a fair roofline: reported as is)."""
+    n = 8192 if device == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    ms = timed_ms(lambda: a @ b, 0.5)
+    return 2 * n**3 / (ms * 1e-3) / 1e12
+
+
+def blob_masks(batch, num_masks, height, width, device, seed=0):
+    """Realistic segmenter output: discs of assorted sizes (a few empty), not pixel noise."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    cy = torch.randint(0, height, (batch, num_masks, 1, 1), generator=gen)
+    cx = torch.randint(0, width, (batch, num_masks, 1, 1), generator=gen)
+    radius = torch.randint(4, max(5, min(height, width) // 3), (batch, num_masks, 1, 1), generator=gen)
+    masks = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
+    masks[:, -1] = False  # padding
+    return masks.to(device)
+
+
+def usable_backends(op: str, device: str) -> list[str]:
+    names = []
+    for name in backends.OP_BACKENDS[op]:
+        try:
+            backends.resolve(op, name, torch.device(device))
+            names.append(name)
+        except backends.BackendUnavailable:
+            pass
+    return names
+
+
+def bench_mask_crop(size, device, rows, min_run_time):
+    images = torch.randint(0, 256, (size["B"], 3, size["H"], size["W"]), dtype=torch.uint8, device=device)
+    masks = blob_masks(size["B"], size["M"], size["H"], size["W"], device)
+    out_elems = size["B"] * size["M"] * 3 * size["S"] ** 2
+    # Bytes a perfect kernel moves: every mask once, the image pixels once, the bf16 crops once.
+    moved = masks.numel() + images.numel() + 2 * out_elems
+    for name in usable_backends("mask_crop", device):
+        fn = lambda name=name: mask_crop(images, masks, size["S"], margin=0.1, square=True, out_dtype=torch.bfloat16,
+                                         backend=name)
+        rows.append(dict(op="mask_crop", variant=name, ms=timed_ms(fn, min_run_time if name != "reference" else 0.1),
+                         bytes=moved))
+
+
+def bench_mask_pool(size, device, rows, min_run_time):
+    grid = size["grid"]
+    features = torch.randn(size["B"], grid * grid, size["D"], device=device, dtype=torch.bfloat16)
+    logits = torch.randn(size["B"], size["heads"], grid * grid, device=device)
+    masks = blob_masks(size["B"], size["M"], size["H"], size["W"], device)
+    packed, width = pack_mask_bits(masks)
+    out_bytes = size["B"] * size["M"] * size["D"] * 2
+    for name in usable_backends("mask_pool", device):
+        for variant, m, w in (("", masks, None), ("+packed", packed, width)):
+            fn = lambda name=name, m=m, w=w: mask_pool(features, m, (grid, grid), logits=logits, packed_width=w,
+                                                       backend=name)
+            moved = m.numel() + features.numel() * 2 + logits.numel() * 4 + out_bytes
+            rows.append(dict(op="mask_pool", variant=name + variant, ms=timed_ms(fn, min_run_time), bytes=moved))
+
+
+def bench_region_score(size, device, rows, min_run_time, compile_baseline):
+    gen = torch.Generator().manual_seed(0)
+    B, M, C, D = size["B"], size["M"], size["C"], size["D"]
+    images = torch.randn(B, D, generator=gen).to(device, torch.bfloat16)
+    regions = torch.randn(B, M, D, generator=gen).to(device, torch.bfloat16)
+    valid = (torch.rand(B, M, generator=gen) > 0.2).to(device)
+    text = torch.randn(C, D, generator=gen).to(device, torch.bfloat16)
+    flops = 2 * B * (M + 1) * C * D
+    for name in usable_backends("region_score", device):
+        fn = lambda name=name: region_score(images, regions, valid, text, 100.0, backend=name)
+        rows.append(dict(op="region_score", variant=name, ms=timed_ms(fn, min_run_time), flops=flops))
+    if compile_baseline:
+        compiled = torch.compile(reference.region_score)
+        fn = lambda: compiled(images, regions, valid, text, 100.0)
+        rows.append(dict(op="region_score", variant="torch.compile(reference)", ms=timed_ms(fn, min_run_time),
+                         flops=flops))
+
+
+def sort_topk(scores, labels, num_labels, k):
+    """The straightforward selection: two stable sorts (score, then label), per-label segments."""
+    keep = (labels >= 0) & (labels < num_labels)
+    index = torch.nonzero(keep).flatten()
+    order = index[torch.sort(-scores[index], stable=True).indices]
+    order = order[torch.sort(labels[order], stable=True).indices]
+    counts = torch.bincount(labels[order], minlength=num_labels)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(order.numel(), device=scores.device) - starts[labels[order]]
+    top = torch.full((num_labels, k), -1, dtype=torch.int64, device=scores.device)
+    take = rank < k
+    top[labels[order][take], rank[take]] = order[take]
+    return counts, top
+
+
+def bench_region_topk(size, device, rows, min_run_time):
+    gen = torch.Generator().manual_seed(0)
+    N, L, k = size["N"], size["L"], size["k"]
+    scores = torch.rand(N, generator=gen).to(device)
+    labels = torch.randint(0, L, (N,), generator=gen).to(device)
+    want = region_topk(scores, labels, L, k, backend="cpu" if device == "cpu" else "reference")
+    assert torch.equal(sort_topk(scores, labels, L, k)[1], want.indices), "sort baseline disagrees with the op"
+    moved = N * (4 + 8)
+    rows.append(dict(op="region_topk", variant="torch.sort baseline", ms=timed_ms(
+        lambda: sort_topk(scores, labels, L, k), min_run_time), bytes=moved))
+    for name in usable_backends("region_topk", device):
+        fn = lambda name=name: region_topk(scores, labels, L, k, backend=name)
+        rows.append(dict(op="region_topk", variant=name, ms=timed_ms(fn, min_run_time if name != "reference" else 0.1),
+                         bytes=moved))
+
+
+def git_commit() -> str:
+    """The checkout's commit when clipfast runs from one, else the commit recorded at build time."""
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=10)
+        if out.returncode == 0 and out.stdout.strip():
+            return out.stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return str(backends.BUILD_INFO.get("commit", "unknown"))[:12]
+
+
+def add_arguments(parser: argparse.ArgumentParser, default_csv: Path) -> None:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="the realistic GPU sizes (B=256 crops/pools, B=4096 scores)")
+    mode.add_argument("--quick", action="store_true", help="sizes for a small CPU")
+    parser.add_argument("--ops", nargs="+", default=list(SIZE_KEYS), choices=list(SIZE_KEYS))
+    parser.add_argument("--compile-baseline", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time torch.compile of the reference region_score (default: on a GPU)")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
+    parser.add_argument("--csv", type=Path, default=default_csv, help=f"CSV to append to (default: {default_csv})")
+
+
+SIZE_KEYS = {"mask_crop": "crop", "mask_pool": "pool", "region_score": "score", "region_topk": "topk"}
+
+
+def run(args: argparse.Namespace) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mode_name = "full" if args.full or (not args.quick and device == "cuda") else "quick"
+    size = SIZES[mode_name]
+    compile_baseline = args.compile_baseline if args.compile_baseline is not None else device == "cuda"
+    torch.manual_seed(0)
+    device_name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
+    print(f"device: {device_name}; measuring copy bandwidth and bf16 matrix rate ...", flush=True)
+    bandwidth, tflops = copy_bandwidth(device), matrix_rate(device)
+    print(f"copy bandwidth {bandwidth:.0f} GB/s, bf16 matmul {tflops:.1f} TFLOP/s", flush=True)
+
+    rows: list[dict] = []
+    runners = {"mask_crop": lambda: bench_mask_crop(size["crop"], device, rows, args.min_run_time),
+               "mask_pool": lambda: bench_mask_pool(size["pool"], device, rows, args.min_run_time),
+               "region_score": lambda: bench_region_score(size["score"], device, rows, args.min_run_time,
+                                                          compile_baseline),
+               "region_topk": lambda: bench_region_topk(size["topk"], device, rows, args.min_run_time)}
+    for op in args.ops:
+        print(f"{op} ...", flush=True)
+        runners[op]()
+
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "-"
+    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    common = dict(timestamp=stamp, device=device_name, torch=torch.__version__, triton=triton_version,
+                  commit=git_commit(), mode=mode_name)
+    reference_ms = {row["op"]: row["ms"] for row in rows if row["variant"] == "reference"}
+    table = []
+    for row in rows:
+        if "flops" in row:
+            achieved, unit, roof = row["flops"] / (row["ms"] * 1e-3) / 1e12, "TFLOP/s", tflops
+        else:
+            achieved, unit, roof = row["bytes"] / (row["ms"] * 1e-3) / 1e9, "GB/s", bandwidth
+        ref = reference_ms.get(row["op"])
+        table.append(common | dict(
+            op=row["op"], variant=row["variant"], sizes=" ".join(f"{k}={v}" for k, v in size[SIZE_KEYS[row["op"]]].items()),
+            dtype="bf16", ms=f"{row['ms']:.3f}", speedup_vs_reference=f"{ref / row['ms']:.2f}" if ref else "",
+            achieved=f"{achieved:.2f}", unit=unit, roofline=f"{roof:.1f}", fraction_of_roofline=f"{achieved / roof:.3f}"))
+
+    print(f"\n{'op':13s} {'variant':26s} {'ms':>10s} {'x ref':>7s} {'achieved':>16s} {'of roofline':>11s}")
+    for row in table:
+        print(f"{row['op']:13s} {row['variant']:26s} {float(row['ms']):10.3f} {row['speedup_vs_reference'] or '-':>7s} "
+              f"{float(row['achieved']):9.2f} {row['unit']:7s}{float(row['fraction_of_roofline']):11.1%}")
+    args.csv.parent.mkdir(parents=True, exist_ok=True)
+    new_file = not args.csv.exists()
+    with args.csv.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        if new_file:
+            writer.writeheader()
+        writer.writerows(table)
+    print(f"\nappended {len(table)} rows to {args.csv}")
+    return 0
