@@ -159,6 +159,16 @@ def mask_pool_weights(counts: torch.Tensor, logits: torch.Tensor | None) -> torc
     return weights / torch.where(total > 0, total, 1.0)
 
 
+def _mask_pool_terms(features, masks, logits, grid_h, grid_w, packed_width):
+    """What mask_pool and its backward share: patch counts [B, M, P], normalised weights
+    [B, M, heads, P] and the fp32 features split per head [B, P, heads, D / heads]."""
+    counts = mask_patch_counts(masks, grid_h, grid_w, packed_width)
+    batch, patches, dim = features.shape
+    heads = 1 if logits is None else logits.shape[1]
+    values = features.float().reshape(batch, patches, heads, dim // heads)
+    return counts, mask_pool_weights(counts, logits), values
+
+
 def mask_pool(
     features: torch.Tensor,
     masks: torch.Tensor,
@@ -176,12 +186,8 @@ def mask_pool(
     count in patch p times exp(logit[b, h, p] - max over covered patches). Returns pooled [B, M, D]
     (features' dtype, accumulated in fp32; zeros for an empty mask) and valid [B, M] bool.
     """
-    counts = mask_patch_counts(masks, grid_h, grid_w, packed_width)
-    batch, patches, dim = features.shape
-    heads = 1 if logits is None else logits.shape[1]
-    weights = mask_pool_weights(counts, logits)
-    values = features.float().reshape(batch, patches, heads, dim // heads)
-    pooled = torch.einsum("bmhp,bphd->bmhd", weights, values).reshape(batch, counts.shape[1], dim)
+    counts, weights, values = _mask_pool_terms(features, masks, logits, grid_h, grid_w, packed_width)
+    pooled = torch.einsum("bmhp,bphd->bmhd", weights, values).reshape(*counts.shape[:2], features.shape[2])
     return pooled.to(features.dtype), counts.sum(-1) > 0
 
 
@@ -196,13 +202,9 @@ def mask_pool_backward(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Gradients of mask_pool's pooled output w.r.t. features and logits (None without logits),
     from the closed form: d features = a^T g; d logit = sum_m a * (g.x_p - g.pooled)."""
-    counts = mask_patch_counts(masks, grid_h, grid_w, packed_width)
-    batch, patches, dim = features.shape
-    heads = 1 if logits is None else logits.shape[1]
-    weights = mask_pool_weights(counts, logits)  # [B, M, heads, P]
-    grad = grad_pooled.float().reshape(batch, counts.shape[1], heads, dim // heads)
-    values = features.float().reshape(batch, patches, heads, dim // heads)
-    grad_features = torch.einsum("bmhp,bmhd->bphd", weights, grad).reshape(batch, patches, dim).to(features.dtype)
+    _, weights, values = _mask_pool_terms(features, masks, logits, grid_h, grid_w, packed_width)
+    grad = grad_pooled.float().reshape(*weights.shape[:3], values.shape[3])
+    grad_features = torch.einsum("bmhp,bmhd->bphd", weights, grad).reshape(features.shape).to(features.dtype)
     if logits is None:
         return grad_features, None
     pooled = torch.einsum("bmhp,bphd->bmhd", weights, values)

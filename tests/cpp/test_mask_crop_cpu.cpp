@@ -6,19 +6,13 @@
 #include <vector>
 
 #include "cpu/mask_crop.h"
+#include "expect.h"
 
 namespace {
 
-int failures = 0;
-
-void expect(bool ok, const char* what) {
-  if (!ok) {
-    std::printf("FAILED: %s\n", what);
-    ++failures;
-  }
-}
-
-auto serial = [](int64_t begin, int64_t end, auto&& fn) { fn(begin, end); };
+using cpp_tests::expect;
+using cpp_tests::failures;
+using cpp_tests::serial;
 
 clipfast::MaskCropParams params(int64_t b, int64_t m, int64_t c, int64_t h, int64_t w, int64_t s,
                                 double margin, float scale) {

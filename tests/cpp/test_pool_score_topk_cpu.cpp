@@ -9,19 +9,13 @@
 #include "cpu/mask_pool.h"
 #include "cpu/region_score.h"
 #include "cpu/region_topk.h"
+#include "expect.h"
 
 namespace {
 
-int failures = 0;
-
-void expect(bool ok, const char* what) {
-  if (!ok) {
-    std::printf("FAILED: %s\n", what);
-    ++failures;
-  }
-}
-
-auto serial = [](int64_t begin, int64_t end, auto&& fn) { fn(begin, end); };
+using cpp_tests::expect;
+using cpp_tests::failures;
+using cpp_tests::serial;
 
 void test_mask_pool_counts_and_weights() {
   using clipfast::MaskPoolParams;

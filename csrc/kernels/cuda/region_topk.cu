@@ -51,6 +51,20 @@ __device__ __forceinline__ unsigned lanemask_lt() {
   return (1u << (threadIdx.x & 31)) - 1u;
 }
 
+// Entry i's label as a bucket key (-1 past the end or out of range) and the lanes of this warp
+// holding the same key, so that one lane per distinct label does the atomic. Whole warps only.
+struct LaneLabel {
+  int key;
+  unsigned peers;
+};
+
+__device__ __forceinline__ LaneLabel label_of(const int64_t* __restrict__ labels, int64_t i, int64_t n,
+                                              int64_t num_labels) {
+  const int64_t label = i < n ? labels[i] : -1;
+  const int key = label >= 0 && label < num_labels ? static_cast<int>(label) : -1;
+  return LaneLabel{key, __match_any_sync(kFull, key)};
+}
+
 // ---- 1. histogram -------------------------------------------------------------------------------
 
 template <bool kShared>
@@ -66,10 +80,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * 32; base < n;
        base += static_cast<int64_t>(gridDim.x) * kThreads) {  // warp-uniform
     const int64_t i = base + lane;
-    const int64_t label = i < n ? labels[i] : -1;
-    const bool ok = label >= 0 && label < num_labels;
-    const int key = ok ? static_cast<int>(label) : -1;
-    const unsigned peers = __match_any_sync(kFull, key);
+    const LaneLabel lane_label = label_of(labels, i, n, num_labels);
+    const int key = lane_label.key;
+    const bool ok = key >= 0;
+    const unsigned peers = lane_label.peers;
     if (ok && lane == __ffs(peers) - 1) {
       const uint32_t added = static_cast<uint32_t>(__popc(peers));
       if (kShared) atomicAdd(&s_hist[key], added);
@@ -135,10 +149,10 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t base = (static_cast<int64_t>(blockIdx.x) * kWarps + (threadIdx.x >> 5)) * 32; base < n;
        base += static_cast<int64_t>(gridDim.x) * kThreads) {  // warp-uniform
     const int64_t i = base + lane;
-    const int64_t label = i < n ? labels[i] : -1;
-    const bool ok = label >= 0 && label < num_labels;
-    const int key = ok ? static_cast<int>(label) : -1;
-    const unsigned peers = __match_any_sync(kFull, key);
+    const LaneLabel lane_label = label_of(labels, i, n, num_labels);
+    const int key = lane_label.key;
+    const bool ok = key >= 0;
+    const unsigned peers = lane_label.peers;
     const int leader = __ffs(peers) - 1;
     uint32_t first = 0;
     if (ok && lane == leader) first = atomicAdd(&cursor[key], static_cast<uint32_t>(__popc(peers)));
