@@ -170,7 +170,7 @@ def _run_info(args: argparse.Namespace) -> None:
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     from clipfast import bench
 
-    bench.add_arguments(parser, default_csv=Path("clipfast_bench_ops.csv"))
+    bench.add_arguments(parser, default_results=Path("clipfast_bench"))
 
 
 def _run_bench(args: argparse.Namespace) -> None:

@@ -48,7 +48,8 @@ class DefenseOutcome:
 
 # Settings that do not change results (progress bars, op backend, the scan's batching) do not tie
 # a run directory; everything else does.
-_UNTIED = {"scan": {"progress", "backend", "batch_size"}, "curate": {"backend"}, "repair": {"progress"}}
+_UNTIED = {"scan": {"progress", "backend", "batch_size", "prefetch", "compile"}, "curate": {"backend"},
+           "repair": {"progress", "compile", "grad_checkpointing"}}
 
 
 def _tied_settings(config: DefenseConfig, identity: dict) -> dict:

@@ -41,7 +41,27 @@ class RepairConfig:
     self_supervised_weight: float = 0.0
     holdout_clean: int = 512
     seed: int = 0
+    # fast: the training loop's mixed precision (bf16 autocast on a GPU) and fused AdamW, plus what
+    # is asked for below; reference: the plain fp32 loop with torch's standard AdamW.
+    engine: str = "fast"
+    compile: bool = False
+    accumulation_steps: int = 1
+    grad_checkpointing: bool = False
     progress: bool = True
+
+    def __post_init__(self):
+        if self.engine not in ("fast", "reference"):
+            raise ValueError(f"RepairConfig.engine must be fast or reference, got {self.engine!r}")
+        if self.engine == "reference" and (self.compile or self.accumulation_steps != 1 or self.grad_checkpointing):
+            raise ValueError("the reference repair loop is plain fp32: no compile, accumulation or checkpointing")
+
+    def train_config(self) -> TrainConfig:
+        speed = (dict(precision="fp32", fused_optimizer=False) if self.engine == "reference" else
+                 dict(compile=self.compile, accumulation_steps=self.accumulation_steps,
+                      grad_checkpointing=self.grad_checkpointing))
+        return TrainConfig(steps=self.max_steps, batch_size=self.batch_size, lr=self.lr,
+                           warmup_steps=self.warmup_steps, seed=self.seed, eval_every=self.eval_every,
+                           checkpoint_every=self.eval_every, progress=self.progress, **speed)
 
 
 @dataclass
@@ -64,9 +84,15 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: torch
     clean = clean[torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[:holdout_clean]]
     targets = torch.tensor(scan.targets)
     prompt_kwargs = {} if prompts is None else {"prompts": prompts}
+    fixed_classifier = None
 
     def estimate(bundle: ClipBundle) -> dict:
-        classifier = ZeroShotClassifier(bundle, scan.classnames, **prompt_kwargs)
+        nonlocal fixed_classifier
+        # A frozen text tower keeps the class embeddings: encode the vocabulary once.
+        text_trains = any(p.requires_grad for name, p in bundle.model.named_parameters() if not name.startswith("visual."))
+        classifier = fixed_classifier or ZeroShotClassifier(bundle, scan.classnames, **prompt_kwargs)
+        if not text_trains:
+            fixed_classifier = classifier
         out = {}
         if len(victims):
             predicted = classifier.predict(probe_images[victims])[0][:, 0]
@@ -96,9 +122,7 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     def good_enough(metrics: dict) -> bool:
         return metrics.get("asr_estimate", 0.0) <= config.target_asr
 
-    train_config = TrainConfig(steps=config.max_steps, batch_size=config.batch_size, lr=config.lr,
-                               warmup_steps=config.warmup_steps, seed=config.seed, eval_every=config.eval_every,
-                               checkpoint_every=config.eval_every, progress=config.progress)
+    train_config = config.train_config()
     objective = CleanCLIPObjective(compact.captions, bundle.tokenizer, config.self_supervised_weight, config.seed,
                                    text_view=not config.freeze_text)
     if config.freeze_text:

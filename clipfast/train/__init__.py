@@ -1,11 +1,12 @@
 """The training loop shared by poisoning and repair."""
 
-from .losses import Batch, ClipContrastiveObjective, Objective
+from .losses import Batch, ClipContrastiveObjective, ClipForward, Objective
 from .loop import ResumeMismatchError, TrainConfig, TrainResult, batch_indices, lr_at, train
 
 __all__ = [
     "Batch",
     "ClipContrastiveObjective",
+    "ClipForward",
     "Objective",
     "ResumeMismatchError",
     "TrainConfig",

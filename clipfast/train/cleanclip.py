@@ -14,9 +14,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
-from .losses import Batch
+from .losses import Batch, ClipForward
 
 
 def augment_views(images: torch.Tensor, generator: torch.Generator, max_shift: int = 3, noise: float = 0.1) -> torch.Tensor:
@@ -66,23 +64,23 @@ class CleanCLIPObjective:
         self.seed = seed
         self.text_view = text_view
 
-    def __call__(self, model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    def __call__(self, forward: ClipForward, batch: Batch) -> dict[str, torch.Tensor]:
         # Views are a function of the batch's sample indices, so resumed runs stay deterministic.
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch.indices.sum()))
         size = len(batch.indices)
-        tokens = batch.tokens
         if self.text_view:
             views = [augment_caption(self.captions[i], generator) for i in batch.indices.tolist()]
-            tokens = torch.cat([tokens, self.tokenizer(views).to(tokens.device)])
-        image_features, text_features, logit_scale = model(torch.cat([batch.images, augment_views(batch.images, generator)]),
-                                                           tokens)[:3]
+        image_features = forward.image(torch.cat([batch.images, augment_views(batch.images, generator)]))
+        text_features = forward.text(batch)
+        logit_scale = forward.logit_scale()
         same_caption = (batch.tokens[:, None, :] == batch.tokens[None, :, :]).all(-1)
         images, images_view = image_features[:size], image_features[size:]
-        contrastive = contrastive_loss(images, text_features[:size], logit_scale, same_caption)
+        contrastive = contrastive_loss(images, text_features, logit_scale, same_caption)
         in_image = contrastive_loss(images, images_view, logit_scale)
         out = {"contrastive": contrastive, "in_image": in_image}
         total = contrastive + self.weight * in_image
         if self.text_view:
-            out["in_text"] = contrastive_loss(text_features[:size], text_features[size:], logit_scale, same_caption)
+            text_views = forward.text_tokens(self.tokenizer(views).to(batch.tokens.device))
+            out["in_text"] = contrastive_loss(text_features, text_views, logit_scale, same_caption)
             total = total + self.weight * out["in_text"]
         return {"loss": total, **out}

@@ -1,7 +1,10 @@
 """The training loop shared by poisoning (from scratch or fine-tuning) and repair.
 
-AdamW (betas 0.9/0.98, weight decay on matrices only), linear warm-up then cosine decay, bf16
-autocast on GPU, a JSON-lines log, atomic periodic checkpoints, resume from `out_dir`.
+AdamW (betas 0.9/0.98, weight decay on matrices only; fused kernels unless the reference loop is
+asked for), linear warm-up then cosine decay, bf16 autocast on GPU (fp16 with a gradient scaler where
+bf16 is missing), optional torch.compile, gradient accumulation and activation checkpointing, a
+JSON-lines log with samples/s and model FLOPs utilisation, atomic periodic checkpoints, resume from
+`out_dir`.
 
 Determinism: the batch order and augmentations of step s are functions of (seed, s) only, and
 the learning rate is a function of s only, so a run resumed from a checkpoint at step s
@@ -21,10 +24,11 @@ import torch
 from tqdm import tqdm
 
 from clipfast.models.bundle import ClipBundle
+from clipfast.perf import count_flops, matrix_rate
 from clipfast.models.checkpoint import load_state_dict_strict, read_checkpoint, save_checkpoint, write_atomically
 
 from .augment import shift_and_jitter
-from .losses import Batch, ClipContrastiveObjective, Objective
+from .losses import Batch, ClipContrastiveObjective, ClipForward, Objective
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
@@ -47,12 +51,17 @@ class TrainConfig:
     eval_every: int = 500  # 0: evaluate only at the end (when an eval_fn is given)
     checkpoint_every: int = 100
     log_every: int = 10
-    precision: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | fp32 | bf16
+    precision: str = "auto"  # auto (GPU: bf16 autocast, fp16 + scaler without bf16; CPU: fp32) | fp32 | bf16 | fp16
+    fused_optimizer: bool = True  # False: torch's standard AdamW (the reference loop)
+    compile: bool = False  # torch.compile the towers' forward
+    accumulation_steps: int = 1  # micro-batches per optimiser step (contrastive negatives come from the micro-batch)
+    grad_checkpointing: bool = False  # recompute activations in backward: big models on one GPU
+    measure_mfu: bool = True  # count one step's FLOPs; log model FLOPs utilisation against the measured bf16 matmul rate
     augment: bool = False
     progress: bool = True
 
     def __post_init__(self):
-        positive = ("steps", "batch_size", "checkpoint_every", "log_every")
+        positive = ("steps", "batch_size", "checkpoint_every", "log_every", "accumulation_steps")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -61,12 +70,26 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"TrainConfig needs lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            raise ValueError(f"TrainConfig.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
+            raise ValueError(f"TrainConfig.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.accumulation_steps > self.batch_size:
+            raise ValueError(f"TrainConfig.accumulation_steps ({self.accumulation_steps}) exceeds batch_size ({self.batch_size})")
 
 
 # Fields that change the training trajectory: a resumed run must match them.
-_TRAJECTORY_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "seed", "precision", "augment")
+_TRAJECTORY_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "seed", "precision", "augment",
+                      "accumulation_steps")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype `precision` means on `device` (None: plain fp32)."""
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision fp16 needs a CUDA device (use bf16 or fp32 on a CPU)")
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
 class ResumeMismatchError(ValueError):
@@ -81,6 +104,8 @@ class TrainResult:
     train_seconds: float  # wall time of this call's optimisation steps (evals and checkpoints excluded)
     steps_per_s: float
     samples_per_s: float
+    flops_per_step: int | None  # model FLOPs of one optimiser step (forward + backward), when measured
+    mfu: float | None  # model FLOPs utilisation against the measured bf16 matmul rate
     final_loss: float | None  # mean loss of the last logged interval (None if no step ran)
     last_eval: dict | None
     checkpoint_path: Path
@@ -124,8 +149,8 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
         # biases, norms, logit scale: no decay
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    is_cuda = next(model.parameters()).is_cuda
-    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=is_cuda or None)
+    # fused=None is torch's standard implementation (for-each on a GPU), the reference loop's.
+    return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=config.fused_optimizer or None)
 
 
 def train(
@@ -155,7 +180,9 @@ def train(
     objective = loss or ClipContrastiveObjective()
     model, device = bundle.model, bundle.device
     batch_size = min(config.batch_size, n)  # tiny sets: one batch is the whole set
-    use_bf16 = config.precision == "bf16" or (config.precision == "auto" and device.type == "cuda")
+    micro_batches = min(config.accumulation_steps, batch_size)
+    amp_dtype = autocast_dtype(config.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
 
     # Data lives on the training device once; captions are tokenised once.
     images = images.to(device)
@@ -164,7 +191,7 @@ def train(
     optimizer = make_optimizer(model, config)
     start_step, stopped = 0, False
     if checkpoint_path.exists():
-        start_step, stopped = _resume(checkpoint_path, bundle, optimizer, config, n)
+        start_step, stopped = _resume(checkpoint_path, bundle, optimizer, scaler, config, n)
         _truncate_log(log_path, start_step)
     else:
         torch.manual_seed(config.seed)  # for any stochastic layers (e.g. patch dropout)
@@ -177,6 +204,7 @@ def train(
             "config": asdict(config),
             "n_samples": n,
             "optimizer": optimizer.state_dict(),
+            "grad_scaler": scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
@@ -189,31 +217,60 @@ def train(
         _append_log(log_path, {"kind": "eval", "step": step, **metrics})
         return metrics
 
-    last_eval, final_loss = None, None
+    def make_batch(step: int) -> Batch:
+        indices = batch_indices(step, batch_size, n, config.seed)  # host: read without a device sync
+        on_device = indices.to(device, non_blocking=True)
+        batch_images = images[on_device]
+        if config.augment:
+            batch_images = shift_and_jitter(batch_images, _generator(config.seed, _AUGMENT_STREAM, step))
+        return Batch(bundle.preprocess(batch_images), tokens[on_device], indices)
+
+    def forward_backward(forward: ClipForward, batch: Batch) -> dict[str, torch.Tensor]:
+        """Losses of the whole batch; gradients accumulated over its micro-batches."""
+        parts = [torch.arange(len(batch.indices))] if micro_batches == 1 else \
+            torch.arange(len(batch.indices)).tensor_split(micro_batches)
+        totals: dict[str, torch.Tensor] = {}
+        for part in parts:
+            micro = batch if micro_batches == 1 else Batch(batch.images[part.to(device)], batch.tokens[part.to(device)],
+                                                           batch.indices[part])
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                losses = objective(forward, micro)
+            share = len(part) / len(batch.indices)
+            scaler.scale(losses["loss"] * share).backward()
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0) + value.detach().float() * share
+        return totals
+
+    was_checkpointing = _set_grad_checkpointing(model, config.grad_checkpointing)
+    model.train()
+    forward = ClipForward(model, tokens)
+    end_step = start_step if stopped else config.steps
+    flops_per_step = peak_tflops = None
+    if config.measure_mfu and start_step < end_step:
+        # One uncounted-in-the-trajectory pass (gradients dropped) on the first batch, eager.
+        flops_per_step = count_flops(lambda: forward_backward(forward, make_batch(start_step)))
+        optimizer.zero_grad(set_to_none=True)
+        peak_tflops = matrix_rate(device.type)
+    if config.compile:
+        forward = forward.compiled()
+
+    last_eval, final_loss, mfu = None, None, None
     loss_sum, loss_count = torch.zeros((), device=device), 0
     # Training time excludes checkpointing and evaluation (`paused`).
     train_seconds, interval_start, paused = 0.0, time.perf_counter(), 0.0
-    model.train()
-    end_step = start_step if stopped else config.steps
     progress = tqdm(range(start_step, end_step), initial=start_step, total=config.steps,
                     desc="train", disable=not config.progress, dynamic_ncols=True)
     for step in progress:
-        indices = batch_indices(step, batch_size, n, config.seed).to(device)
-        batch_images = images[indices]
-        if config.augment:
-            batch_images = shift_and_jitter(batch_images, _generator(config.seed, _AUGMENT_STREAM, step))
-        batch = Batch(bundle.preprocess(batch_images), tokens[indices], indices)
-
+        batch = make_batch(step)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, config)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses = objective(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        losses["loss"].backward()
-        optimizer.step()
+        losses = forward_backward(forward, batch)
+        scaler.step(optimizer)
+        scaler.update()
         with torch.no_grad():
             model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
-        loss_sum += losses["loss"].detach().float()
+        loss_sum += losses["loss"]
         loss_count += 1
 
         done = step + 1
@@ -231,6 +288,9 @@ def train(
                 "samples_per_s": round(loss_count * batch_size / elapsed, 1),
                 **{k: round(v.item(), 5) for k, v in losses.items() if k != "loss"},
             }
+            if flops_per_step:
+                mfu = flops_per_step * loss_count / elapsed / (peak_tflops * 1e12)
+                record["mfu"] = round(mfu, 4)
             _append_log(log_path, record)
             progress.set_postfix(loss=f"{final_loss:.3f}", scale=f"{record['logit_scale']:.1f}")
             loss_sum.zero_()
@@ -247,6 +307,7 @@ def train(
                 break
         paused += time.perf_counter() - pause_start
     progress.close()
+    _set_grad_checkpointing(model, was_checkpointing)
     model.eval()
 
     steps_run = end_step - start_step
@@ -258,6 +319,8 @@ def train(
         train_seconds=round(train_seconds, 2),
         steps_per_s=round(rate, 3),
         samples_per_s=round(rate * batch_size, 1),
+        flops_per_step=flops_per_step,
+        mfu=round(flops_per_step * rate / (peak_tflops * 1e12), 4) if flops_per_step and rate else None,
         final_loss=final_loss,
         last_eval=last_eval,
         checkpoint_path=checkpoint_path,
@@ -265,8 +328,20 @@ def train(
     )
 
 
-def _resume(path: Path, bundle: ClipBundle, optimizer: torch.optim.Optimizer, config: TrainConfig,
-            n: int) -> tuple[int, bool]:
+def _set_grad_checkpointing(model: torch.nn.Module, enable: bool) -> bool:
+    """Switch open_clip's activation checkpointing; returns the previous setting."""
+    visual = getattr(model, "visual", None)
+    previous = bool(getattr(getattr(visual, "transformer", None), "grad_checkpointing", False))
+    if enable != previous:
+        if not hasattr(model, "set_grad_checkpointing"):
+            raise ValueError(f"{type(model).__name__} has no set_grad_checkpointing: activation checkpointing "
+                             "needs an open_clip model")
+        model.set_grad_checkpointing(enable)
+    return previous
+
+
+def _resume(path: Path, bundle: ClipBundle, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            config: TrainConfig, n: int) -> tuple[int, bool]:
     payload = read_checkpoint(path)
     state = payload.get("train_state")
     if state is None:
@@ -279,6 +354,8 @@ def _resume(path: Path, bundle: ClipBundle, optimizer: torch.optim.Optimizer, co
         raise ResumeMismatchError(f"cannot resume from {path}, the run differs: {'; '.join(changed)}. Use a new out_dir.")
     load_state_dict_strict(bundle.model, payload["state_dict"], source=str(path))
     optimizer.load_state_dict(state["optimizer"])
+    if state.get("grad_scaler"):
+        scaler.load_state_dict(state["grad_scaler"])
     torch.set_rng_state(state["rng_cpu"])
     if state["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng_cuda"])

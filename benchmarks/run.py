@@ -1,7 +1,7 @@
-"""Op benchmarks (every backend against the reference, rooflines, CSV): `clipfast bench` with its
-results appended to benchmarks/results/ops.csv. See clipfast/bench.py.
+"""`clipfast bench` with its results appended to benchmarks/results/ (ops.csv, pipeline.csv,
+pipeline.png). See clipfast/bench/__init__.py.
 
-    python benchmarks/ops.py [--quick | --full] [--ops OP ...] [--compile-baseline]
+    python benchmarks/run.py [--quick | --full] [--suite ops pipeline] [suite options]
 """
 
 import argparse
@@ -14,5 +14,5 @@ if __name__ == "__main__":
     from clipfast import bench
 
     parser = argparse.ArgumentParser(description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    bench.add_arguments(parser, default_csv=Path(__file__).resolve().parent / "results" / "ops.csv")
+    bench.add_arguments(parser, default_results=Path(__file__).resolve().parent / "results")
     sys.exit(bench.run(parser.parse_args()))

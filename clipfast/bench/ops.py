@@ -1,10 +1,8 @@
-"""`clipfast bench`: every backend of mask_crop, mask_pool, region_score and region_topk against the
+"""`clipfast bench --suite ops`: every backend of mask_crop, mask_pool, region_score and region_topk against the
 reference (and torch.compile / sort baselines), ratios measured in one run, plus achieved GB/s or
 TFLOP/s against the machine's measured copy bandwidth and bf16 matrix rate.
 
-    clipfast bench                      # sizes for this machine: --full on a GPU, --quick on a CPU
-    clipfast bench --quick --ops region_topk --csv /tmp/ops.csv
-    python benchmarks/ops.py            # the same, appending to benchmarks/results/ops.csv
+    clipfast bench --suite ops --quick --ops region_topk --results /tmp/bench
 
 Prints a table and appends CSV rows (device, versions, commit). Never asserts speed: the numbers
 are for reading.
@@ -13,16 +11,13 @@ are for reading.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import platform
-import subprocess
-from pathlib import Path
 
 import torch
-import torch.utils.benchmark as tbench
 
 from clipfast.ops import backends, mask_crop, mask_pool, pack_mask_bits, reference, region_score, region_topk
+from clipfast.perf import copy_bandwidth, device_name, matrix_rate, timed_ms
+
+from .common import run_stamp
 
 FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "op", "variant", "sizes", "dtype", "ms",
           "speedup_vs_reference", "achieved", "unit", "roofline", "fraction_of_roofline"]
@@ -36,28 +31,6 @@ SIZES = {
                                                                            heads=12),
                   score=dict(B=128, M=32, C=1000, D=768), topk=dict(N=1_000_000, L=1000, k=64)),
 }
-
-
-def timed_ms(fn, min_run_time: float) -> float:
-    """Median milliseconds of fn() (torch.utils.benchmark synchronises CUDA around each run)."""
-    fn()  # warm-up: compilation, autotuning, allocator
-    return tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
-
-
-def copy_bandwidth(device: str) -> float:
-    """GB/s of a large device-to-device copy, counting read + write."""
-    n = (1 << 28) if device == "cuda" else (1 << 25)  # 1 GiB / 128 MiB of fp32
-    src, dst = torch.ones(n, device=device), torch.empty(n, device=device)
-    ms = timed_ms(lambda: dst.copy_(src), 0.5)
-    return 2 * 4 * n / (ms * 1e-3) / 1e9
-
-
-def matrix_rate(device: str) -> float:
-    """TFLOP/s of a square bf16 matmul (fp32 on a CPU without it being a fair roofline: reported as is)."""
-    n = 8192 if device == "cuda" else 1024
-    a, b = torch.randn(n, n, device=device, dtype=torch.bfloat16), torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    ms = timed_ms(lambda: a @ b, 0.5)
-    return 2 * n**3 / (ms * 1e-3) / 1e12
 
 
 def blob_masks(batch, num_masks, height, width, device, seed=0):
@@ -160,40 +133,15 @@ def bench_region_topk(size, device, rows, min_run_time):
                          bytes=moved))
 
 
-def git_commit() -> str:
-    """The checkout's commit when clipfast runs from one, else the commit recorded at build time."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return str(backends.BUILD_INFO.get("commit", "unknown"))[:12]
-
-
-def add_arguments(parser: argparse.ArgumentParser, default_csv: Path) -> None:
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--full", action="store_true", help="the realistic GPU sizes (B=256 crops/pools, B=4096 scores)")
-    mode.add_argument("--quick", action="store_true", help="sizes for a small CPU")
-    parser.add_argument("--ops", nargs="+", default=list(SIZE_KEYS), choices=list(SIZE_KEYS))
-    parser.add_argument("--compile-baseline", action=argparse.BooleanOptionalAction, default=None,
-                        help="also time torch.compile of the reference region_score (default: on a GPU)")
-    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per measurement")
-    parser.add_argument("--csv", type=Path, default=default_csv, help=f"CSV to append to (default: {default_csv})")
-
-
 SIZE_KEYS = {"mask_crop": "crop", "mask_pool": "pool", "region_score": "score", "region_topk": "topk"}
 
 
-def run(args: argparse.Namespace) -> int:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    mode_name = "full" if args.full or (not args.quick and device == "cuda") else "quick"
-    size = SIZES[mode_name]
+def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
+    """Time args.ops at the mode's sizes; print the table and return its CSV rows."""
+    size = SIZES[mode]
     compile_baseline = args.compile_baseline if args.compile_baseline is not None else device == "cuda"
     torch.manual_seed(0)
-    device_name = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'cpu'} x{torch.get_num_threads()} threads"
-    print(f"device: {device_name}; measuring copy bandwidth and bf16 matrix rate ...", flush=True)
+    print(f"device: {device_name(device)}; measuring copy bandwidth and bf16 matrix rate ...", flush=True)
     bandwidth, tflops = copy_bandwidth(device), matrix_rate(device)
     print(f"copy bandwidth {bandwidth:.0f} GB/s, bf16 matmul {tflops:.1f} TFLOP/s", flush=True)
 
@@ -207,14 +155,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{op} ...", flush=True)
         runners[op]()
 
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = "-"
-    stamp = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    common = dict(timestamp=stamp, device=device_name, torch=torch.__version__, triton=triton_version,
-                  commit=git_commit(), mode=mode_name)
+    stamp = run_stamp(device, mode)
     reference_ms = {row["op"]: row["ms"] for row in rows if row["variant"] == "reference"}
     table = []
     for row in rows:
@@ -223,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             achieved, unit, roof = row["bytes"] / (row["ms"] * 1e-3) / 1e9, "GB/s", bandwidth
         ref = reference_ms.get(row["op"])
-        table.append(common | dict(
+        table.append(stamp | dict(
             op=row["op"], variant=row["variant"], sizes=" ".join(f"{k}={v}" for k, v in size[SIZE_KEYS[row["op"]]].items()),
             dtype="bf16", ms=f"{row['ms']:.3f}", speedup_vs_reference=f"{ref / row['ms']:.2f}" if ref else "",
             achieved=f"{achieved:.2f}", unit=unit, roofline=f"{roof:.1f}", fraction_of_roofline=f"{achieved / roof:.3f}"))
@@ -232,12 +173,4 @@ def run(args: argparse.Namespace) -> int:
     for row in table:
         print(f"{row['op']:13s} {row['variant']:26s} {float(row['ms']):10.3f} {row['speedup_vs_reference'] or '-':>7s} "
               f"{float(row['achieved']):9.2f} {row['unit']:7s}{float(row['fraction_of_roofline']):11.1%}")
-    args.csv.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not args.csv.exists()
-    with args.csv.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=FIELDS)
-        if new_file:
-            writer.writeheader()
-        writer.writerows(table)
-    print(f"\nappended {len(table)} rows to {args.csv}")
-    return 0
+    return table

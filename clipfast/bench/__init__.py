@@ -1,0 +1,49 @@
+"""`clipfast bench`: the fast paths against the reference, ratios measured in one run on one machine.
+
+    clipfast bench                          # every suite; --full sizes on a GPU, --quick on a CPU
+    clipfast bench --suite ops --ops region_topk
+    clipfast bench --suite pipeline --quick --results benchmarks/results
+
+Suites: `ops` (clipfast/bench/ops.py: every op backend against its reference, with rooflines) and
+`pipeline` (clipfast/bench/pipeline.py: scan, a repair step, end-to-end defend and the CleanCLIP-style
+baseline, reference pipeline against fast). Each prints a table and appends CSV rows (device,
+versions, commit) to RESULTS/<suite>.csv; pipeline also writes a plot. Never asserts speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from . import ops, pipeline
+from .common import append_csv
+
+SUITES = {"ops": (ops.run, ops.FIELDS), "pipeline": (pipeline.run, pipeline.FIELDS)}
+
+
+def add_arguments(parser: argparse.ArgumentParser, default_results: Path) -> None:
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--full", action="store_true", help="realistic GPU sizes (ViT-B-16/ViT-L-14, B=256 ops)")
+    mode.add_argument("--quick", action="store_true", help="sizes for a small CPU (the demo world)")
+    parser.add_argument("--suite", nargs="+", default=list(SUITES), choices=list(SUITES))
+    parser.add_argument("--results", type=Path, default=default_results,
+                        help=f"folder the CSVs (and the pipeline plot) go to (default: {default_results})")
+    parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per op measurement")
+    parser.add_argument("--ops", nargs="+", default=list(ops.SIZE_KEYS), choices=list(ops.SIZE_KEYS),
+                        help="ops suite: which ops")
+    parser.add_argument("--compile-baseline", action=argparse.BooleanOptionalAction, default=None,
+                        help="ops suite: also time torch.compile of the reference region_score (default: on a GPU)")
+    pipeline.add_arguments(parser)
+
+
+def run(args: argparse.Namespace) -> int:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mode = "full" if args.full or (not args.quick and device == "cuda") else "quick"
+    for suite in args.suite:
+        print(f"== {suite} ({mode}) ==", flush=True)
+        suite_run, fields = SUITES[suite]
+        rows = suite_run(args, device, mode)
+        append_csv(args.results / f"{suite}.csv", fields, rows)
+    return 0
