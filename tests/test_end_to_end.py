@@ -10,7 +10,7 @@ from clipfast.data.world import CLASSES, zero_shot_prompts
 from clipfast.defense.curate import CurateConfig
 from clipfast.defense.pipeline import DefenseConfig, RunDirectoryMismatch, defend
 from clipfast.defense.repair import RepairConfig
-from clipfast.defense.scan import ScanConfig
+from clipfast.defense.scan import ScanConfig, scan
 from clipfast.eval import evaluate
 from clipfast.oracle import ClassicalSegmenter
 from clipfast.recipes import WorldRecipe, evaluation_world, train_world_model
@@ -64,3 +64,13 @@ def test_scan_curate_repair_remove_the_backdoor(poisoned, tmp_path):
         defend(copy.deepcopy(bundle), list(CLASSES), probe, ClassicalSegmenter(), tmp_path,
                prompts=zero_shot_prompts, config=DefenseConfig(repair=RepairConfig(max_steps=81)),
                identity={"recipe": RECIPE.cache_key()})
+
+
+def test_the_fast_scan_reaches_the_reference_scans_decisions(poisoned):
+    bundle, pairs = poisoned
+    probe = pairs.images[:PROBE]
+    fast, reference = (scan(bundle, list(CLASSES), probe, ClassicalSegmenter(), prompts=zero_shot_prompts,
+                            config=ScanConfig(progress=False, engine=engine)) for engine in ("fast", "reference"))
+    assert fast.targets == reference.targets == [RECIPE.target_label]
+    victims = [set(result.victims(RECIPE.target_label).tolist()) for result in (fast, reference)]
+    assert len(victims[0] & victims[1]) / len(victims[0] | victims[1]) >= 0.95  # Jaccard

@@ -26,9 +26,14 @@ import torch
 from scipy.stats import binom
 from tqdm import tqdm
 
+from clipfast.data.prefetch import prefetch
 from clipfast.models import ClipBundle, ZeroShotClassifier
+from clipfast.models.encoder import ImageEncoder, inference_dtype
+from clipfast.models.regions import encode_regions_pooled
 from clipfast.ops import RegionScores, mask_crop, region_score
 from clipfast.oracle import Segmenter
+
+from .reference import ReferenceRegionScorer
 
 
 @dataclass(frozen=True)
@@ -42,7 +47,19 @@ class ScanConfig:
     significance: float = 1e-3  # family-wise false-alarm rate of the target-label test
     min_effect: float = 3.0  # a target must also occur >= this many times more often than expected
     min_count: int = 5  # and in at least this many images
-    batch_size: int = 256
+    batch_size: int = 256  # probe images per oracle / encoder batch
+    # fast: batched across images, ops.mask_crop (or ops.mask_pool) on the model's device, autocast,
+    # the oracle running ahead in a thread, no host sync inside the loop; reference: the public
+    # tools' image-by-image fp32 pipeline (clipfast/defense/reference.py).
+    engine: str = "fast"
+    regions: str = "crop"  # fast engine: crop (re-encode each region) | pool (one encoder pass, ops.mask_pool)
+    precision: str = "auto"  # fast engine: auto (bf16 where native: GPUs, AVX512-BF16/AMX CPUs) | fp32 | bf16
+    compile: bool = False  # fast engine: torch.compile the image encoder
+    encode_batch: int = 1024  # fast engine: most encoder inputs (images + crops) per forward
+    # fast engine: oracle batches segmented ahead in a background thread (0: inline). None: 2 when
+    # the model is on a GPU, 0 on a CPU, where the oracle and the encoder would share the cores
+    # (measured on 2 cores: 2.36 s with it, 2.27 s without).
+    prefetch: int | None = None
     backend: str = "auto"  # op backend (see clipfast.ops)
     progress: bool = True
 
@@ -55,8 +72,17 @@ class ScanConfig:
             raise ValueError(f"significance must be in (0, 1), got {self.significance}")
         if not 0.0 < self.min_causal_drop <= 1.0:
             raise ValueError(f"min_causal_drop must be in (0, 1], got {self.min_causal_drop}")
-        if self.batch_size < 1 or self.min_count < 1:
-            raise ValueError("batch_size and min_count must be >= 1")
+        if self.batch_size < 1 or self.min_count < 1 or self.encode_batch < 1:
+            raise ValueError("batch_size, encode_batch and min_count must be >= 1")
+        if self.engine not in ("fast", "reference"):
+            raise ValueError(f"ScanConfig.engine must be fast or reference, got {self.engine!r}")
+        if self.regions not in ("crop", "pool"):
+            raise ValueError(f"ScanConfig.regions must be crop or pool, got {self.regions!r}")
+        if self.engine == "reference" and self.regions != "crop":
+            raise ValueError("the reference scan crops regions; regions='pool' needs engine='fast'")
+        if self.prefetch is not None and self.prefetch < 0:
+            raise ValueError(f"ScanConfig.prefetch must be >= 0, got {self.prefetch}")
+        inference_dtype(self.precision, torch.device("cpu"))  # validates the name
 
 
 @dataclass
@@ -124,33 +150,79 @@ class ScanResult:
         }
 
 
+class _HostCopy:
+    """RegionScores on their way to the host: on a GPU the copy is queued behind the work that
+    makes them and waited for only when result() is called, so the loop never blocks on the batch
+    it just submitted."""
+
+    def __init__(self, scores: RegionScores):
+        if scores.image_label.device.type != "cuda":
+            self.scores, self.event = RegionScores(*(t.cpu() for t in scores)), None
+            return
+        self.scores = RegionScores(*(torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t, non_blocking=True)
+                                     for t in scores))
+        self.event = torch.cuda.Event()
+        self.event.record()
+
+    def result(self) -> RegionScores:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.scores
+
+
 class _RegionScorer:
-    """One model's view of images and their regions: embeddings and region_score outputs."""
+    """One model's view of probe images and their object regions, batched across images: the
+    images and their region crops (ops.mask_crop) go through the encoder together, or the regions
+    are pooled from the images' own encoder pass (ops.mask_pool); ops.region_score reduces them."""
 
     def __init__(self, bundle: ClipBundle, classifier: ZeroShotClassifier, config: ScanConfig):
         self.bundle, self.classifier, self.config = bundle, classifier, config
+        self.encoder = ImageEncoder(bundle, config.precision, config.compile, config.encode_batch)
+        self.text = classifier.class_embeddings.to(bundle.device)
 
     @torch.no_grad()
-    def score(self, images: torch.Tensor, masks: torch.Tensor, object_regions: torch.Tensor):
-        bundle = self.bundle
-        image_embeddings = bundle.encode_images(images)
-        crops = mask_crop(images.to(bundle.device), masks.to(bundle.device), bundle.image_size,
-                          margin=self.config.crop_margin, square=self.config.crop_square,
-                          background=self.config.crop_background,
-                          mean=bundle.mean, std=bundle.std, backend=self.config.backend)
-        valid = crops.valid.cpu() & object_regions
-        region_embeddings = torch.zeros(*masks.shape[:2], image_embeddings.shape[1])
-        if valid.any():
-            flat = crops.crops[valid.to(crops.crops.device)]
-            region_embeddings[valid] = torch.cat([
-                bundle.model.encode_image(flat[s : s + self.config.batch_size], normalize=True).float().cpu()
-                for s in range(0, len(flat), self.config.batch_size)
-            ])
-        device = crops.crops.device  # score where the model runs: the GPU kernels on a GPU
-        scores = region_score(image_embeddings.to(device), region_embeddings.to(device), valid.to(device),
-                              self.classifier.class_embeddings.to(device), self.classifier.logit_scale,
-                              backend=self.config.backend)
-        return RegionScores(*(t.cpu() for t in scores))
+    def submit(self, images: torch.Tensor, masks: torch.Tensor, object_regions: torch.Tensor) -> _HostCopy:
+        """Queue the scoring of a batch. masks and object_regions are host tensors, so which crops
+        to encode is known without waiting for the device."""
+        bundle, config, device = self.bundle, self.config, self.bundle.device
+        valid = object_regions & masks.flatten(2).any(-1)  # an empty mask has no crop
+        images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+        pixels = bundle.preprocess(images)
+        if config.regions == "pool":
+            with self.encoder.autocast():
+                image_embeddings, region_embeddings, _ = encode_regions_pooled(
+                    bundle, pixels, _at_encoder_resolution(masks, bundle.image_size), backend=config.backend)
+        else:
+            crops = mask_crop(images, masks, bundle.image_size, margin=config.crop_margin, square=config.crop_square,
+                              background=config.crop_background, mean=bundle.mean, std=bundle.std,
+                              backend=config.backend)
+            index = torch.nonzero(valid.flatten()).flatten().to(device, non_blocking=True)
+            embeddings = self.encoder(torch.cat([pixels, crops.crops.flatten(0, 1)[index]]))
+            image_embeddings = embeddings[: len(images)]
+            region_embeddings = embeddings.new_zeros(masks.shape[0] * masks.shape[1], embeddings.shape[1])
+            region_embeddings[index] = embeddings[len(images):]
+            region_embeddings = region_embeddings.view(*masks.shape[:2], -1)
+        scores = region_score(image_embeddings, region_embeddings, valid.to(device, non_blocking=True), self.text,
+                              self.classifier.logit_scale, backend=config.backend)
+        return _HostCopy(scores)
+
+    @torch.no_grad()
+    def class_probs(self, images: torch.Tensor) -> torch.Tensor:
+        """Softmax over the vocabulary [K, C] of whole uint8 images [K, 3, H, W]."""
+        embeddings = self.encoder(self.bundle.preprocess(images))
+        return (self.classifier.logit_scale * embeddings @ self.text.T).softmax(-1).cpu()
+
+
+def _at_encoder_resolution(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """Masks [B, M, H, W] through the same shorter-side resize and centre crop as the images."""
+    height, width = masks.shape[-2:]
+    if (height, width) == (size, size):
+        return masks
+    scale = size / min(height, width)
+    new = (max(size, round(height * scale)), max(size, round(width * scale)))
+    resized = torch.nn.functional.interpolate(masks.flatten(0, 1)[:, None].float(), size=new, mode="nearest")[:, 0]
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    return resized[:, top : top + size, left : left + size].view(*masks.shape[:2], size, size) > 0.5
 
 
 def scan(
@@ -175,8 +247,9 @@ def scan(
     prompt_kwargs = {} if prompts is None else {"prompts": prompts}
     seconds = {}
     start = time.perf_counter()
-    suspect = _RegionScorer(bundle, ZeroShotClassifier(bundle, classnames, **prompt_kwargs), config)
-    grounder = suspect if grounding_bundle is None else _RegionScorer(
+    scorer_type = ReferenceRegionScorer if config.engine == "reference" else _RegionScorer
+    suspect = scorer_type(bundle, ZeroShotClassifier(bundle, classnames, **prompt_kwargs), config)
+    grounder = suspect if grounding_bundle is None else scorer_type(
         grounding_bundle, ZeroShotClassifier(grounding_bundle, classnames, **prompt_kwargs), config)
     seconds["text_encoding"] = time.perf_counter() - start
 
@@ -190,18 +263,26 @@ def scan(
     oracle_label = torch.full((n,), -1, dtype=torch.int64)
     region_counts = torch.zeros(n, dtype=torch.int64)
     small_regions = {}  # ungrounded image -> its non-object region masks, for the causal test
-    seconds["segment"] = seconds["score"] = 0.0
-    batches = range(0, n, config.batch_size)
-    for lo in tqdm(batches, desc="scan", unit="batch", disable=not config.progress):
-        batch = images[lo : lo + config.batch_size]
-        t0 = time.perf_counter()
-        segmentation = segmenter.segment(batch)
-        t1 = time.perf_counter()
-        areas = segmentation.masks.flatten(2).sum(-1)
-        objects = segmentation.valid & (areas >= min_area)
-        own = suspect.score(batch, segmentation.masks, objects)
-        ground = own if grounder is suspect else grounder.score(batch, segmentation.masks, objects)
-        sl = slice(lo, lo + len(batch))
+    oracle_seconds = []
+    pin = bundle.device.type == "cuda"
+
+    def segmented():
+        for lo in range(0, n, config.batch_size):
+            batch = images[lo : lo + config.batch_size]
+            t0 = time.perf_counter()
+            segmentation = segmenter.segment(batch)
+            oracle_seconds.append(time.perf_counter() - t0)
+            masks = segmentation.masks
+            if pin:  # page-locked, so the copies to the GPU are asynchronous
+                batch, masks = batch.pin_memory(), masks.pin_memory()
+            areas = masks.flatten(2).sum(-1)
+            yield lo, batch, segmentation, masks, segmentation.valid & (areas >= min_area)
+
+    def record(lo, segmentation, objects, own_scores, ground_scores) -> None:
+        """Host-side bookkeeping of one batch, once its scores are on the host."""
+        own = own_scores.result()
+        ground = own if ground_scores is own_scores else ground_scores.result()
+        sl = slice(lo, lo + len(objects))
         image_label[sl], image_prob[sl], discrepancy[sl] = own.image_label, own.image_prob, own.discrepancy
         label = own.image_label[:, None]
         if grounder is suspect:  # region_score already has q_ij(L_i) for the suspect's own L_i
@@ -217,13 +298,28 @@ def scan(
         small = segmentation.valid & ~objects
         for k in torch.nonzero(~grounded[sl] & ~self_supported[sl] & small.any(-1)).flatten().tolist():
             small_regions[lo + k] = segmentation.masks[k, small[k]]
-        seconds["segment"] += t1 - t0
-        seconds["score"] += time.perf_counter() - t1
+
+    # Batch k's scores are recorded after batch k+1 is submitted: the device never waits for the host.
+    start, pending = time.perf_counter(), None
+    depth = config.prefetch if config.prefetch is not None else (2 if bundle.device.type == "cuda" else 0)
+    stream = prefetch(segmented(), depth if config.engine == "fast" else 0)
+    batches = (n + config.batch_size - 1) // config.batch_size
+    for lo, batch, segmentation, masks, objects in tqdm(stream, total=batches, desc="scan", unit="batch",
+                                                         disable=not config.progress):
+        own = suspect.submit(batch, masks, objects)
+        ground = own if grounder is suspect else grounder.submit(batch, masks, objects)
+        if pending is not None:
+            record(*pending)
+        pending = (lo, segmentation, objects, own, ground)
+    record(*pending)
+    seconds["segment"] = sum(oracle_seconds)  # oracle busy time (overlapped with encoding in the fast engine)
+    seconds["regions"] = time.perf_counter() - start  # the whole segment + encode + score loop
 
     ungrounded = ~grounded & ~self_supported
     t0 = time.perf_counter()
-    causal_drop, trigger_masks = _causal_test(suspect.classifier, images, image_label, image_prob, small_regions,
-                                              config.batch_size)
+    per_image = config.engine == "reference"  # the reference encodes each image's removals as one batch
+    causal_drop, trigger_masks = _causal_test(suspect.class_probs, images, image_label, image_prob, small_regions,
+                                              config.batch_size, per_image)
     seconds["causal_test"] = time.perf_counter() - t0
     candidate = ungrounded & (causal_drop >= config.min_causal_drop)
     label_test, targets = _decide_targets(image_label, candidate, len(classnames), config)
@@ -233,9 +329,9 @@ def scan(
 
 
 @torch.no_grad()
-def _causal_test(classifier: ZeroShotClassifier, images: torch.Tensor, image_label: torch.Tensor,
-                 image_prob: torch.Tensor, small_regions: dict[int, torch.Tensor],
-                 batch_size: int) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def _causal_test(class_probs: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, image_label: torch.Tensor,
+                 image_prob: torch.Tensor, small_regions: dict[int, torch.Tensor], batch_size: int,
+                 per_image: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """For each image in small_regions: remove each of its regions in turn (fill with the image's
     median colour) and find the largest relative drop of p(L_i). Returns the drops [N] (0 where not
     tested) and, per tested image, the mask of the region with that drop."""
@@ -243,15 +339,21 @@ def _causal_test(classifier: ZeroShotClassifier, images: torch.Tensor, image_lab
     best_masks = {}
     pairs = [(i, j) for i, masks in small_regions.items() for j in range(len(masks))]
     pair_drop = torch.zeros(len(pairs))
-    for lo in range(0, len(pairs), batch_size):
-        chunk = pairs[lo : lo + batch_size]
+    bounds = (torch.tensor([len(masks) for masks in small_regions.values()]).cumsum(0).tolist() if per_image else
+              list(range(batch_size, len(pairs), batch_size)) + [len(pairs)])
+    lo = 0
+    for hi in bounds:
+        chunk = pairs[lo:hi]
+        if not chunk:
+            continue
         index = torch.tensor([i for i, _ in chunk])
         masks = torch.stack([small_regions[i][j] for i, j in chunk])[:, None]  # [K, 1, H, W]
         originals = images[index]
         median = originals.flatten(2).median(-1).values[:, :, None, None]
-        probs = classifier.logits(torch.where(masks, median, originals)).softmax(-1)
+        probs = class_probs(torch.where(masks, median, originals))
         kept = probs.gather(1, image_label[index][:, None]).squeeze(1)
-        pair_drop[lo : lo + len(chunk)] = (image_prob[index] - kept) / image_prob[index]
+        pair_drop[lo:hi] = (image_prob[index] - kept) / image_prob[index]
+        lo = hi
     for k, (i, j) in enumerate(pairs):
         if i not in best_masks or pair_drop[k] > drops[i]:
             drops[i], best_masks[i] = pair_drop[k], small_regions[i][j]

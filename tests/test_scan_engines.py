@@ -1,0 +1,90 @@
+"""The fast scan and the reference scan: their building blocks agree, and they run on odd inputs.
+(Decisions on a poisoned model are compared in test_end_to_end.py.)"""
+
+import numpy as np
+import pytest
+import torch
+
+from clipfast.data.prefetch import prefetch
+from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
+from clipfast.defense.reference import reference_crop
+from clipfast.defense.scan import ScanConfig, scan
+from clipfast.models import load_model
+from clipfast.models.encoder import inference_dtype
+from clipfast.ops import mask_crop
+from clipfast.oracle import ClassicalSegmenter
+
+
+def test_reference_crop_cuts_the_same_pixels_as_mask_crop():
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (1, 3, 37, 41), dtype=torch.uint8, generator=gen)
+    mask = torch.zeros(1, 1, 37, 41, dtype=torch.bool)
+    mask[0, 0, 30:37, 33:40] = torch.rand(7, 7, generator=gen) > 0.3  # near a corner: the square box leaves the image
+    mask[0, 0, 30, 33] = mask[0, 0, 36, 39] = True
+    picture = reference_crop(image[0].permute(1, 2, 0).numpy(), mask[0, 0], margin=0.2, square=True, background=0.4)
+    side = picture.size[0]
+    ours = mask_crop(image, mask, side, margin=0.2, square=True, background=0.4).crops[0, 0]  # scale 1: no resampling
+    theirs = torch.from_numpy(np.array(picture)).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=0)
+
+
+def test_prefetch_keeps_order_and_passes_errors_on():
+    assert list(prefetch(iter(range(50)), depth=3)) == list(range(50))
+    assert list(prefetch(iter(range(5)), depth=0)) == list(range(5))
+
+    def failing():
+        yield 1
+        raise RuntimeError("oracle broke")
+
+    with pytest.raises(RuntimeError, match="oracle broke"):
+        list(prefetch(failing(), depth=2))
+    produced = []
+
+    def endless():
+        for i in range(10_000):
+            produced.append(i)
+            yield i
+
+    stream = prefetch(endless(), depth=2)
+    assert next(stream) == 0
+    stream.close()  # the consumer stops: so does the producer
+    assert len(produced) < 10
+
+
+def test_scan_settings_are_checked():
+    with pytest.raises(ValueError, match="engine"):
+        ScanConfig(engine="turbo")
+    with pytest.raises(ValueError, match="regions='pool' needs engine='fast'"):
+        ScanConfig(engine="reference", regions="pool")
+    with pytest.raises(ValueError, match="precision"):
+        ScanConfig(precision="fp8")
+    assert inference_dtype("fp32", torch.device("cpu")) is None
+    assert inference_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+@pytest.fixture(scope="module")
+def small_world():
+    torch.manual_seed(0)
+    return load_model("clipfast-tiny"), generate_world(61, seed=5).images
+
+
+@pytest.mark.parametrize("settings", [dict(engine="reference"), dict(regions="crop", prefetch=2, batch_size=16),
+                                      dict(regions="pool", precision="bf16", batch_size=7)])
+def test_every_engine_scans_an_odd_sized_probe_set(small_world, settings):
+    bundle, images = small_world
+    result = scan(bundle, list(CLASSES), images, ClassicalSegmenter(), prompts=zero_shot_prompts,
+                  config=ScanConfig(progress=False, **settings))
+    assert len(result.image_label) == 61 and (result.region_counts > 0).any()
+    assert 0 < result.image_prob.min() and result.image_prob.max() <= 1
+    assert result.seconds["regions"] > 0 and result.seconds["segment"] > 0
+
+
+def test_fast_and_reference_scores_agree_on_an_untrained_model(small_world):
+    bundle, images = small_world
+    fast, reference = (scan(bundle, list(CLASSES), images, ClassicalSegmenter(), prompts=zero_shot_prompts,
+                            config=ScanConfig(progress=False, engine=engine, precision="fp32"))
+                       for engine in ("fast", "reference"))
+    assert torch.equal(fast.image_label, reference.image_label)
+    torch.testing.assert_close(fast.image_prob, reference.image_prob, atol=1e-4, rtol=1e-4)
+    # Crops differ only in the resize filter (bilinear kernel vs PIL bicubic): labels mostly agree.
+    assert (fast.oracle_label == reference.oracle_label).float().mean() >= 0.8
