@@ -5,12 +5,10 @@ pipeline.png). See clipfast/bench/__init__.py.
 """
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 if __name__ == "__main__":
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported
     from clipfast import bench
 
     parser = argparse.ArgumentParser(description=bench.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

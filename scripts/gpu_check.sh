@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything GPU-side in one call: build the CUDA extension, run the GPU tests, run the CUDA tests
-# under compute-sanitizer memcheck, run the op benchmarks, and write the results (CSV with device,
+# under compute-sanitizer memcheck, run the op and pipeline benchmarks (reference vs fast; big-model capacity), and write the results (CSV with device,
 # versions and commit) to benchmarks/results/ and, when set, to $OUT.
 #
 # On a lent GPU machine (torch, triton, nvcc, compute-sanitizer preinstalled; no package index):
@@ -50,8 +50,10 @@ if command -v compute-sanitizer >/dev/null; then
 else
   stage_status+=("sanitizer,missing,0")
 fi
-# 5. Op benchmarks at the sizes (appends to benchmarks/results/ops.csv).
-run_stage bench "$PYTHON" benchmarks/ops.py --full
+# 5. Op benchmarks at the sizes, then the pipeline: scan / repair step on ViT-B-16 and ViT-L-14,
+#    end-to-end defend and the baseline, ViT-L/H/bigG capacity (appends to benchmarks/results/{ops,pipeline}.csv).
+run_stage bench "$PYTHON" benchmarks/run.py --full --suite ops
+run_stage pipeline "$PYTHON" benchmarks/run.py --full --suite pipeline
 
 # Summary CSV: one row per stage with device, versions and commit.
 device=$("$PYTHON" -c "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" 2>/dev/null)
@@ -61,6 +63,6 @@ stamp=$(date -u +%Y-%m-%dT%H:%M:%SZ)
 [ -s "$SUMMARY" ] || echo "timestamp,device,versions,commit,stage,result,seconds" > "$SUMMARY"
 for row in "${stage_status[@]}"; do echo "$stamp,$device,$versions,$commit,$row" >> "$SUMMARY"; done
 echo; echo "stage,result,seconds"; printf '%s\n' "${stage_status[@]}"
-if [ -n "${OUT:-}" ]; then cp "$SUMMARY" "$LOG" "$RESULTS/ops.csv" "$OUT/" 2>/dev/null; fi
+if [ -n "${OUT:-}" ]; then cp "$SUMMARY" "$LOG" "$RESULTS/ops.csv" "$RESULTS/pipeline.csv" "$RESULTS/pipeline.png" "$OUT/" 2>/dev/null; fi
 printf '%s\n' "${stage_status[@]}" | grep -q "failed" && exit 1
 exit 0

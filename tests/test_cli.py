@@ -129,7 +129,8 @@ def test_bench_times_every_usable_backend_and_appends_csv(tmp_path, capsys):
     import csv
 
     out = tmp_path / "ops.csv"
-    assert main(["bench", "--quick", "--ops", "region_topk", "--min-run-time", "0.01", "--csv", str(out)]) == 0
+    assert main(["bench", "--suite", "ops", "--quick", "--ops", "region_topk", "--min-run-time", "0.01",
+                 "--results", str(tmp_path)]) == 0
     rows = list(csv.DictReader(out.open()))
     assert {row["variant"] for row in rows} == {"torch.sort baseline", "reference", "cpu"}
     assert all(row["device"] and row["torch"] and row["commit"] and float(row["ms"]) > 0 for row in rows)

@@ -23,15 +23,19 @@ class BaselineConfig:
     warmup_steps: int = 10
     self_supervised_weight: float = 1.0
     seed: int = 0
+    eval_every: int = 0  # with an eval_fn: evaluate every this many steps (0: at the end only)
     progress: bool = True
 
 
 def cleanclip_baseline(bundle: ClipBundle, clean_images: torch.Tensor, clean_captions: Sequence[str],
                        out_dir: str | Path, config: BaselineConfig = BaselineConfig(),
-                       eval_fn: Callable[[ClipBundle], dict] | None = None) -> TrainResult:
-    """Fine-tune bundle.model in place on clean pairs with CleanCLIP's objective (resumable)."""
+                       eval_fn: Callable[[ClipBundle], dict] | None = None,
+                       stop_when: Callable[[dict], bool] | None = None) -> TrainResult:
+    """Fine-tune bundle.model in place on clean pairs with CleanCLIP's objective (resumable).
+    stop_when(metrics of eval_fn) ends it early (the benchmark's "time to reach the same ASR")."""
     train_config = TrainConfig(steps=config.steps, batch_size=config.batch_size, lr=config.lr,
-                               warmup_steps=config.warmup_steps, seed=config.seed, eval_every=0,
+                               warmup_steps=config.warmup_steps, seed=config.seed, eval_every=config.eval_every,
                                checkpoint_every=max(1, config.steps // 5), progress=config.progress)
     objective = CleanCLIPObjective(clean_captions, bundle.tokenizer, config.self_supervised_weight, config.seed)
-    return train(bundle, clean_images, clean_captions, train_config, out_dir, loss=objective, eval_fn=eval_fn)
+    return train(bundle, clean_images, clean_captions, train_config, out_dir, loss=objective, eval_fn=eval_fn,
+                 stop_when=stop_when)

@@ -1,0 +1,312 @@
+"""`clipfast bench --suite pipeline`: the reference pipeline against the fast one, same model, data and
+machine, in one run.
+
+Stages (--stages):
+- scan: probe images/s and regions/s of ScanConfig(engine="reference") vs engine="fast" (crop
+  regions, and pool regions), plus the fast encoder's FLOPs utilisation and how far the decisions
+  agree with the reference (same targets, victim-set Jaccard).
+- repair: steady-state samples/s and model FLOPs utilisation of the fp32 reference loop vs the fast
+  loop (autocast, fused AdamW, torch.compile on a GPU), on CleanCLIP's objective with a frozen text tower.
+- defend: end-to-end scan -> curate -> repair wall time, reference vs fast, with CA/ASR after; and
+  the CleanCLIP-style baseline's wall time to reach the fast defence's ASR on the same poisoned model.
+- capacity (GPU): scan and one repair epoch of big models (random weights) on one GPU, peak memory.
+
+quick (a small CPU): the demo world's poisoned tiny model (trained into the cache on first use,
+~3 min). full (GPU): ViT-B-16 / ViT-L-14 with random weights on 224 px images and a fixed oracle
+giving 16 or 32 regions per image; defend still runs on the demo world (the only poisoned model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
+from clipfast.defense.baseline import BaselineConfig, cleanclip_baseline
+from clipfast.defense.pipeline import DefenseConfig, defend
+from clipfast.defense.repair import RepairConfig
+from clipfast.defense.scan import ScanConfig, scan
+from clipfast.eval import evaluate
+from clipfast.models import ClipBundle, load_model
+from clipfast.oracle.base import Segmentation, Segmenter
+from clipfast.perf import count_flops, matrix_rate, synchronize
+from clipfast.train import TrainConfig, train
+from clipfast.train.cleanclip import CleanCLIPObjective
+
+from .common import run_stamp
+from .ops import blob_masks
+
+FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "stage", "model", "variant", "sizes", "seconds",
+          "throughput", "unit", "speedup_vs_reference", "mfu", "agreement"]
+STAGES = ("scan", "repair", "defend", "capacity")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--stages", nargs="+", choices=STAGES, default=None,
+                        help="pipeline suite: stages (default: scan repair defend; capacity too with --full)")
+    parser.add_argument("--probe", type=int, default=None, help="pipeline suite: probe images per scan")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="pipeline suite, full mode: open_clip architectures (default: ViT-B-16 ViT-L-14)")
+    parser.add_argument("--regions", nargs="+", type=int, default=[16, 32],
+                        help="pipeline suite, full mode: oracle regions per image")
+    parser.add_argument("--capacity-models", nargs="+", default=["ViT-L-14", "ViT-H-14", "ViT-bigG-14"])
+
+
+class FixedOracle(Segmenter):
+    """`regions` disc masks per image (seeded by the batch's first pixels): an oracle of known cost
+    zero, so the scan benchmark measures clipfast's work, not a segmenter's."""
+
+    def __init__(self, regions: int):
+        self.regions = regions
+
+    def segment(self, images: torch.Tensor) -> Segmentation:
+        n, _, height, width = images.shape
+        masks = blob_masks(n, self.regions + 1, height, width, "cpu", seed=int(images[0, 0, 0, :8].sum()))[:, :-1]
+        masks[..., 0, 0] = True  # never empty
+        return Segmentation(masks, torch.full((n,), self.regions), torch.ones(n, self.regions))
+
+
+def _world_images(n: int, size: int) -> torch.Tensor:
+    images = generate_world(n, seed=11).images
+    return images if images.shape[-1] == size else F.interpolate(images, size=(size, size), mode="nearest")
+
+
+def _demo_model(device: str) -> tuple[ClipBundle, object]:
+    from clipfast.demo import DemoConfig, default_cache_dir
+    from clipfast.recipes import cached_world_model
+
+    bundle, pairs, _ = cached_world_model(DemoConfig().recipe, default_cache_dir() / "models", device=device)
+    return bundle, pairs
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def _row(stage, model, variant, sizes, seconds, throughput, unit, reference_seconds=None, mfu=None, agreement=""):
+    return dict(stage=stage, model=model, variant=variant, sizes=sizes, seconds=f"{seconds:.3f}",
+                throughput=f"{throughput:.1f}", unit=unit,
+                speedup_vs_reference=f"{reference_seconds / seconds:.2f}" if reference_seconds else "",
+                mfu="" if mfu is None else f"{mfu:.3f}", agreement=agreement)
+
+
+def _encoder_flops(bundle: ClipBundle) -> int:
+    pixels = torch.zeros(1, 3, bundle.image_size, bundle.image_size, device=bundle.device)
+    with torch.no_grad():
+        return count_flops(lambda: bundle.model.encode_image(pixels))
+
+
+def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segmenter, sizes: str, device: str,
+               rows: list[dict]) -> None:
+    kwargs = dict(prompts=zero_shot_prompts)
+    scan(bundle, list(CLASSES), images[:8], oracle, config=ScanConfig(progress=False), **kwargs)  # warm-up
+    results, seconds = {}, {}
+    for variant, config in (("reference", ScanConfig(progress=False, engine="reference")),
+                            ("fast crop", ScanConfig(progress=False)),
+                            ("fast pool", ScanConfig(progress=False, regions="pool"))):
+        synchronize(device)
+        results[variant], seconds[variant] = _timed(lambda: scan(bundle, list(CLASSES), images, oracle, config=config,
+                                                                 **kwargs))
+    flops_per_input, peak = _encoder_flops(bundle), matrix_rate(device) * 1e12
+    reference = results["reference"]
+    for variant, result in results.items():
+        regions = int(result.region_counts.sum())
+        agreement = "" if variant == "reference" else _agreement(reference, result)
+        encoded = len(images) + (regions if variant != "fast pool" else 0)
+        rows.append(_row("scan", name, variant, sizes, seconds[variant], len(images) / seconds[variant], "images/s",
+                         seconds["reference"] if variant != "reference" else None,
+                         flops_per_input * encoded / seconds[variant] / peak, agreement))
+        rows.append(_row("scan", name, variant, sizes, seconds[variant], regions / seconds[variant], "regions/s",
+                         seconds["reference"] if variant != "reference" else None))
+
+
+def _agreement(reference, result) -> str:
+    same_labels = float((reference.image_label == result.image_label).float().mean())
+    text = f"image labels {same_labels:.3f}; targets {'same' if reference.targets == result.targets else 'DIFFER'}"
+    for target in reference.targets:
+        a, b = set(reference.victims(target).tolist()), set(result.victims(target).tolist())
+        text += f"; victims Jaccard {len(a & b) / max(1, len(a | b)):.3f}"
+    return text
+
+
+def bench_repair(bundle: ClipBundle, name: str, images: torch.Tensor, captions: list[str], batch_size: int,
+                 steps: int, device: str, rows: list[dict]) -> None:
+    """Steady-state samples/s (the last log interval: compilation and warm-up excluded)."""
+    fast_extra = dict(compile=True) if device == "cuda" else {}
+    measured = {}
+    for variant, speed in (("reference", dict(precision="fp32", fused_optimizer=False)), ("fast", fast_extra)):
+        model = copy.deepcopy(bundle)
+        for parameter_name, parameter in model.model.named_parameters():
+            parameter.requires_grad_(parameter_name.startswith("visual."))
+        config = TrainConfig(steps=steps, batch_size=batch_size, lr=1e-5, warmup_steps=1, eval_every=0,
+                             checkpoint_every=10**9, log_every=max(1, steps // 3), progress=False, **speed)
+        objective = CleanCLIPObjective(captions, model.tokenizer, 0.0, text_view=False)
+        with tempfile.TemporaryDirectory() as out_dir:
+            result = train(model, images, captions, config, out_dir, loss=objective)
+            last = [line for line in result.log_path.read_text().splitlines() if '"train"' in line][-1]
+        record = json.loads(last)
+        measured[variant] = record
+        reference_rate = measured["reference"]["samples_per_s"]
+        rows.append(_row("repair step", name, variant, f"batch={batch_size} steps={steps}",
+                         batch_size / record["samples_per_s"], record["samples_per_s"], "samples/s",
+                         batch_size / reference_rate if variant != "reference" else None, record.get("mfu")))
+        del model
+
+
+def bench_defend(device: str, probe_size: int, rows: list[dict]) -> None:
+    from clipfast.demo import DemoConfig
+    from clipfast.recipes import evaluation_world
+
+    demo = DemoConfig()
+    bundle, pairs = _demo_model(device)
+    recipe, test = demo.recipe, evaluation_world(demo.test_size)
+    probe = pairs.images[:probe_size]
+    trigger, target = recipe.make_trigger(), recipe.target_label
+    outcomes, seconds = {}, {}
+    for variant, defense in (("reference", DefenseConfig(scan=ScanConfig(progress=False, engine="reference"),
+                                                         repair=RepairConfig(progress=False, engine="reference"))),
+                             ("fast", DefenseConfig(scan=ScanConfig(progress=False), repair=RepairConfig(progress=False)))):
+        model = copy.deepcopy(bundle)
+        with tempfile.TemporaryDirectory() as out_dir:
+            _, seconds[variant] = _timed(lambda: defend(model, list(CLASSES), probe, _classical(), out_dir,
+                                                        prompts=zero_shot_prompts, config=defense))
+        outcomes[variant] = evaluate(model, test, trigger, target)
+    for variant, metrics in outcomes.items():
+        rows.append(_row("defend", "demo world", variant, f"probe={probe_size}", seconds[variant],
+                         probe_size / seconds[variant], "images/s",
+                         seconds["reference"] if variant != "reference" else None,
+                         agreement=f"CA {metrics['ca']:.3f} ASR {metrics['asr']:.3f}"))
+
+    goal = outcomes["fast"]["asr"]
+    model = copy.deepcopy(bundle)
+    clean = generate_world(demo.baseline_size, seed=recipe.seed + 7_919)
+    config = BaselineConfig(steps=500, eval_every=10, progress=False)  # measured: 1500 steps leave ASR at 0.97
+    with tempfile.TemporaryDirectory() as out_dir:
+        result, baseline_seconds = _timed(lambda: cleanclip_baseline(
+            model, clean.images, clean.captions, out_dir, config,
+            eval_fn=lambda b: evaluate(b, test, trigger, target), stop_when=lambda m: m["asr"] <= goal))
+    reached = result.last_eval is not None and result.last_eval["asr"] <= goal
+    rows.append(_row("defend", "demo world", "CleanCLIP baseline", f"clean set={demo.baseline_size}",
+                     baseline_seconds, probe_size / baseline_seconds, "images/s",
+                     agreement=(f"{'reached' if reached else 'did NOT reach'} ASR {goal:.3f} in {result.step} steps; "
+                                f"CA {result.last_eval['ca']:.3f} ASR {result.last_eval['asr']:.3f}")))
+    rows.append(_row("defend", "demo world", "fast vs baseline", "baseline = the reference here", seconds["fast"],
+                     probe_size / seconds["fast"], "images/s", baseline_seconds,
+                     agreement="" if reached else "a lower bound: the baseline never reached the ASR"))
+
+
+def _classical():
+    from clipfast.oracle import ClassicalSegmenter
+
+    return ClassicalSegmenter()
+
+
+def bench_capacity(models: list[str], device: str, rows: list[dict]) -> None:
+    """Big models on one GPU: scan 64 images x 16 regions, then one repair epoch (256 samples, batch 32,
+    activation checkpointing, bf16, frozen text). OOM is a row, not a crash."""
+    for name in models:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        try:
+            bundle = load_model(name, device=device)
+            images = _world_images(256, bundle.image_size)
+            scan(bundle, list(CLASSES), images[:64], FixedOracle(16), prompts=zero_shot_prompts,
+                 config=ScanConfig(progress=False, batch_size=16, encode_batch=256))
+            captions = generate_world(256, seed=11).captions
+            for parameter_name, parameter in bundle.model.named_parameters():
+                parameter.requires_grad_(parameter_name.startswith("visual."))
+            config = TrainConfig(steps=256 // 32, batch_size=32, lr=1e-5, warmup_steps=1, eval_every=0,
+                                 checkpoint_every=10**9, grad_checkpointing=True, progress=False)
+            with tempfile.TemporaryDirectory() as out_dir:
+                result = train(bundle, images, captions, config, out_dir,
+                               loss=CleanCLIPObjective(captions, bundle.tokenizer, 0.0, text_view=False))
+            outcome = f"ok, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            rows.append(_row("capacity", name, "scan + 1 repair epoch", "64 images x 16 regions; 256 samples",
+                             time.perf_counter() - start, result.samples_per_s, "samples/s", mfu=result.mfu,
+                             agreement=outcome))
+            del bundle
+        except torch.cuda.OutOfMemoryError:
+            rows.append(_row("capacity", name, "scan + 1 repair epoch", "", time.perf_counter() - start, 0.0, "-",
+                             agreement="OUT OF MEMORY"))
+
+
+def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
+    stages = args.stages or (["scan", "repair", "defend"] + (["capacity"] if mode == "full" and device == "cuda" else []))
+    rows: list[dict] = []
+    if "scan" in stages:
+        if mode == "quick":
+            bundle, pairs = _demo_model(device)
+            probe = args.probe or 2000
+            print(f"scan: demo model, {probe} probe images ...", flush=True)
+            bench_scan(bundle, "demo tiny", pairs.images[:probe], _classical(), f"probe={probe} builtin oracle",
+                       device, rows)
+        else:
+            for name in args.models or ["ViT-B-16", "ViT-L-14"]:
+                bundle = load_model(name, device=device)
+                images = _world_images(args.probe or 512, bundle.image_size)
+                for regions in args.regions:
+                    print(f"scan: {name}, {len(images)} images x {regions} regions ...", flush=True)
+                    bench_scan(bundle, name, images, FixedOracle(regions), f"images={len(images)} regions={regions}",
+                               device, rows)
+                del bundle
+    if "repair" in stages:
+        plan = ([("demo tiny", 64, 30)] if mode == "quick" else
+                [(name, 64 if name == "ViT-B-16" else 32, 30) for name in args.models or ["ViT-B-16", "ViT-L-14"]])
+        for name, batch_size, steps in plan:
+            print(f"repair: {name}, batch {batch_size} ...", flush=True)
+            bundle = _demo_model(device)[0] if name == "demo tiny" else load_model(name, device=device)
+            world = generate_world(batch_size * 4, seed=11)
+            images = world.images if name == "demo tiny" else _world_images(batch_size * 4, bundle.image_size)
+            bench_repair(bundle, name, images, world.captions, batch_size, steps, device, rows)
+            del bundle
+    if "defend" in stages:
+        print("defend: demo world, reference vs fast, then the CleanCLIP-style baseline ...", flush=True)
+        bench_defend(device, args.probe or 5000, rows)
+    if "capacity" in stages:
+        if device != "cuda":
+            raise SystemExit("the capacity stage needs a GPU")
+        bench_capacity(args.capacity_models, device, rows)
+
+    stamp = run_stamp(device, mode)
+    table = [stamp | row for row in rows]
+    print(f"\n{'stage':12s} {'model':11s} {'variant':20s} {'seconds':>9s} {'throughput':>22s} {'x ref':>7s} {'mfu':>6s}  agreement")
+    for row in table:
+        print(f"{row['stage']:12s} {row['model']:11s} {row['variant']:20s} {float(row['seconds']):9.3f} "
+              f"{float(row['throughput']):12.1f} {row['unit']:9s} {row['speedup_vs_reference'] or '-':>7s} "
+              f"{row['mfu'] or '-':>6s}  {row['agreement']}")
+    plot_speedups(table, args.results / "pipeline.png")
+    return table
+
+
+def plot_speedups(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bars = [(f"{r['stage']}\n{r['model']}\n{r['variant']}\n{r['sizes']}", float(r["speedup_vs_reference"]))
+            for r in table if r["speedup_vs_reference"] and r["unit"] != "regions/s"]
+    if not bars:
+        return
+    figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(bars)), 4.5))
+    axis.bar(range(len(bars)), [b[1] for b in bars], color="tab:green")
+    axis.axhline(1.0, color="grey", linewidth=0.8)
+    axis.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
+    axis.set_ylabel("speed-up over the reference (x)")
+    axis.set_title(f"clipfast fast pipeline vs reference — {table[0]['device']} ({table[0]['mode']})", fontsize=9)
+    for k, (_, value) in enumerate(bars):
+        axis.text(k, value, f"{value:.1f}x", ha="center", va="bottom", fontsize=8)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -1,0 +1,65 @@
+"""The pipeline benchmark's CPU quick mode: pytest-benchmark times the reference and the fast scan
+and repair step on a small probe set (compare with `pytest --benchmark-only`), and the benchmark's
+own rows are checked for what they must report. No speed is asserted."""
+
+import pytest
+import torch
+
+from clipfast.bench.pipeline import FixedOracle, bench_repair, bench_scan, plot_speedups
+from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
+from clipfast.defense.scan import ScanConfig, scan
+from clipfast.models import load_model
+from clipfast.oracle import ClassicalSegmenter
+from clipfast.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return load_model("clipfast-tiny"), generate_world(300, seed=2)
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_scan_speed(benchmark, tiny, engine):
+    bundle, world = tiny
+    benchmark.group = "scan 300 images"
+    config = ScanConfig(progress=False, engine=engine)
+    result = benchmark.pedantic(lambda: scan(bundle, list(CLASSES), world.images, ClassicalSegmenter(),
+                                             prompts=zero_shot_prompts, config=config), rounds=2, warmup_rounds=1)
+    assert len(result.image_label) == 300
+
+
+@pytest.mark.parametrize("engine", ["reference", "fast"])
+def test_repair_step_speed(benchmark, tiny, engine, tmp_path):
+    bundle, world = tiny
+    benchmark.group = "repair 5 steps x 64"
+    speed = dict(precision="fp32", fused_optimizer=False) if engine == "reference" else {}
+    config = TrainConfig(steps=5, batch_size=64, checkpoint_every=10**9, measure_mfu=False, progress=False, **speed)
+    counter = iter(range(100))
+    run = lambda: train(bundle, world.images, world.captions, config, tmp_path / str(next(counter)))  # noqa: E731
+    assert benchmark.pedantic(run, rounds=2, warmup_rounds=0).step == 5
+
+
+def test_pipeline_rows_report_throughput_speedup_and_agreement(tiny, tmp_path):
+    bundle, world = tiny
+    rows = []
+    bench_scan(bundle, "tiny", world.images[:40], FixedOracle(5), "images=40 regions=5", "cpu", rows)
+    bench_repair(bundle, "tiny", world.images[:64], world.captions[:64], 32, 4, "cpu", rows)
+    scans = [r for r in rows if r["stage"] == "scan"]
+    assert {r["variant"] for r in scans} == {"reference", "fast crop", "fast pool"}
+    assert {r["unit"] for r in scans} == {"images/s", "regions/s"}
+    fast = next(r for r in scans if r["variant"] == "fast crop" and r["unit"] == "images/s")
+    assert float(fast["speedup_vs_reference"]) > 0 and float(fast["mfu"]) > 0
+    assert "image labels" in fast["agreement"] and "targets" in fast["agreement"]
+    repair = [r for r in rows if r["stage"] == "repair step"]
+    assert [r["variant"] for r in repair] == ["reference", "fast"] and float(repair[1]["mfu"]) > 0
+    table = [dict(r, device="cpu", mode="quick") for r in rows]
+    plot_speedups(table, tmp_path / "pipeline.png")
+    assert (tmp_path / "pipeline.png").stat().st_size > 0
+
+
+def test_the_fixed_oracle_gives_the_asked_number_of_regions():
+    images = generate_world(3, seed=1).images
+    segmentation = FixedOracle(7).segment(images)
+    assert segmentation.masks.shape == (3, 7, 32, 32) and segmentation.valid.all()
+    assert segmentation.masks.flatten(2).any(-1).all()
