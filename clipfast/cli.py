@@ -342,6 +342,18 @@ def _defense_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the model under test grounds its own crops)")
     oracle.add_argument("--backend", default="auto", choices=("auto", "reference", "cpu", "cuda", "triton"),
                         help="op backend (default: auto)")
+    speed = parser.add_argument_group("speed (--compile, --batch-size and --grad-checkpointing never change "
+                                      "results; the others can, and the output directory records them)")
+    speed.add_argument("--engine", choices=("fast", "reference"), default="fast",
+                       help="fast (default) or the straightforward reference pipeline, for comparison")
+    speed.add_argument("--regions", choices=("crop", "pool"), default="crop",
+                       help="region embeddings: re-encode crops (default) or pool one encoder pass (mask_pool)")
+    speed.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                       help="scan encoder precision (auto: bf16 where native)")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the encoder and the repair step")
+    speed.add_argument("--batch-size", type=_positive_int, default=256, help="probe images per scan batch")
+    speed.add_argument("--accumulation-steps", type=_positive_int, default=1, help="repair micro-batches per step")
+    speed.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in repair")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", required=True, type=Path, help="output directory (a rerun resumes here)")
 
@@ -406,8 +418,18 @@ def _run_defense(args: argparse.Namespace, run_repair: bool) -> None:
     prompts = None
     if args.vocab == "world":
         from clipfast.data.world import zero_shot_prompts as prompts
-    config = DefenseConfig(scan=ScanConfig(backend=args.backend, progress=not args.no_progress),
-                           curate=CurateConfig(backend=args.backend), repair=RepairConfig(progress=not args.no_progress))
+    fast = args.engine == "fast"
+    try:
+        config = DefenseConfig(
+            scan=ScanConfig(backend=args.backend, progress=not args.no_progress, engine=args.engine,
+                            regions=args.regions, precision=args.precision, compile=args.compile,
+                            batch_size=args.batch_size),
+            curate=CurateConfig(backend=args.backend),
+            repair=RepairConfig(progress=not args.no_progress, engine=args.engine, compile=args.compile and fast,
+                                accumulation_steps=args.accumulation_steps,
+                                grad_checkpointing=args.grad_checkpointing))
+    except ValueError as error:
+        raise CliError(str(error)) from None
     identity = {"model": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint,
                 "probe": str(args.probe.resolve()), "oracle": args.oracle, "sam_checkpoint": args.sam_checkpoint,
                 "grounding": args.grounding_checkpoint}
@@ -439,7 +461,7 @@ def _run_defense(args: argparse.Namespace, run_repair: bool) -> None:
 
 COMMANDS: dict[str, Command] = {
     "info": Command("show how clipfast was built and which backends run here", _info_arguments, _run_info),
-    "bench": Command("time every op backend against the reference (GB/s, TFLOP/s vs measured rooflines)",
+    "bench": Command("time the fast paths against the reference: op backends, scan, repair step, defend",
                      _bench_arguments, _run_bench),
     "poison": Command("train (or fine-tune) a CLIP on poisoned synthetic-world pairs", _poison_arguments, _run_poison),
     "evaluate": Command("clean accuracy and attack success rate on the synthetic world", _evaluate_arguments, _run_evaluate),
