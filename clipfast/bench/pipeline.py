@@ -294,12 +294,14 @@ def plot_speedups(table: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    bars = [(f"{r['stage']}\n{r['model']}\n{r['variant']}\n{r['sizes']}", float(r["speedup_vs_reference"]))
-            for r in table if r["speedup_vs_reference"] and r["unit"] != "regions/s"]
+    shown = [r for r in table if r["speedup_vs_reference"] and r["unit"] != "regions/s"]
+    bars = [(f"{r['stage']}\n{r['model']}\n{r['variant']}", float(r["speedup_vs_reference"])) for r in shown]
     if not bars:
         return
     figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(bars)), 4.5))
-    axis.bar(range(len(bars)), [b[1] for b in bars], color="tab:green")
+    # Red: faster but not the reference's decisions (e.g. pooled regions miss the target).
+    colours = ["tab:red" if "DIFFER" in r["agreement"] else "tab:green" for r in shown]
+    axis.bar(range(len(bars)), [b[1] for b in bars], color=colours)
     axis.axhline(1.0, color="grey", linewidth=0.8)
     axis.set_xticks(range(len(bars)), [b[0] for b in bars], fontsize=7)
     axis.set_ylabel("speed-up over the reference (x)")
