@@ -11,6 +11,11 @@ no such region. Across the probe set, a label is a target when it lands in P_i f
 the other labels' rate predicts (one-sided binomial test, Bonferroni over labels, plus an
 effect-size and count floor). The trigger of each victim is its region with the largest drop.
 
+Two engines compute the per-image and per-region scores: `fast` (the default: batched across
+images, ops on the model's device, autocast, no host sync inside the loop) and `reference`
+(defense/reference.py: the public tools' image-by-image fp32 pipeline). Everything after the
+scores is shared, so both reach the same decisions up to the encoders' numerics.
+
 Only the top-1 label is used (k = 1 in DESIGN.md): a grounding threshold >= 0.5 makes "some
 region's probability for L_i passes the threshold" a property region_score reports without
 materialising [B, M, C] probabilities.
@@ -193,11 +198,12 @@ class _RegionScorer:
                 image_embeddings, region_embeddings, _ = encode_regions_pooled(
                     bundle, pixels, _at_encoder_resolution(masks, bundle.image_size), backend=config.backend)
         else:
+            dtype = self.encoder.dtype or torch.float32  # crops written in the encoder's precision: half the bytes
             crops = mask_crop(images, masks, bundle.image_size, margin=config.crop_margin, square=config.crop_square,
-                              background=config.crop_background, mean=bundle.mean, std=bundle.std,
+                              background=config.crop_background, mean=bundle.mean, std=bundle.std, out_dtype=dtype,
                               backend=config.backend)
             index = torch.nonzero(valid.flatten()).flatten().to(device, non_blocking=True)
-            embeddings = self.encoder(torch.cat([pixels, crops.crops.flatten(0, 1)[index]]))
+            embeddings = self.encoder(torch.cat([pixels.to(dtype), crops.crops.flatten(0, 1)[index]]))
             image_embeddings = embeddings[: len(images)]
             region_embeddings = embeddings.new_zeros(masks.shape[0] * masks.shape[1], embeddings.shape[1])
             region_embeddings[index] = embeddings[len(images):]
