@@ -489,7 +489,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Idle OpenMP threads sleep instead of spinning: on a shared CPU, spinning threads of
     # concurrent processes slowed training 5-20x in our measurements; on an idle one it costs ~0.
     # Only effective before torch is first imported, hence here; a user's setting wins. Not for
-    # `bench`: it would slow the reference pipeline's many small ops 2.3x (measured), an unfair baseline.
+    # `bench`: it slows the per-image reference scan 2.7x (README, pipeline benchmarks), an unfair baseline.
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] != ["bench"]:
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -46,7 +46,8 @@ def test_pipeline_rows_report_throughput_speedup_and_agreement(tiny, tmp_path):
     bench_scan(bundle, "tiny", world.images[:40], FixedOracle(5), "images=40 regions=5", "cpu", rows)
     bench_repair(bundle, "tiny", world.images[:64], world.captions[:64], 32, 4, "cpu", rows)
     scans = [r for r in rows if r["stage"] == "scan"]
-    assert {r["variant"] for r in scans} == {"reference", "fast crop", "fast pool"}
+    assert {r["variant"] for r in scans} == {"reference", "fast crop", "fast crop fp32", "fast crop prefetch=0",
+                                             "fast pool"}
     assert {r["unit"] for r in scans} == {"images/s", "regions/s"}
     fast = next(r for r in scans if r["variant"] == "fast crop" and r["unit"] == "images/s")
     assert float(fast["speedup_vs_reference"]) > 0 and float(fast["mfu"]) > 0

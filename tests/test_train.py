@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clipfast.data.world import generate_world
-from clipfast.models import load_model
+from clipfast.models import freeze_text_tower, load_model
 from clipfast.train import Batch, ClipContrastiveObjective, ClipForward, ResumeMismatchError, TrainConfig, batch_indices, lr_at, train
 
 SMALL = dict(steps=20, batch_size=32, lr=2e-3, warmup_steps=5, checkpoint_every=5, log_every=5, eval_every=0, progress=False)
@@ -149,8 +149,7 @@ def test_activation_checkpointing_and_the_reference_optimizer_train_the_same_mod
 
 def test_a_frozen_text_tower_is_encoded_once_and_gives_the_same_losses(world):
     bundle = _fresh_tiny()
-    for name, parameter in bundle.model.named_parameters():
-        parameter.requires_grad_(name.startswith("visual."))
+    freeze_text_tower(bundle.model)
     pairs = world.subset(slice(0, 16))
     batch = Batch(bundle.preprocess(pairs.images), bundle.tokenizer(pairs.captions), torch.arange(16))
     forward = ClipForward(bundle.model, batch.tokens)

@@ -29,14 +29,17 @@ import torch
 import torch.nn.functional as F
 
 from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
+from clipfast.demo import BASELINE_SEED_OFFSET, DemoConfig, default_cache_dir
 from clipfast.defense.baseline import BaselineConfig, cleanclip_baseline
 from clipfast.defense.pipeline import DefenseConfig, defend
 from clipfast.defense.repair import RepairConfig
 from clipfast.defense.scan import ScanConfig, scan
 from clipfast.eval import evaluate
-from clipfast.models import ClipBundle, load_model
+from clipfast.models import ClipBundle, freeze_text_tower, load_model
+from clipfast.oracle import ClassicalSegmenter
 from clipfast.oracle.base import Segmentation, Segmenter
 from clipfast.perf import count_flops, matrix_rate, synchronize
+from clipfast.recipes import cached_world_model, evaluation_world
 from clipfast.train import TrainConfig, train
 from clipfast.train.cleanclip import CleanCLIPObjective
 
@@ -79,9 +82,6 @@ def _world_images(n: int, size: int) -> torch.Tensor:
 
 
 def _demo_model(device: str) -> tuple[ClipBundle, object]:
-    from clipfast.demo import DemoConfig, default_cache_dir
-    from clipfast.recipes import cached_world_model
-
     bundle, pairs, _ = cached_world_model(DemoConfig().recipe, default_cache_dir() / "models", device=device)
     return bundle, pairs
 
@@ -110,8 +110,11 @@ def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segm
     kwargs = dict(prompts=zero_shot_prompts)
     scan(bundle, list(CLASSES), images[:8], oracle, config=ScanConfig(progress=False), **kwargs)  # warm-up
     results, seconds = {}, {}
+    # The fast path's own choices, each undone once: fp32 instead of auto precision, no oracle prefetch.
     for variant, config in (("reference", ScanConfig(progress=False, engine="reference")),
                             ("fast crop", ScanConfig(progress=False)),
+                            ("fast crop fp32", ScanConfig(progress=False, precision="fp32")),
+                            ("fast crop prefetch=0", ScanConfig(progress=False, prefetch=0)),
                             ("fast pool", ScanConfig(progress=False, regions="pool"))):
         synchronize(device)
         results[variant], seconds[variant] = _timed(lambda: scan(bundle, list(CLASSES), images, oracle, config=config,
@@ -145,8 +148,7 @@ def bench_repair(bundle: ClipBundle, name: str, images: torch.Tensor, captions: 
     measured = {}
     for variant, speed in (("reference", dict(precision="fp32", fused_optimizer=False)), ("fast", fast_extra)):
         model = copy.deepcopy(bundle)
-        for parameter_name, parameter in model.model.named_parameters():
-            parameter.requires_grad_(parameter_name.startswith("visual."))
+        freeze_text_tower(model.model)
         config = TrainConfig(steps=steps, batch_size=batch_size, lr=1e-5, warmup_steps=1, eval_every=0,
                              checkpoint_every=10**9, log_every=max(1, steps // 3), progress=False, **speed)
         objective = CleanCLIPObjective(captions, model.tokenizer, 0.0, text_view=False)
@@ -163,9 +165,6 @@ def bench_repair(bundle: ClipBundle, name: str, images: torch.Tensor, captions: 
 
 
 def bench_defend(device: str, probe_size: int, rows: list[dict]) -> None:
-    from clipfast.demo import DemoConfig
-    from clipfast.recipes import evaluation_world
-
     demo = DemoConfig()
     bundle, pairs = _demo_model(device)
     recipe, test = demo.recipe, evaluation_world(demo.test_size)
@@ -177,7 +176,7 @@ def bench_defend(device: str, probe_size: int, rows: list[dict]) -> None:
                              ("fast", DefenseConfig(scan=ScanConfig(progress=False), repair=RepairConfig(progress=False)))):
         model = copy.deepcopy(bundle)
         with tempfile.TemporaryDirectory() as out_dir:
-            _, seconds[variant] = _timed(lambda: defend(model, list(CLASSES), probe, _classical(), out_dir,
+            _, seconds[variant] = _timed(lambda: defend(model, list(CLASSES), probe, ClassicalSegmenter(), out_dir,
                                                         prompts=zero_shot_prompts, config=defense))
         outcomes[variant] = evaluate(model, test, trigger, target)
     for variant, metrics in outcomes.items():
@@ -188,7 +187,7 @@ def bench_defend(device: str, probe_size: int, rows: list[dict]) -> None:
 
     goal = outcomes["fast"]["asr"]
     model = copy.deepcopy(bundle)
-    clean = generate_world(demo.baseline_size, seed=recipe.seed + 7_919)
+    clean = generate_world(demo.baseline_size, seed=recipe.seed + BASELINE_SEED_OFFSET)
     config = BaselineConfig(steps=500, eval_every=10, progress=False)  # measured: 1500 steps leave ASR at 0.97
     with tempfile.TemporaryDirectory() as out_dir:
         result, baseline_seconds = _timed(lambda: cleanclip_baseline(
@@ -204,12 +203,6 @@ def bench_defend(device: str, probe_size: int, rows: list[dict]) -> None:
                      agreement="" if reached else "a lower bound: the baseline never reached the ASR"))
 
 
-def _classical():
-    from clipfast.oracle import ClassicalSegmenter
-
-    return ClassicalSegmenter()
-
-
 def bench_capacity(models: list[str], device: str, rows: list[dict]) -> None:
     """Big models on one GPU: scan 64 images x 16 regions, then one repair epoch (256 samples, batch 32,
     activation checkpointing, bf16, frozen text). OOM is a row, not a crash."""
@@ -223,8 +216,7 @@ def bench_capacity(models: list[str], device: str, rows: list[dict]) -> None:
             scan(bundle, list(CLASSES), images[:64], FixedOracle(16), prompts=zero_shot_prompts,
                  config=ScanConfig(progress=False, batch_size=16, encode_batch=256))
             captions = generate_world(256, seed=11).captions
-            for parameter_name, parameter in bundle.model.named_parameters():
-                parameter.requires_grad_(parameter_name.startswith("visual."))
+            freeze_text_tower(bundle.model)
             config = TrainConfig(steps=256 // 32, batch_size=32, lr=1e-5, warmup_steps=1, eval_every=0,
                                  checkpoint_every=10**9, grad_checkpointing=True, progress=False)
             with tempfile.TemporaryDirectory() as out_dir:
@@ -248,7 +240,7 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
             bundle, pairs = _demo_model(device)
             probe = args.probe or 2000
             print(f"scan: demo model, {probe} probe images ...", flush=True)
-            bench_scan(bundle, "demo tiny", pairs.images[:probe], _classical(), f"probe={probe} builtin oracle",
+            bench_scan(bundle, "demo tiny", pairs.images[:probe], ClassicalSegmenter(), f"probe={probe} builtin oracle",
                        device, rows)
         else:
             for name in args.models or ["ViT-B-16", "ViT-L-14"]:
@@ -279,9 +271,9 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
 
     stamp = run_stamp(device, mode)
     table = [stamp | row for row in rows]
-    print(f"\n{'stage':12s} {'model':11s} {'variant':20s} {'seconds':>9s} {'throughput':>22s} {'x ref':>7s} {'mfu':>6s}  agreement")
+    print(f"\n{'stage':12s} {'model':11s} {'variant':24s} {'seconds':>9s} {'throughput':>22s} {'x ref':>7s} {'mfu':>6s}  agreement")
     for row in table:
-        print(f"{row['stage']:12s} {row['model']:11s} {row['variant']:20s} {float(row['seconds']):9.3f} "
+        print(f"{row['stage']:12s} {row['model']:11s} {row['variant']:24s} {float(row['seconds']):9.3f} "
               f"{float(row['throughput']):12.1f} {row['unit']:9s} {row['speedup_vs_reference'] or '-':>7s} "
               f"{row['mfu'] or '-':>6s}  {row['agreement']}")
     plot_speedups(table, args.results / "pipeline.png")

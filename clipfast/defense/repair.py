@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from clipfast.models import ClipBundle, ZeroShotClassifier
+from clipfast.models import ClipBundle, ZeroShotClassifier, freeze_text_tower, text_tower_trains
 from clipfast.train.cleanclip import CleanCLIPObjective
 from clipfast.train.loop import TrainConfig, TrainResult, train
 
@@ -89,9 +89,8 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: torch
     def estimate(bundle: ClipBundle) -> dict:
         nonlocal fixed_classifier
         # A frozen text tower keeps the class embeddings: encode the vocabulary once.
-        text_trains = any(p.requires_grad for name, p in bundle.model.named_parameters() if not name.startswith("visual."))
         classifier = fixed_classifier or ZeroShotClassifier(bundle, scan.classnames, **prompt_kwargs)
-        if not text_trains:
+        if not text_tower_trains(bundle.model):
             fixed_classifier = classifier
         out = {}
         if len(victims):
@@ -103,13 +102,6 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: torch
         return out
 
     return estimate
-
-
-def freeze_text_tower(model: torch.nn.Module) -> None:
-    """Stop gradients into everything but the image tower (open_clip keeps it under `visual`)."""
-    for name, parameter in model.named_parameters():
-        if not name.startswith("visual."):
-            parameter.requires_grad_(False)
 
 
 def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_images: torch.Tensor, out_dir: str | Path,

@@ -61,10 +61,9 @@ class ScanConfig:
     precision: str = "auto"  # fast engine: auto (bf16 where native: GPUs, AVX512-BF16/AMX CPUs) | fp32 | bf16
     compile: bool = False  # fast engine: torch.compile the image encoder
     encode_batch: int = 1024  # fast engine: most encoder inputs (images + crops) per forward
-    # fast engine: oracle batches segmented ahead in a background thread (0: inline). None: 2 when
-    # the model is on a GPU, 0 on a CPU, where the oracle and the encoder would share the cores
-    # (measured on 2 cores: 2.36 s with it, 2.27 s without).
-    prefetch: int | None = None
+    # fast engine: oracle batches segmented ahead in a background thread (0: inline). Even on 2 CPU
+    # cores it did not cost: see the "fast crop prefetch=0" row of `clipfast bench --suite pipeline`.
+    prefetch: int = 2
     backend: str = "auto"  # op backend (see clipfast.ops)
     progress: bool = True
 
@@ -85,7 +84,7 @@ class ScanConfig:
             raise ValueError(f"ScanConfig.regions must be crop or pool, got {self.regions!r}")
         if self.engine == "reference" and self.regions != "crop":
             raise ValueError("the reference scan crops regions; regions='pool' needs engine='fast'")
-        if self.prefetch is not None and self.prefetch < 0:
+        if self.prefetch < 0:
             raise ValueError(f"ScanConfig.prefetch must be >= 0, got {self.prefetch}")
         inference_dtype(self.precision, torch.device("cpu"))  # validates the name
 
@@ -307,8 +306,7 @@ def scan(
 
     # Batch k's scores are recorded after batch k+1 is submitted: the device never waits for the host.
     start, pending = time.perf_counter(), None
-    depth = config.prefetch if config.prefetch is not None else (2 if bundle.device.type == "cuda" else 0)
-    stream = prefetch(segmented(), depth if config.engine == "fast" else 0)
+    stream = prefetch(segmented(), config.prefetch if config.engine == "fast" else 0)
     batches = (n + config.batch_size - 1) // config.batch_size
     for lo, batch, segmentation, masks, objects in tqdm(stream, total=batches, desc="scan", unit="batch",
                                                          disable=not config.progress):

@@ -1,6 +1,6 @@
 """CLIP models: loading (tiny, open_clip, hf-hub, checkpoints), tokenization, zero-shot heads."""
 
-from .bundle import ClipBundle
+from .bundle import ClipBundle, freeze_text_tower, text_tower_trains
 from .checkpoint import ModelLoadError, read_checkpoint, save_checkpoint
 from .loading import load_model
 from .tiny import TINY_ARCHITECTURES
@@ -13,7 +13,9 @@ __all__ = [
     "ModelLoadError",
     "TINY_ARCHITECTURES",
     "ZeroShotClassifier",
+    "freeze_text_tower",
     "load_model",
     "read_checkpoint",
     "save_checkpoint",
+    "text_tower_trains",
 ]

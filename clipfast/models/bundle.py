@@ -82,6 +82,22 @@ class ClipBundle:
         return torch.cat(chunks)
 
 
+def _is_text_parameter(name: str) -> bool:
+    return not name.startswith("visual.")  # open_clip keeps the image tower under `visual`
+
+
+def freeze_text_tower(model: nn.Module) -> None:
+    """Stop gradients into everything but the image tower (text tower, logit scale)."""
+    for name, parameter in model.named_parameters():
+        if _is_text_parameter(name):
+            parameter.requires_grad_(False)
+
+
+def text_tower_trains(model: nn.Module) -> bool:
+    """Whether any parameter outside the image tower would receive gradients."""
+    return any(parameter.requires_grad for name, parameter in model.named_parameters() if _is_text_parameter(name))
+
+
 def _require_nonempty(items, what: str) -> None:
     if len(items) == 0:
         raise ValueError(f"no {what} to encode")

@@ -24,8 +24,9 @@ import torch
 from tqdm import tqdm
 
 from clipfast.models.bundle import ClipBundle
-from clipfast.perf import count_flops, matrix_rate
+from clipfast.models.encoder import native_bf16
 from clipfast.models.checkpoint import load_state_dict_strict, read_checkpoint, save_checkpoint, write_atomically
+from clipfast.perf import count_flops, matrix_rate
 
 from .augment import shift_and_jitter
 from .losses import Batch, ClipContrastiveObjective, ClipForward, Objective
@@ -86,7 +87,7 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "auto":
         if device.type != "cuda":
             return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     if precision == "fp16" and device.type != "cuda":
         raise ValueError("precision fp16 needs a CUDA device (use bf16 or fp32 on a CPU)")
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -227,12 +228,12 @@ def train(
 
     def forward_backward(forward: ClipForward, batch: Batch) -> dict[str, torch.Tensor]:
         """Losses of the whole batch; gradients accumulated over its micro-batches."""
-        parts = [torch.arange(len(batch.indices))] if micro_batches == 1 else \
-            torch.arange(len(batch.indices)).tensor_split(micro_batches)
+        parts = torch.arange(len(batch.indices)).tensor_split(micro_batches)
         totals: dict[str, torch.Tensor] = {}
         for part in parts:
-            micro = batch if micro_batches == 1 else Batch(batch.images[part.to(device)], batch.tokens[part.to(device)],
-                                                           batch.indices[part])
+            on_device = part.to(device)
+            micro = batch if len(parts) == 1 else Batch(batch.images[on_device], batch.tokens[on_device],
+                                                        batch.indices[part])
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 losses = objective(forward, micro)
             share = len(part) / len(batch.indices)

@@ -16,6 +16,8 @@ import torch
 from open_clip.loss import ClipLoss
 from torch import nn
 
+from clipfast.models.bundle import text_tower_trains
+
 
 @dataclass
 class Batch:
@@ -34,8 +36,7 @@ class ClipForward:
 
     def __init__(self, model: nn.Module, tokens: torch.Tensor):
         self.model = model
-        self.text_frozen = not any(p.requires_grad for name, p in model.named_parameters()
-                                   if not name.startswith("visual."))
+        self.text_frozen = not text_tower_trains(model)
         self._encode_image, self._encode_text = model.encode_image, model.encode_text
         self._text_bank = None  # [N, D] features of every sample's caption when the text tower is frozen
         if self.text_frozen:
