@@ -7,6 +7,7 @@ import ast
 import math
 import os
 import shlex
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -329,11 +330,14 @@ def _defense_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_options(parser, default_model=None)
     data = parser.add_argument_group("probe set and vocabulary")
     data.add_argument("--probe", required=True, type=Path,
-                      help="probe images: an ImageFolder directory (class per folder) or a CSV file (image,caption)")
+                      help="probe images: an ImageFolder directory (class per folder), a CSV file (image,caption), "
+                      "or webdataset .tar shards (one file, or a directory of them)")
     data.add_argument("--vocab", required=True,
                       help="label vocabulary: a text file with one label per line, or 'world' for the synthetic world's")
     data.add_argument("--on-error", choices=("skip", "raise"), default="skip",
                       help="corrupt or missing probe images: skip and count them, or fail (default: skip)")
+    data.add_argument("--workers", type=_non_negative_int, default=2,
+                      help="processes decoding probe images ahead of the scan, per rank (default: 2)")
     oracle = parser.add_argument_group("oracle")
     oracle.add_argument("--oracle", choices=("builtin", "sam"), default="builtin", help="segmenter (default: builtin)")
     oracle.add_argument("--sam-checkpoint", help="segment-anything weights file (for --oracle sam)")
@@ -352,6 +356,8 @@ def _defense_arguments(parser: argparse.ArgumentParser) -> None:
                        help="scan encoder precision (auto: bf16 where native)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the encoder and the repair step")
     speed.add_argument("--batch-size", type=_positive_int, default=256, help="probe images per scan batch")
+    speed.add_argument("--shard-size", type=_positive_int, default=4096,
+                       help="probe images per scan shard: the unit of work of a rank and of a resumed run (default: 4096)")
     speed.add_argument("--accumulation-steps", type=_positive_int, default=1, help="repair micro-batches per step")
     speed.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in repair")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -377,35 +383,56 @@ def _read_vocabulary(spec: str) -> list[str]:
     return labels
 
 
-def _read_probe(path: Path, image_size: int, on_error: str):
-    import torch
+def _read_probe(path: Path, image_size: int, on_error: str, workers: int):
+    """The probe set as a stream: files are checked when they are decoded (by `workers` processes),
+    so a million-image folder starts at once; unreadable ones are counted by the scan."""
+    from clipfast.data.folders import CaptionCSVDataset, ImageFolderDataset, TarShardDataset
+    from clipfast.data.probe import DatasetProbeSet
 
-    from clipfast.data.folders import CaptionCSVDataset, ImageFolderDataset
-
+    options = {"image_size": image_size, "on_error": on_error, "verify": False}
+    is_tar = path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar")))
     try:
-        dataset = (CaptionCSVDataset(path, image_size=image_size, on_error=on_error) if path.is_file()
-                   else ImageFolderDataset(path, image_size=image_size, on_error=on_error))
-        images = torch.stack([dataset[i][0] for i in range(len(dataset))])
+        dataset = (TarShardDataset(path, **options) if is_tar else
+                   CaptionCSVDataset(path, **options) if path.is_file() else ImageFolderDataset(path, **options))
     except (FileNotFoundError, ValueError) as error:
         raise CliError(str(error)) from None
     if dataset.skipped:
-        print(f"skipped {len(dataset.skipped)} unreadable probe images (first: {dataset.skipped[0]})", file=sys.stderr)
-    return images
+        print(f"skipped {len(dataset.skipped)} unusable probe entries (first: {dataset.skipped[0]})", file=sys.stderr)
+    return dataset, DatasetProbeSet(dataset, image_size, workers=workers, on_error=on_error)
 
 
 def _run_defense(args: argparse.Namespace, run_repair: bool) -> None:
+    from clipfast import distributed
+    from clipfast.data.folders import UnreadableImageError
+    from clipfast.defense.pipeline import RunDirectoryMismatch
+    from clipfast.defense.scan import NonFiniteScoresError, ScanShardMismatch
+    from clipfast.train import NonFiniteLossError, ResumeMismatchError
+
+    labels = _read_vocabulary(args.vocab)
+    group, args.device = distributed.init_from_environment(args.device)  # torchrun: one process per GPU / CPU slot
+    try:
+        _run_defense_on_rank(args, run_repair, labels, group)
+    except (RunDirectoryMismatch, ResumeMismatchError, ScanShardMismatch, NonFiniteScoresError, NonFiniteLossError,
+            UnreadableImageError) as error:
+        raise CliError(str(error)) from None
+    finally:
+        distributed.shutdown()
+
+
+def _run_defense_on_rank(args: argparse.Namespace, run_repair: bool, labels: list[str], group) -> None:
     import json
 
+    import torch
+
     from clipfast.defense.curate import CurateConfig
-    from clipfast.defense.pipeline import DefenseConfig, RunDirectoryMismatch, defend
+    from clipfast.defense.pipeline import DefenseConfig, defend
     from clipfast.defense.repair import RepairConfig
     from clipfast.defense.scan import ScanConfig
     from clipfast.models import load_model
     from clipfast.oracle import make_segmenter
 
-    labels = _read_vocabulary(args.vocab)
     bundle = _load_bundle(args)
-    probe = _read_probe(args.probe, bundle.image_size, args.on_error)
+    dataset, probe = _read_probe(args.probe, bundle.image_size, args.on_error, args.workers)
     oracle_options = ({"checkpoint": args.sam_checkpoint, "model_type": args.sam_model_type, "device": _device(args.device)}
                       if args.oracle == "sam" else {})
     if args.oracle == "sam" and not args.sam_checkpoint:
@@ -421,11 +448,12 @@ def _run_defense(args: argparse.Namespace, run_repair: bool) -> None:
     fast = args.engine == "fast"
     try:
         config = DefenseConfig(
-            scan=ScanConfig(backend=args.backend, progress=not args.no_progress, engine=args.engine,
+            scan=ScanConfig(backend=args.backend, progress=not args.no_progress and group.is_main, engine=args.engine,
                             regions=args.regions, precision=args.precision, compile=args.compile,
-                            batch_size=args.batch_size),
+                            batch_size=args.batch_size, shard_size=args.shard_size),
             curate=CurateConfig(backend=args.backend),
-            repair=RepairConfig(progress=not args.no_progress, engine=args.engine, compile=args.compile and fast,
+            repair=RepairConfig(progress=not args.no_progress and group.is_main, engine=args.engine,
+                                compile=args.compile and fast,
                                 accumulation_steps=args.accumulation_steps,
                                 grad_checkpointing=args.grad_checkpointing))
     except ValueError as error:
@@ -433,12 +461,15 @@ def _run_defense(args: argparse.Namespace, run_repair: bool) -> None:
     identity = {"model": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint,
                 "probe": str(args.probe.resolve()), "oracle": args.oracle, "sam_checkpoint": args.sam_checkpoint,
                 "grounding": args.grounding_checkpoint}
-    try:
-        outcome = defend(bundle, labels, probe, segmenter, args.out, prompts=prompts, grounding_bundle=grounding,
-                         config=config, identity=identity, run_repair=run_repair)
-    except RunDirectoryMismatch as error:
-        raise CliError(str(error)) from None
+    outcome = defend(bundle, labels, probe, segmenter, args.out, prompts=prompts, grounding_bundle=grounding,
+                     config=config, identity=identity, run_repair=run_repair)
+    if not group.is_main:
+        return
+    unreadable = [] if outcome.scan.readable is None else torch.nonzero(~outcome.scan.readable).flatten().tolist()
     summary = {"scan": outcome.scan.summary(),
+               "unreadable_probe_images": [dataset.records[i].path for i in unreadable[:100]],
+               "skipped_probe_entries": dataset.skipped[:100],
+               "ranks": group.world_size,
                "compact_set": outcome.compact.summary(labels) if outcome.compact else None,
                "repair": ({"steps": outcome.repair.train.step, "stopped_early": outcome.repair.stopped_early,
                            "estimates": outcome.repair.estimates,
@@ -449,6 +480,9 @@ def _run_defense(args: argparse.Namespace, run_repair: bool) -> None:
 
     save_json(summary, args.out / "report.json")
     scan = outcome.scan
+    if unreadable:
+        print(f"{len(unreadable)} probe images could not be decoded and were left out "
+              f"(first: {dataset.records[unreadable[0]].path}); see report.json", file=sys.stderr)
     if not scan.found:
         print(f"no target label found in {len(scan.image_label)} probe images: the model is left alone")
     else:
@@ -497,11 +531,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     args.argv = argv  # recorded in reports
+    # SIGTERM (a scheduler's or torchrun's stop) unwinds like Ctrl-C: half-written files are removed
+    # and finished work stays on disk for the rerun to resume from.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         args.run(args)
     except (CliError, ModelLoadError) as error:
         args.subparser.error(str(error))  # exits with code 2
     return 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

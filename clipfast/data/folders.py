@@ -1,19 +1,26 @@
-"""Datasets of real images for users: an ImageFolder tree (root/<class>/<image>) and a CSV of
-image-caption pairs.
+"""Datasets of real images for users: an ImageFolder tree (root/<class>/<image>), a CSV of
+image-caption pairs and webdataset tar shards (key.jpg + key.cls / key.txt members).
 
 Images are decoded with PIL to 8-bit RGB uint8 tensors [3, H, W]: grayscale, palette and CMYK are
 converted, 16-bit images are scaled down to 8 bits (not clipped), and transparent images are
-composited over white. Every file is checked once up front (opened and verified by PIL): with
-on_error="skip" unusable files are listed in `skipped` as (path, reason); with on_error="raise" the
-first one raises a ValueError naming the file and the reason. Some damage (e.g. a truncated JPEG)
-only shows when the pixels are decoded; __getitem__ then raises UnreadableImageError naming the file.
+composited over white. Images over MAX_PIXELS are refused before their pixels are decoded
+(decompression bombs). With verify=True every file is checked once up front (opened and verified by
+PIL): with on_error="skip" unusable files are listed in `skipped` as (path, reason); with
+on_error="raise" the first one raises a ValueError naming the file and the reason. Some damage (e.g.
+a truncated JPEG) only shows when the pixels are decoded; __getitem__ then raises
+UnreadableImageError naming the file. verify=False skips the up-front pass (very large sets: each
+image is read once, when it is used, and the reader counts what fails; see data/probe.py).
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import os
+import tarfile
+import warnings
 from dataclasses import dataclass
+from typing import IO
 
 import numpy as np
 import torch
@@ -25,6 +32,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (
 ON_ERROR_POLICIES: tuple[str, ...] = ("skip", "raise")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # PIL's modes for 16-bit greyscale
 _ALPHA_BACKGROUND = (255, 255, 255)
+# PIL's own decompression-bomb limit (~89 megapixels): larger images are refused, not decoded.
+MAX_PIXELS: int = Image.MAX_IMAGE_PIXELS or 89_478_485
 
 
 class UnreadableImageError(ValueError):
@@ -57,29 +66,48 @@ def load_image(path: str, image_size: int | None = None) -> torch.Tensor:
     The resize squashes (no crop), so content near the borders, e.g. a corner trigger, is kept.
     Raises UnreadableImageError naming the file when it cannot be decoded.
     """
+    return decode_image(path, image_size, name=path)
+
+
+def decode_image(source: str | IO[bytes], image_size: int | None = None, name: str | None = None) -> torch.Tensor:
+    """load_image for a path or an open binary file (e.g. a tar member); `name` goes in errors."""
+    name = name or str(source)
     try:
-        with Image.open(path) as image:
+        with _open_image(source) as image:
             image.load()
             rgb = _to_rgb8(image)
     except Exception as error:  # PIL signals corrupt data with many exception types
-        raise UnreadableImageError(f"cannot decode image {path!r}: {_describe(error)}") from error
+        raise UnreadableImageError(f"cannot decode image {name!r}: {_describe(error)}") from error
     if image_size is not None:
         rgb = rgb.resize((image_size, image_size), Image.BICUBIC)
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def _open_image(source: str | IO[bytes]) -> Image.Image:
+    """Image.open (header only) that refuses images over MAX_PIXELS before any pixel is decoded."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        image = Image.open(source)
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise ValueError(f"{width} x {height} pixels exceeds the limit of {MAX_PIXELS} (clipfast.data.folders.MAX_PIXELS)")
+    return image
 
 
 def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def _check_image(path: str) -> str | None:
-    """Why `path` is not a usable image, or None when PIL opens and verifies it."""
-    if not os.path.exists(path):
-        return "file not found"
-    if not os.path.isfile(path):
-        return "not a regular file"
+def _check_image(source: str | IO[bytes]) -> str | None:
+    """Why `source` is not a usable image, or None when PIL opens and verifies it."""
+    if isinstance(source, str):
+        if not os.path.exists(source):
+            return "file not found"
+        if not os.path.isfile(source):
+            return "not a regular file"
     try:
-        with Image.open(path) as image:
+        with _open_image(source) as image:
             image.verify()
     except Exception as error:  # PIL signals corrupt data with many exception types
         return _describe(error)
@@ -95,6 +123,7 @@ class _CheckedImageDataset(torch.utils.data.Dataset):
         source: str,
         image_size: int | None,
         on_error: str,
+        verify: bool = True,
     ) -> None:
         """candidates: each record with a problem already known (e.g. an empty CSV cell) or None."""
         self.image_size = image_size
@@ -102,7 +131,8 @@ class _CheckedImageDataset(torch.utils.data.Dataset):
         self.records: list[ImageRecord] = []
         self.skipped: list[tuple[str, str]] = []
         for record, problem in candidates:
-            problem = problem or _check_image(record.path)
+            if problem is None and verify:
+                problem = self._check(record)
             if problem is None:
                 self.records.append(record)
             elif on_error == "raise":
@@ -122,6 +152,9 @@ class _CheckedImageDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def _check(self, record: ImageRecord) -> str | None:
+        return _check_image(record.path)
 
     def _load(self, index: int) -> torch.Tensor:
         return load_image(self.records[index].path, self.image_size)
@@ -147,7 +180,8 @@ class ImageFolderDataset(_CheckedImageDataset):
     __getitem__ returns (uint8 tensor [3, H, W] RGB, label int).
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int | None = None, on_error: str = "skip") -> None:
+    def __init__(self, root: str | os.PathLike, image_size: int | None = None, on_error: str = "skip",
+                 verify: bool = True) -> None:
         self._check_options(image_size, on_error)
         root = os.fspath(root)
         if not os.path.isdir(root):
@@ -164,7 +198,7 @@ class ImageFolderDataset(_CheckedImageDataset):
             for label, name in enumerate(self.classes)
             for path in _list_images(os.path.join(root, name))
         ]
-        super().__init__(candidates, f"image folder {root!r}", image_size, on_error)
+        super().__init__(candidates, f"image folder {root!r}", image_size, on_error, verify)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         return self._load(index), self.records[index].label
@@ -186,6 +220,7 @@ class CaptionCSVDataset(_CheckedImageDataset):
         image_column: str = "image",
         caption_column: str = "caption",
         delimiter: str = ",",
+        verify: bool = True,
     ) -> None:
         self._check_options(image_size, on_error)
         csv_path = os.fspath(csv_path)
@@ -211,7 +246,124 @@ class CaptionCSVDataset(_CheckedImageDataset):
             elif not caption:
                 problem = f"empty caption (line {line})"
             candidates.append((ImageRecord(path=path, label=None, caption=caption), problem))
-        super().__init__(candidates, f"caption CSV {csv_path!r}", image_size, on_error)
+        super().__init__(candidates, f"caption CSV {csv_path!r}", image_size, on_error, verify)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str]:
         return self._load(index), self.records[index].caption
+
+
+WEBDATASET_IMAGE_EXTENSIONS = tuple(extension.lstrip(".") for extension in IMAGE_EXTENSIONS)
+
+
+class TarShardDataset(_CheckedImageDataset):
+    """Samples of webdataset tar shards: members sharing a key (the member path up to the first dot
+    of its file name, webdataset's convention) form a sample; its image is the member with an image
+    extension, its label an integer in `<key>.cls`, its caption the text of `<key>.txt`.
+
+    The shards are indexed once (member offsets, no pixel is read), so any sample is read by one
+    seek: ranks and workers each read exactly their own samples, and a resumed run starts where it
+    stopped. __getitem__ returns (uint8 tensor [3, H, W] RGB, label int, or the caption when the
+    sample has no .cls).
+    """
+
+    def __init__(self, shards: str | os.PathLike | list[str | os.PathLike], image_size: int | None = None,
+                 on_error: str = "skip", verify: bool = True) -> None:
+        self._check_options(image_size, on_error)
+        self.shards = _tar_paths(shards)
+        self._locations: dict[str, tuple[str, int, int]] = {}  # record path -> (tar, offset, size)
+        self._handles: dict[str, IO[bytes]] = {}
+        self._handles_pid = os.getpid()
+        candidates = []
+        for tar_path in self.shards:
+            candidates += self._index(tar_path)
+        super().__init__(candidates, f"tar shards {self.shards[0]!r}{' ...' if len(self.shards) > 1 else ''}",
+                         image_size, on_error, verify)
+
+    def _index(self, tar_path: str) -> list[tuple[ImageRecord, str | None]]:
+        samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+        try:
+            with tarfile.open(tar_path, "r:") as archive:  # uncompressed: members are seekable
+                for member in archive:
+                    if not member.isfile():
+                        continue
+                    folder, name = os.path.split(member.name)
+                    stem, dot, extension = name.partition(".")
+                    if dot and not name.startswith("."):
+                        samples.setdefault(os.path.join(folder, stem), {})[extension.lower()] = member
+        except (tarfile.TarError, OSError) as error:
+            raise ValueError(f"{tar_path!r} is not a readable uncompressed tar file: {_describe(error)}") from error
+        candidates = []
+        with open(tar_path, "rb") as file:
+            for key, members in samples.items():
+                path = f"{tar_path}::{key}"
+                image = next((members[e] for e in WEBDATASET_IMAGE_EXTENSIONS if e in members), None)
+                label, caption, problem = None, None, None
+                try:
+                    if "cls" in members:
+                        label = int(self._read(file, members["cls"]).decode().strip())
+                    if "txt" in members:
+                        caption = self._read(file, members["txt"]).decode("utf-8").strip() or None
+                except (ValueError, UnicodeDecodeError) as error:
+                    problem = f"bad .cls or .txt member: {_describe(error)}"
+                if image is None:
+                    problem = f"no image member (has: {', '.join(sorted(members))})"
+                else:
+                    self._locations[path] = (tar_path, image.offset_data, image.size)
+                candidates.append((ImageRecord(path=path, label=label, caption=caption), problem))
+        return candidates
+
+    @staticmethod
+    def _read(file: IO[bytes], member: tarfile.TarInfo) -> bytes:
+        file.seek(member.offset_data)
+        return file.read(member.size)
+
+    def _member_bytes(self, path: str) -> io.BytesIO:
+        tar_path, offset, size = self._locations[path]
+        if self._handles_pid != os.getpid():  # a forked worker must not share its parent's file offsets
+            self._handles, self._handles_pid = {}, os.getpid()
+        handle = self._handles.get(tar_path)
+        if handle is None:
+            handle = self._handles[tar_path] = open(tar_path, "rb")
+        handle.seek(offset)
+        data = handle.read(size)
+        if len(data) != size:
+            raise UnreadableImageError(f"cannot decode image {path!r}: the tar member is truncated")
+        return io.BytesIO(data)
+
+    def _check(self, record: ImageRecord) -> str | None:
+        try:
+            return _check_image(self._member_bytes(record.path))
+        except UnreadableImageError as error:
+            return str(error)
+
+    def _load(self, index: int) -> torch.Tensor:
+        path = self.records[index].path
+        return decode_image(self._member_bytes(path), self.image_size, name=path)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_handles"] = {}  # open files do not travel to worker processes
+        return state
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int | str | None]:
+        record = self.records[index]
+        return self._load(index), record.label if record.label is not None else record.caption
+
+
+def _tar_paths(shards) -> list[str]:
+    """A tar file, a folder of .tar files, or a list of tar files, as a sorted list of paths."""
+    if isinstance(shards, (str, os.PathLike)):
+        shards = os.fspath(shards)
+        if os.path.isdir(shards):
+            paths = sorted(os.path.join(shards, name) for name in os.listdir(shards) if name.endswith(".tar"))
+            if not paths:
+                raise ValueError(f"no .tar shards in {shards!r}")
+            return paths
+        shards = [shards]
+    paths = [os.fspath(path) for path in shards]
+    missing = [path for path in paths if not os.path.isfile(path)]
+    if missing:
+        raise FileNotFoundError(f"tar shard(s) not found: {missing[:4]}")
+    if not paths:
+        raise ValueError("no tar shards given")
+    return paths

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from clipfast.data.probe import ProbeSet, as_probe_set
 from clipfast.ops import region_topk
 
 from .scan import ScanResult
@@ -58,10 +59,11 @@ class CompactSet:
         }
 
 
-def curate(scan: ScanResult, images: torch.Tensor, config: CurateConfig = CurateConfig()) -> CompactSet:
-    """Build the compact set from a scan of `images` (the same probe images, uint8 [N, 3, H, W])."""
+def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConfig = CurateConfig()) -> CompactSet:
+    """Build the compact set from a scan of `images` (the same probe set; only the chosen images are read)."""
     if not scan.found:
         raise ValueError("curate: the scan found no target label; there is nothing to repair")
+    images = as_probe_set(images)
     if len(images) != len(scan.image_label):
         raise ValueError(f"curate: {len(images)} images but the scan covered {len(scan.image_label)}")
     generator = torch.Generator().manual_seed(config.seed)
@@ -90,4 +92,4 @@ def curate(scan: ScanResult, images: torch.Tensor, config: CurateConfig = Curate
     template = torch.randint(len(CAPTION_TEMPLATES), (len(indices),), generator=generator)
     captions = [CAPTION_TEMPLATES[int(t)].format(scan.classnames[int(label)]) for t, label in zip(template, caption_labels)]
     is_victim = torch.cat([torch.ones(len(chosen), dtype=torch.bool), torch.zeros(len(replay), dtype=torch.bool)])
-    return CompactSet(images[indices], captions, indices, is_victim, victims, affected, list(scan.targets))
+    return CompactSet(images.read(indices), captions, indices, is_victim, victims, affected, list(scan.targets))

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from clipfast.data.probe import ProbeSet, as_probe_set
 from clipfast.models import ClipBundle, ZeroShotClassifier, freeze_text_tower, text_tower_trains
 from clipfast.train.cleanclip import CleanCLIPObjective
 from clipfast.train.loop import TrainConfig, TrainResult, train
@@ -72,9 +73,10 @@ class RepairResult:
     clean_within_tolerance: bool
 
 
-def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: torch.Tensor, prompts,
+def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: ProbeSet | torch.Tensor, prompts,
                       holdout_clean: int, seed: int) -> Callable[[ClipBundle], dict]:
     """eval_fn for the training loop: ASR estimate on held-out victims, agreement on held-out clean images."""
+    probe_images = as_probe_set(probe_images)
     in_compact = torch.zeros(len(probe_images), dtype=torch.bool)
     in_compact[compact.source_indices] = True
     victims = compact.victim_indices[~in_compact[compact.victim_indices]]
@@ -85,6 +87,7 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: torch
     targets = torch.tensor(scan.targets)
     prompt_kwargs = {} if prompts is None else {"prompts": prompts}
     fixed_classifier = None
+    victim_images, clean_images = probe_images.read(victims), probe_images.read(clean)  # read once
 
     def estimate(bundle: ClipBundle) -> dict:
         nonlocal fixed_classifier
@@ -94,17 +97,18 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: torch
             fixed_classifier = classifier
         out = {}
         if len(victims):
-            predicted = classifier.predict(probe_images[victims])[0][:, 0]
+            predicted = classifier.predict(victim_images)[0][:, 0]
             out["asr_estimate"] = float(torch.isin(predicted, targets).float().mean())
         if len(clean):
-            predicted = classifier.predict(probe_images[clean])[0][:, 0]
+            predicted = classifier.predict(clean_images)[0][:, 0]
             out["clean_agreement"] = float((predicted == scan.image_label[clean]).float().mean())
         return out
 
     return estimate
 
 
-def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_images: torch.Tensor, out_dir: str | Path,
+def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_images: ProbeSet | torch.Tensor,
+           out_dir: str | Path,
            *, prompts=None, config: RepairConfig = RepairConfig()) -> RepairResult:
     """Fine-tune bundle.model in place; resumable from out_dir like any training run."""
     if len(compact) == 0:

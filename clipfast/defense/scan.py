@@ -23,16 +23,21 @@ materialising [B, M, C] probabilities.
 
 from __future__ import annotations
 
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from scipy.stats import binom
 from tqdm import tqdm
 
+from clipfast import distributed
 from clipfast.data.prefetch import prefetch
+from clipfast.data.probe import ProbeSet, as_probe_set
 from clipfast.models import ClipBundle, ZeroShotClassifier
+from clipfast.models.checkpoint import write_atomically
 from clipfast.models.encoder import ImageEncoder, inference_dtype
 from clipfast.models.regions import encode_regions_pooled
 from clipfast.ops import RegionScores, mask_crop, region_score
@@ -64,6 +69,9 @@ class ScanConfig:
     # fast engine: oracle batches segmented ahead in a background thread (0: inline). Even on 2 CPU
     # cores it did not cost: see the "fast crop prefetch=0" row of `clipfast bench --suite pipeline`.
     prefetch: int = 2
+    # Probe images per shard: the unit of work of a rank and of a resumed run (a multiple of
+    # batch_size keeps batches whole). Changing it changes how the causal test batches, so it ties.
+    shard_size: int = 4096
     backend: str = "auto"  # op backend (see clipfast.ops)
     progress: bool = True
 
@@ -76,8 +84,8 @@ class ScanConfig:
             raise ValueError(f"significance must be in (0, 1), got {self.significance}")
         if not 0.0 < self.min_causal_drop <= 1.0:
             raise ValueError(f"min_causal_drop must be in (0, 1], got {self.min_causal_drop}")
-        if self.batch_size < 1 or self.min_count < 1 or self.encode_batch < 1:
-            raise ValueError("batch_size, encode_batch and min_count must be >= 1")
+        if self.batch_size < 1 or self.min_count < 1 or self.encode_batch < 1 or self.shard_size < 1:
+            raise ValueError("batch_size, encode_batch, shard_size and min_count must be >= 1")
         if self.engine not in ("fast", "reference"):
             raise ValueError(f"ScanConfig.engine must be fast or reference, got {self.engine!r}")
         if self.regions not in ("crop", "pool"):
@@ -126,6 +134,7 @@ class ScanResult:
     targets: list[int]
     triggers: list[TriggerEstimate]
     seconds: dict[str, float] = field(default_factory=dict)
+    readable: torch.Tensor | None = None  # [N] bool: decoded; unreadable images take part in nothing (None: all)
 
     @property
     def found(self) -> bool:
@@ -140,6 +149,7 @@ class ScanResult:
             "target_found": self.found,
             "targets": [self.classnames[t] for t in self.targets],
             "probe_images": len(self.image_label),
+            "unreadable": 0 if self.readable is None else int((~self.readable).sum()),
             "mean_regions_per_image": float(self.region_counts.float().mean()),
             "ungrounded": int(self.ungrounded.sum()),
             "candidates": int(self.candidate.sum()),
@@ -230,27 +240,137 @@ def _at_encoder_resolution(masks: torch.Tensor, size: int) -> torch.Tensor:
     return resized[:, top : top + size, left : left + size].view(*masks.shape[:2], size, size) > 0.5
 
 
+@dataclass
+class ScanShard:
+    """The per-image results of probe images [lo, hi): what one rank computes, one file holds and a
+    resumed run keeps. Decisions need every shard (scan() gathers them)."""
+
+    lo: int
+    hi: int
+    readable: torch.Tensor  # [K] bool: the image could be decoded (unreadable ones take part in nothing)
+    image_label: torch.Tensor  # [K] L_i (-1 when unreadable)
+    image_prob: torch.Tensor
+    grounded: torch.Tensor
+    ungrounded: torch.Tensor
+    causal_drop: torch.Tensor
+    discrepancy: torch.Tensor
+    oracle_label: torch.Tensor
+    region_counts: torch.Tensor
+    trigger_masks: dict[int, torch.Tensor]  # probe index -> its largest-drop region, where the drop passes min_causal_drop
+
+
+class ScanShardMismatch(ValueError):
+    """A shard directory holds results of a scan with other settings, probe set or vocabulary."""
+
+
+class NonFiniteScoresError(ValueError):
+    """The model produced NaN or inf scores (broken weights or input)."""
+
+
+# Settings that never change a scan's results: they do not tie a shard directory (or a run directory).
+RESULT_NEUTRAL_SETTINGS = frozenset({"progress", "backend", "batch_size", "prefetch", "compile", "encode_batch"})
+
+
+def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + shard_size, n)) for lo in range(0, n, shard_size)]
+
+
+def shard_path(shard_dir: Path, index: int, count: int) -> Path:
+    return Path(shard_dir) / f"shard-{index:05d}-of-{count:05d}.pt"
+
+
+def _fingerprint(config: ScanConfig, classnames: list[str], n: int, bundle: ClipBundle,
+                 grounding_bundle: ClipBundle | None) -> dict:
+    settings = {k: v for k, v in asdict(config).items() if k not in RESULT_NEUTRAL_SETTINGS}
+    models = [(b.name, sum(p.numel() for p in b.model.parameters())) for b in (bundle, grounding_bundle) if b]
+    return json.loads(json.dumps({"settings": settings, "classnames": classnames, "probe_images": n, "models": models}))
+
+
+def _load_shard(path: Path, fingerprint: dict) -> ScanShard:
+    try:
+        payload = torch.load(path, weights_only=True)
+    except Exception as error:  # a file that is not ours; atomic writes mean never a partial one
+        raise ScanShardMismatch(f"{path} is not a scan shard ({type(error).__name__}: {error})") from error
+    if not isinstance(payload, dict) or payload.get("fingerprint") != fingerprint:
+        raise ScanShardMismatch(f"{path} holds results of a scan with other settings, probe set or vocabulary; "
+                                "use a new directory")
+    return ScanShard(**payload["shard"])
+
+
 def scan(
     bundle: ClipBundle,
     classnames: Sequence[str],
-    images: torch.Tensor,
+    probe: ProbeSet | torch.Tensor,
     segmenter: Segmenter,
     *,
     prompts: Callable[[str], list[str]] | None = None,
     grounding_bundle: ClipBundle | None = None,
     config: ScanConfig = ScanConfig(),
+    shard_dir: str | Path | None = None,
 ) -> ScanResult:
-    """Run Algorithm 1 over probe images (uint8 [N, 3, H, W]). grounding_bundle is a trusted clean
-    CLIP; without one the model under test grounds its own crops."""
-    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.dtype != torch.uint8:
-        raise ValueError("scan: probe images must be a uint8 tensor [N, 3, H, W]")
-    if len(images) == 0:
+    """Run Algorithm 1 over the probe set (uint8 [N, 3, H, W] or a ProbeSet streaming from files).
+    grounding_bundle is a trusted clean CLIP; without one the model under test grounds its own crops.
+
+    The probe set is cut into shards of config.shard_size images. Under torch.distributed each rank
+    scans the shards k with k % world_size == rank and the per-image results are gathered, so every
+    rank reaches the decisions of a single-process run. With shard_dir, each finished shard is
+    written there atomically and a rerun (on any number of ranks) scans only the missing ones.
+    """
+    probe = as_probe_set(probe)
+    if len(probe) == 0:
         raise ValueError("scan: the probe set is empty")
+    classnames = check_vocabulary(classnames)
+    group = distributed.current()
+    n, shards = len(probe), shard_ranges(len(probe), config.shard_size)
+    fingerprint = _fingerprint(config, classnames, n, bundle, grounding_bundle)
+    mine = list(range(group.rank, len(shards), group.world_size))
+    done: dict[int, ScanShard] = {}
+    if shard_dir is not None:
+        done = {k: _load_shard(shard_path(shard_dir, k, len(shards)), fingerprint) for k in mine
+                if shard_path(shard_dir, k, len(shards)).exists()}
+    todo = [k for k in mine if k not in done]
+    seconds = {"text_encoding": 0.0, "segment": 0.0, "regions": 0.0, "causal_test": 0.0}
+    if todo:
+        def keep(k: int, shard: ScanShard) -> None:
+            done[k] = shard
+            if shard_dir is not None:
+                payload = {"fingerprint": fingerprint, "shard": asdict(shard)}
+                write_atomically(shard_path(shard_dir, k, len(shards)), lambda file: torch.save(payload, file))
+
+        _scan_shards(bundle, classnames, probe, segmenter, [(k, *shards[k]) for k in todo], keep, prompts,
+                     grounding_bundle, config, seconds)
+    # Every rank gets every shard; the slowest rank's stage times are the run's.
+    gathered = group.all_gather_object((done, seconds))
+    every = {k: shard for shards_of_rank, _ in gathered for k, shard in shards_of_rank.items()}
+    seconds = {name: max(times[name] for _, times in gathered) for name in seconds}
+    return _decide(classnames, [every[k] for k in range(len(shards))], config, seconds)
+
+
+def check_vocabulary(classnames: Sequence[str]) -> list[str]:
+    """The label vocabulary as a list; ValueError for fewer than two labels, empty or duplicate ones."""
+    if isinstance(classnames, str):
+        raise ValueError("scan: the label vocabulary must be a sequence of labels, not one string")
     classnames = list(classnames)
     if len(classnames) < 2:
         raise ValueError("scan: the label vocabulary needs at least two labels")
+    bad = [i for i, name in enumerate(classnames) if not isinstance(name, str) or not name.strip()]
+    if bad:
+        raise ValueError(f"scan: empty or non-string labels at positions {bad[:8]}")
+    seen, duplicates = set(), []
+    for name in classnames:
+        if name.strip() in seen:
+            duplicates.append(name)
+        seen.add(name.strip())
+    if duplicates:
+        raise ValueError(f"scan: duplicate labels {sorted(set(duplicates))[:8]}: each label must be named once")
+    return classnames
+
+
+def _scan_shards(bundle: ClipBundle, classnames: list[str], probe: ProbeSet, segmenter: Segmenter,
+                 shards: list[tuple[int, int, int]], keep: Callable[[int, ScanShard], None], prompts,
+                 grounding_bundle: ClipBundle | None, config: ScanConfig, seconds: dict[str, float]) -> None:
+    """Scan the given (index, lo, hi) shards and keep(index, shard) each as soon as it is complete."""
     prompt_kwargs = {} if prompts is None else {"prompts": prompts}
-    seconds = {}
     start = time.perf_counter()
     scorer_type = ReferenceRegionScorer if config.engine == "reference" else _RegionScorer
     suspect = scorer_type(bundle, ZeroShotClassifier(bundle, classnames, **prompt_kwargs), config)
@@ -258,109 +378,147 @@ def scan(
         grounding_bundle, ZeroShotClassifier(grounding_bundle, classnames, **prompt_kwargs), config)
     seconds["text_encoding"] = time.perf_counter() - start
 
-    n, height, width = len(images), images.shape[2], images.shape[3]
+    _, height, width = probe.image_shape
     min_area = config.object_min_fraction * height * width
-    image_label = torch.zeros(n, dtype=torch.int64)
-    image_prob = torch.zeros(n)
-    grounded = torch.zeros(n, dtype=torch.bool)
-    self_supported = torch.zeros(n, dtype=torch.bool)
-    discrepancy = torch.zeros(n)
-    oracle_label = torch.full((n,), -1, dtype=torch.int64)
-    region_counts = torch.zeros(n, dtype=torch.int64)
-    small_regions = {}  # ungrounded image -> its non-object region masks, for the causal test
-    oracle_seconds = []
     pin = bundle.device.type == "cuda"
+    batches = [(k, lo, min(lo + config.batch_size, hi)) for k, shard_lo, hi in shards
+               for lo in range(shard_lo, hi, config.batch_size)]
+    last_batch_of = {k: max(lo for j, lo, _ in batches if j == k) for k, _, _ in shards}
+    bounds = {k: (lo, hi) for k, lo, hi in shards}
+    oracle_seconds = []
 
     def segmented():
-        for lo in range(0, n, config.batch_size):
-            batch = images[lo : lo + config.batch_size]
+        ranges = [(lo, hi) for _, lo, hi in batches]
+        for (k, _, _), (lo, images, readable) in zip(batches, probe.batches(ranges)):
             t0 = time.perf_counter()
-            segmentation = segmenter.segment(batch)
+            segmentation = segmenter.segment(images)
             oracle_seconds.append(time.perf_counter() - t0)
             masks = segmentation.masks
             if pin:  # page-locked, so the copies to the GPU are asynchronous
-                batch, masks = batch.pin_memory(), masks.pin_memory()
+                images, masks = images.pin_memory(), masks.pin_memory()
             areas = masks.flatten(2).sum(-1)
-            yield lo, batch, segmentation, masks, segmentation.valid & (areas >= min_area)
+            yield k, lo, images, readable, segmentation, masks, segmentation.valid & (areas >= min_area)
 
-    def record(lo, segmentation, objects, own_scores, ground_scores) -> None:
+    current: dict[int, dict] = {}  # shard index -> its arrays while it is being scanned
+
+    def arrays(k: int) -> dict:
+        if k not in current:
+            size = bounds[k][1] - bounds[k][0]
+            current[k] = {"readable": torch.zeros(size, dtype=torch.bool),
+                          "image_label": torch.full((size,), -1, dtype=torch.int64), "image_prob": torch.zeros(size),
+                          "grounded": torch.zeros(size, dtype=torch.bool),
+                          "ungrounded": torch.zeros(size, dtype=torch.bool), "discrepancy": torch.zeros(size),
+                          "oracle_label": torch.full((size,), -1, dtype=torch.int64),
+                          "region_counts": torch.zeros(size, dtype=torch.int64), "small_regions": {}}
+        return current[k]
+
+    def record(k, lo, images, readable, segmentation, objects, own_scores, ground_scores) -> None:
         """Host-side bookkeeping of one batch, once its scores are on the host."""
         own = own_scores.result()
         ground = own if ground_scores is own_scores else ground_scores.result()
-        sl = slice(lo, lo + len(objects))
-        image_label[sl], image_prob[sl], discrepancy[sl] = own.image_label, own.image_prob, own.discrepancy
+        if not torch.isfinite(own.image_prob[readable]).all():
+            raise NonFiniteScoresError(f"scan: the model's scores of probe images {lo}..{lo + len(readable) - 1} are "
+                                       "NaN or inf; its weights or the images are broken")
+        shard = arrays(k)
+        sl = slice(lo - bounds[k][0], lo - bounds[k][0] + len(readable))
         label = own.image_label[:, None]
         if grounder is suspect:  # region_score already has q_ij(L_i) for the suspect's own L_i
-            grounded[sl] = (own.region_image_prob >= config.grounding_threshold).any(-1)
+            grounded = (own.region_image_prob >= config.grounding_threshold).any(-1)
         else:  # threshold >= 0.5: q'_ij(L_i) passes it only as region j's top label
-            grounded[sl] = ((ground.region_label == label) & (ground.region_prob >= config.grounding_threshold)).any(-1)
-        self_supported[sl] = (own.region_label == label).any(-1)
+            grounded = ((ground.region_label == label) & (ground.region_prob >= config.grounding_threshold)).any(-1)
+        self_supported = (own.region_label == label).any(-1)
         # Regions are sorted largest first, so the first object region is the largest one.
         has_object = objects.any(-1)
         first_object = objects.float().argmax(-1)
-        oracle_label[sl] = torch.where(has_object, ground.region_label.gather(1, first_object[:, None]).squeeze(1), -1)
-        region_counts[sl] = segmentation.counts
+        oracle_label = torch.where(has_object, ground.region_label.gather(1, first_object[:, None]).squeeze(1), -1)
+        shard["readable"][sl] = readable
+        shard["image_label"][sl] = torch.where(readable, own.image_label, -1)
+        shard["image_prob"][sl] = torch.where(readable, own.image_prob, 0.0)
+        shard["discrepancy"][sl] = torch.where(readable, own.discrepancy, 0.0)
+        shard["grounded"][sl] = grounded & readable
+        shard["ungrounded"][sl] = ~grounded & ~self_supported & readable
+        shard["oracle_label"][sl] = torch.where(readable, oracle_label, -1)
+        shard["region_counts"][sl] = torch.where(readable, segmentation.counts, 0)
         small = segmentation.valid & ~objects
-        for k in torch.nonzero(~grounded[sl] & ~self_supported[sl] & small.any(-1)).flatten().tolist():
-            small_regions[lo + k] = segmentation.masks[k, small[k]]
+        for j in torch.nonzero(shard["ungrounded"][sl] & small.any(-1)).flatten().tolist():
+            shard["small_regions"][lo + j] = (images[j], segmentation.masks[j, small[j]])
+        if lo == last_batch_of[k]:
+            finish(k)
 
-    # Batch k's scores are recorded after batch k+1 is submitted: the device never waits for the host.
+    def finish(k: int) -> None:
+        shard = current.pop(k)
+        t0 = time.perf_counter()
+        per_image = config.engine == "reference"  # the reference encodes each image's removals as one batch
+        drops, masks = _causal_test(suspect.class_probs, shard.pop("small_regions"), shard["image_label"],
+                                    shard["image_prob"], bounds[k][0], config.batch_size, per_image)
+        seconds["causal_test"] += time.perf_counter() - t0
+        passing = {i: mask for i, mask in masks.items() if drops[i - bounds[k][0]] >= config.min_causal_drop}
+        keep(k, ScanShard(*bounds[k], causal_drop=drops, trigger_masks=passing, **shard))
+
+    # Batch b's scores are recorded after batch b+1 is submitted: the device never waits for the host.
     start, pending = time.perf_counter(), None
     stream = prefetch(segmented(), config.prefetch if config.engine == "fast" else 0)
-    batches = (n + config.batch_size - 1) // config.batch_size
-    for lo, batch, segmentation, masks, objects in tqdm(stream, total=batches, desc="scan", unit="batch",
-                                                         disable=not config.progress):
-        own = suspect.submit(batch, masks, objects)
-        ground = own if grounder is suspect else grounder.submit(batch, masks, objects)
+    for k, lo, images, readable, segmentation, masks, objects in tqdm(
+            stream, total=len(batches), desc="scan", unit="batch", disable=not config.progress):
+        own = suspect.submit(images, masks, objects)
+        ground = own if grounder is suspect else grounder.submit(images, masks, objects)
         if pending is not None:
             record(*pending)
-        pending = (lo, segmentation, objects, own, ground)
+        pending = (k, lo, images, readable, segmentation, objects, own, ground)
     record(*pending)
     seconds["segment"] = sum(oracle_seconds)  # oracle busy time (overlapped with encoding in the fast engine)
-    seconds["regions"] = time.perf_counter() - start  # the whole segment + encode + score loop
+    seconds["regions"] = time.perf_counter() - start - seconds["causal_test"]  # the segment + encode + score loop
 
-    ungrounded = ~grounded & ~self_supported
-    t0 = time.perf_counter()
-    per_image = config.engine == "reference"  # the reference encodes each image's removals as one batch
-    causal_drop, trigger_masks = _causal_test(suspect.class_probs, images, image_label, image_prob, small_regions,
-                                              config.batch_size, per_image)
-    seconds["causal_test"] = time.perf_counter() - t0
-    candidate = ungrounded & (causal_drop >= config.min_causal_drop)
+
+def _decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, seconds: dict) -> ScanResult:
+    """The probe-set-wide decisions (target labels, triggers) from every shard's per-image results."""
+    columns = {name: torch.cat([getattr(shard, name) for shard in shards])
+               for name in ("readable", "image_label", "image_prob", "grounded", "ungrounded", "causal_drop",
+                            "discrepancy", "oracle_label", "region_counts")}
+    if not columns["readable"].any():
+        raise ValueError(f"scan: none of the {len(columns['readable'])} probe images could be read")
+    trigger_masks = {i: mask for shard in shards for i, mask in shard.trigger_masks.items()}
+    candidate = columns["ungrounded"] & (columns["causal_drop"] >= config.min_causal_drop)
+    image_label = columns["image_label"]
     label_test, targets = _decide_targets(image_label, candidate, len(classnames), config)
-    triggers = [_trigger_estimate(target, candidate, image_label, causal_drop, trigger_masks) for target in targets]
-    return ScanResult(classnames, image_label, image_prob, grounded, ungrounded, causal_drop, candidate, discrepancy,
-                      oracle_label, region_counts, label_test, targets, triggers, seconds)
+    triggers = [_trigger_estimate(target, candidate, image_label, columns["causal_drop"], trigger_masks)
+                for target in targets]
+    return ScanResult(classnames, image_label, columns["image_prob"], columns["grounded"], columns["ungrounded"],
+                      columns["causal_drop"], candidate, columns["discrepancy"], columns["oracle_label"],
+                      columns["region_counts"], label_test, targets, triggers, seconds, columns["readable"])
 
 
 @torch.no_grad()
-def _causal_test(class_probs: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, image_label: torch.Tensor,
-                 image_prob: torch.Tensor, small_regions: dict[int, torch.Tensor], batch_size: int,
+def _causal_test(class_probs: Callable[[torch.Tensor], torch.Tensor],
+                 small_regions: dict[int, tuple[torch.Tensor, torch.Tensor]], image_label: torch.Tensor,
+                 image_prob: torch.Tensor, offset: int, batch_size: int,
                  per_image: bool) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-    """For each image in small_regions: remove each of its regions in turn (fill with the image's
-    median colour) and find the largest relative drop of p(L_i). Returns the drops [N] (0 where not
-    tested) and, per tested image, the mask of the region with that drop."""
-    drops = torch.zeros(len(images))
+    """For each probe image i in small_regions (its image and its non-object region masks): remove
+    each region in turn (fill with the image's median colour) and find the largest relative drop of
+    p(L_i). image_label / image_prob / the returned drops are indexed by i - offset (0 where not
+    tested); also returns, per tested image, the mask of the region with that drop."""
+    drops = torch.zeros(len(image_label))
     best_masks = {}
-    pairs = [(i, j) for i, masks in small_regions.items() for j in range(len(masks))]
+    pairs = [(i, j) for i, (_, masks) in small_regions.items() for j in range(len(masks))]
     pair_drop = torch.zeros(len(pairs))
-    bounds = (torch.tensor([len(masks) for masks in small_regions.values()]).cumsum(0).tolist() if per_image else
+    bounds = (torch.tensor([len(masks) for _, masks in small_regions.values()]).cumsum(0).tolist() if per_image else
               list(range(batch_size, len(pairs), batch_size)) + [len(pairs)])
     lo = 0
     for hi in bounds:
         chunk = pairs[lo:hi]
         if not chunk:
             continue
-        index = torch.tensor([i for i, _ in chunk])
-        masks = torch.stack([small_regions[i][j] for i, j in chunk])[:, None]  # [K, 1, H, W]
-        originals = images[index]
+        local = torch.tensor([i - offset for i, _ in chunk])
+        masks = torch.stack([small_regions[i][1][j] for i, j in chunk])[:, None]  # [K, 1, H, W]
+        originals = torch.stack([small_regions[i][0] for i, _ in chunk])
         median = originals.flatten(2).median(-1).values[:, :, None, None]
         probs = class_probs(torch.where(masks, median, originals))
-        kept = probs.gather(1, image_label[index][:, None]).squeeze(1)
-        pair_drop[lo:hi] = (image_prob[index] - kept) / image_prob[index]
+        kept = probs.gather(1, image_label[local][:, None]).squeeze(1)
+        pair_drop[lo:hi] = (image_prob[local] - kept) / image_prob[local]
         lo = hi
     for k, (i, j) in enumerate(pairs):
-        if i not in best_masks or pair_drop[k] > drops[i]:
-            drops[i], best_masks[i] = pair_drop[k], small_regions[i][j]
+        if i not in best_masks or pair_drop[k] > drops[i - offset]:
+            drops[i - offset], best_masks[i] = pair_drop[k], small_regions[i][1][j]
     return drops, best_masks
 
 
@@ -378,8 +536,9 @@ def _trigger_estimate(target: int, candidate: torch.Tensor, image_label: torch.T
 
 def _decide_targets(image_label: torch.Tensor, candidate: torch.Tensor, num_labels: int,
                     config: ScanConfig) -> tuple[LabelTest, list[int]]:
-    predicted = torch.bincount(image_label, minlength=num_labels)
-    candidates = torch.bincount(image_label[candidate], minlength=num_labels)
+    readable = image_label >= 0  # unreadable probe images are labelled -1
+    predicted = torch.bincount(image_label[readable], minlength=num_labels)
+    candidates = torch.bincount(image_label[candidate & readable], minlength=num_labels)
     threshold = config.significance / num_labels
     expected, p_values, targets = [], [], []
     for label in range(num_labels):

@@ -1,12 +1,13 @@
 """The training loop shared by poisoning and repair."""
 
 from .losses import Batch, ClipContrastiveObjective, ClipForward, Objective
-from .loop import ResumeMismatchError, TrainConfig, TrainResult, batch_indices, lr_at, train
+from .loop import NonFiniteLossError, ResumeMismatchError, TrainConfig, TrainResult, batch_indices, lr_at, train
 
 __all__ = [
     "Batch",
     "ClipContrastiveObjective",
     "ClipForward",
+    "NonFiniteLossError",
     "Objective",
     "ResumeMismatchError",
     "TrainConfig",

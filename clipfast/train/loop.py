@@ -4,7 +4,9 @@ AdamW (betas 0.9/0.98, weight decay on matrices only; fused kernels unless the r
 asked for), linear warm-up then cosine decay, bf16 autocast on GPU (fp16 with a gradient scaler where
 bf16 is missing), optional torch.compile, gradient accumulation and activation checkpointing, a
 JSON-lines log with samples/s and model FLOPs utilisation, atomic periodic checkpoints, resume from
-`out_dir`.
+`out_dir`. Under torch.distributed (torchrun) the global batch is split across ranks by DDP
+(train/losses.py: ClipForward); rank 0 writes the log and the checkpoints, which are ordinary
+single-model checkpoints, so a run resumes on any number of ranks.
 
 Determinism: the batch order and augmentations of step s are functions of (seed, s) only, and
 the learning rate is a function of s only, so a run resumed from a checkpoint at step s
@@ -23,6 +25,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from clipfast import distributed
 from clipfast.models.bundle import ClipBundle
 from clipfast.models.encoder import native_bf16
 from clipfast.models.checkpoint import load_state_dict_strict, read_checkpoint, save_checkpoint, write_atomically
@@ -95,6 +98,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 
 class ResumeMismatchError(ValueError):
     """out_dir holds a checkpoint of a different run."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or inf; training stops before writing such a model."""
 
 
 @dataclass
@@ -180,7 +187,11 @@ def train(
     checkpoint_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / LOG_NAME
     objective = loss or ClipContrastiveObjective()
     model, device = bundle.model, bundle.device
+    ranks = distributed.current()
     batch_size = min(config.batch_size, n)  # tiny sets: one batch is the whole set
+    if batch_size < ranks.world_size * config.accumulation_steps:
+        raise ValueError(f"a batch of {batch_size} cannot be split over {ranks.world_size} ranks x "
+                         f"{config.accumulation_steps} micro-batches")
     micro_batches = min(config.accumulation_steps, batch_size)
     amp_dtype = autocast_dtype(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
@@ -191,14 +202,23 @@ def train(
 
     optimizer = make_optimizer(model, config)
     start_step, stopped = 0, False
-    if checkpoint_path.exists():
+    # Rank 0's view of the directory decides, so all ranks take the same branch.
+    if ranks.broadcast_object(checkpoint_path.exists()):
         start_step, stopped = _resume(checkpoint_path, bundle, optimizer, scaler, config, n)
-        _truncate_log(log_path, start_step)
+        if ranks.is_main:
+            _truncate_log(log_path, start_step)
     else:
         torch.manual_seed(config.seed)  # for any stochastic layers (e.g. patch dropout)
-        log_path.unlink(missing_ok=True)
+        if ranks.is_main:
+            log_path.unlink(missing_ok=True)
 
     def save(step: int) -> None:
+        if not bool(torch.isfinite(loss_sum)):  # never checkpoint a model that a NaN/inf loss has touched
+            raise NonFiniteLossError(f"training loss is not finite before step {step}; {checkpoint_path} keeps the "
+                                     "last finite state (lower the learning rate, or use fp32)")
+        if not ranks.is_main:
+            ranks.barrier()
+            return
         state = {
             "step": step,
             "stopped_early": stopped,
@@ -210,13 +230,17 @@ def train(
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
         save_checkpoint(bundle, checkpoint_path, extra={"train_state": state})
+        ranks.barrier()
 
     def evaluate(step: int) -> dict:
-        model.eval()
-        metrics = eval_fn(bundle)
-        model.train()
-        _append_log(log_path, {"kind": "eval", "step": step, **metrics})
-        return metrics
+        """eval_fn on rank 0, its metrics on every rank (so that every rank stops at the same step)."""
+        metrics = None
+        if ranks.is_main:
+            model.eval()
+            metrics = eval_fn(bundle)
+            model.train()
+            _append_log(log_path, {"kind": "eval", "step": step, **metrics})
+        return ranks.broadcast_object(metrics)
 
     def make_batch(step: int) -> Batch:
         indices = batch_indices(step, batch_size, n, config.seed)  # host: read without a device sync
@@ -230,21 +254,22 @@ def train(
         """Losses of the whole batch; gradients accumulated over its micro-batches."""
         parts = torch.arange(len(batch.indices)).tensor_split(micro_batches)
         totals: dict[str, torch.Tensor] = {}
-        for part in parts:
+        for number, part in enumerate(parts):
             on_device = part.to(device)
             micro = batch if len(parts) == 1 else Batch(batch.images[on_device], batch.tokens[on_device],
                                                         batch.indices[part])
             with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
                 losses = objective(forward, micro)
             share = len(part) / len(batch.indices)
-            scaler.scale(losses["loss"] * share).backward()
+            with forward.no_sync(skip=number < len(parts) - 1):  # ranks average gradients once per step
+                scaler.scale(losses["loss"] * share).backward()
             for name, value in losses.items():
                 totals[name] = totals.get(name, 0) + value.detach().float() * share
         return totals
 
     was_checkpointing = _set_grad_checkpointing(model, config.grad_checkpointing)
     model.train()
-    forward = ClipForward(model, tokens)
+    forward = ClipForward(model, tokens, ranks)
     end_step = start_step if stopped else config.steps
     flops_per_step = peak_tflops = None
     if config.measure_mfu and start_step < end_step:
@@ -260,7 +285,7 @@ def train(
     # Training time excludes checkpointing and evaluation (`paused`).
     train_seconds, interval_start, paused = 0.0, time.perf_counter(), 0.0
     progress = tqdm(range(start_step, end_step), initial=start_step, total=config.steps,
-                    desc="train", disable=not config.progress, dynamic_ncols=True)
+                    desc="train", disable=not (config.progress and ranks.is_main), dynamic_ncols=True)
     for step in progress:
         batch = make_batch(step)
         for group in optimizer.param_groups:
@@ -292,7 +317,11 @@ def train(
             if flops_per_step:
                 mfu = flops_per_step * loss_count / elapsed / (peak_tflops * 1e12)
                 record["mfu"] = round(mfu, 4)
-            _append_log(log_path, record)
+            if not math.isfinite(final_loss):
+                raise NonFiniteLossError(f"training loss is {final_loss} by step {done}; {checkpoint_path} keeps the "
+                                         "last finite state (lower the learning rate, or use fp32)")
+            if ranks.is_main:
+                _append_log(log_path, record)
             progress.set_postfix(loss=f"{final_loss:.3f}", scale=f"{record['logit_scale']:.1f}")
             loss_sum.zero_()
             loss_count, interval_start, paused = 0, now, 0.0
