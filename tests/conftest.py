@@ -29,6 +29,30 @@ if not torch.cuda.is_available():
     _import_triton_for_the_interpreter()
 
 
+# A tiny CLIP with a BadNet backdoor (4x4 patch, bottom-right corner, target "heart"), trained once
+# per test session (~1 minute on 2 cores) for the end-to-end and scale-out tests.
+def _poisoned_recipe():
+    from clipfast.recipes import WorldRecipe
+    from clipfast.train import TrainConfig
+
+    return WorldRecipe(attack="badnet", rate=0.02, train_size=8_000, seed=1,
+                       train=TrainConfig(steps=500, batch_size=128, lr=2e-3, eval_every=0, progress=False))
+
+
+POISONED_RECIPE = _poisoned_recipe()
+PROBE = 3_000  # the first PROBE poisoned training pairs are the probe set
+
+
+@pytest.fixture(scope="session")
+def poisoned_world(tmp_path_factory):
+    """(bundle, training pairs, run directory holding model.pt)."""
+    from clipfast.recipes import train_world_model
+
+    run_dir = tmp_path_factory.mktemp("poisoned")
+    bundle, _, pairs = train_world_model(POISONED_RECIPE, run_dir)
+    return bundle, pairs, run_dir
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -103,9 +103,10 @@ def test_scan_on_an_image_folder_writes_a_report_and_resumes(poisoned_run, probe
             "--no-progress", "--out", str(tmp_path / "scan")]
     assert main(argv) == 0
     out = capsys.readouterr()
-    assert "skipped 1 unreadable probe images" in out.err
+    assert "1 probe images could not be decoded and were left out" in out.err and "broken.png" in out.err
     report = json.loads((tmp_path / "scan" / "report.json").read_text())
-    assert report["scan"]["probe_images"] == 24
+    assert report["scan"]["probe_images"] == 25 and report["scan"]["unreadable"] == 1
+    assert report["unreadable_probe_images"][0].endswith("broken.png")
     assert report["repaired_model"] is None
     assert (tmp_path / "scan" / "scan.pt").exists()
     assert main(argv) == 0  # resumes from scan.pt

@@ -13,19 +13,17 @@ from clipfast.defense.repair import RepairConfig
 from clipfast.defense.scan import ScanConfig, scan
 from clipfast.eval import evaluate
 from clipfast.oracle import ClassicalSegmenter
-from clipfast.recipes import WorldRecipe, evaluation_world, train_world_model
-from clipfast.train import TrainConfig
+from clipfast.recipes import evaluation_world
+
+from conftest import POISONED_RECIPE as RECIPE
+from conftest import PROBE
 
 pytestmark = pytest.mark.slow
 
-RECIPE = WorldRecipe(attack="badnet", rate=0.02, train_size=8_000, seed=1,
-                     train=TrainConfig(steps=500, batch_size=128, lr=2e-3, eval_every=0, progress=False))
-PROBE = 3_000
-
 
 @pytest.fixture(scope="module")
-def poisoned(tmp_path_factory):
-    bundle, _, pairs = train_world_model(RECIPE, tmp_path_factory.mktemp("poison"))
+def poisoned(poisoned_world):
+    bundle, pairs, _ = poisoned_world
     return bundle, pairs
 
 

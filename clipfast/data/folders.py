@@ -86,7 +86,7 @@ def decode_image(source: str | IO[bytes], image_size: int | None = None, name: s
 def _open_image(source: str | IO[bytes]) -> Image.Image:
     """Image.open (header only) that refuses images over MAX_PIXELS before any pixel is decoded."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, with our message
         image = Image.open(source)
     width, height = image.size
     if width * height > MAX_PIXELS:

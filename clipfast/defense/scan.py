@@ -416,7 +416,8 @@ def _scan_shards(bundle: ClipBundle, classnames: list[str], probe: ProbeSet, seg
         """Host-side bookkeeping of one batch, once its scores are on the host."""
         own = own_scores.result()
         ground = own if ground_scores is own_scores else ground_scores.result()
-        if not torch.isfinite(own.image_prob[readable]).all():
+        probs = own.image_prob[readable]
+        if not (torch.isfinite(probs) & (probs >= 0) & (probs <= 1)).all():
             raise NonFiniteScoresError(f"scan: the model's scores of probe images {lo}..{lo + len(readable) - 1} are "
                                        "NaN or inf; its weights or the images are broken")
         shard = arrays(k)

@@ -98,7 +98,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
 
 
 def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    """Strictly load `state_dict`; ModelLoadError naming missing/unexpected/mis-shaped keys."""
+    """Strictly load `state_dict`; ModelLoadError naming missing/unexpected/mis-shaped keys or
+    tensors with NaN/inf values."""
     expected = model.state_dict()
     missing = [key for key in expected if key not in state_dict]
     unexpected = [key for key in state_dict if key not in expected]
@@ -114,4 +115,8 @@ def load_state_dict_strict(model: nn.Module, state_dict: dict[str, torch.Tensor]
     ]
     if problems:
         raise ModelLoadError(f"checkpoint {source} does not fit the architecture: " + "; ".join(problems))
+    broken = [key for key, value in state_dict.items() if value.is_floating_point() and not bool(value.isfinite().all())]
+    if broken:
+        raise ModelLoadError(f"checkpoint {source} holds NaN or inf values in {len(broken)} tensors: "
+                             f"{', '.join(broken[:_MAX_LISTED])}{' ...' if len(broken) > _MAX_LISTED else ''}")
     model.load_state_dict(state_dict)

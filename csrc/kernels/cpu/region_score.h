@@ -59,9 +59,13 @@ inline void softmax_rows(float* dots, int64_t rows, int64_t classes, const float
     for (int64_t c = 0; c < classes; ++c) top = logits[c] > top ? logits[c] : top;
     int64_t argmax = 0;
     while (argmax < classes - 1 && logits[argmax] != top) ++argmax;  // first index of the max
-    float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t c = 0; c < classes; ++c) sum += exp_nonpositive(logits[c] - top);
+    float sum = 0.f, poison = 0.f;
+#pragma omp simd reduction(+ : sum, poison)
+    for (int64_t c = 0; c < classes; ++c) {
+      sum += exp_nonpositive(logits[c] - top);
+      poison += logits[c] - logits[c];  // NaN when a logit is NaN or inf: max and exp_nonpositive would hide it
+    }
+    if (poison != 0.f) sum = top = poison;  // the row's probabilities become NaN, as in the reference
     states[r] = SoftmaxState{top, argmax, sum};
   }
 }
@@ -103,7 +107,7 @@ void region_score_finish(const T* regions, const uint8_t* valid, const T* text, 
       const float logit = p.logit_scale * dot * region_inv_norm[i] * text_inv_norm[label];
       const float prob = std::exp(logit - reg.max) / reg.sum;
       region_image_prob[i] = prob;
-      support = prob > support ? prob : support;
+      support = (prob > support || prob != prob) ? prob : support;  // a NaN region makes the max NaN, as in torch
     }
     discrepancy[b] = image_prob[b] - support;
   }

@@ -1,0 +1,146 @@
+"""Scale-out and loss-free runs, through the real command line: `clipfast defend` on 2 gloo
+processes under torchrun equals the single-process run, and a run killed (SIGTERM during the scan,
+SIGKILL during the repair, at random points) resumes to the uninterrupted run's result."""
+
+import io
+import os
+import random
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import PROBE
+from PIL import Image
+
+from clipfast.defense.pipeline import REPAIRED_NAME, SCAN_NAME, SCAN_SHARDS_NAME, load_scan
+
+pytestmark = pytest.mark.slow
+
+SHARD_SIZE = 256  # 12 shards: room to interrupt the scan in the middle
+PER_IMAGE = ("readable", "image_label", "image_prob", "grounded", "ungrounded", "causal_drop", "candidate",
+             "discrepancy", "oracle_label", "region_counts")
+
+
+@pytest.fixture(scope="module")
+def probe_tar(poisoned_world, tmp_path_factory) -> Path:
+    """The probe set as a webdataset tar shard of PNGs (the streaming input path)."""
+    _, pairs, _ = poisoned_world
+    path = tmp_path_factory.mktemp("probe") / "probe-000000.tar"
+    with tarfile.open(path, "w") as tar:
+        for i, image in enumerate(pairs.images[:PROBE]):
+            data = io.BytesIO()
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(data, format="PNG")
+            member = tarfile.TarInfo(f"{i:06d}.png")
+            member.size = data.tell()
+            data.seek(0)
+            tar.addfile(member, data)
+    return path
+
+
+def defend_argv(poisoned_world, probe_tar, out: Path) -> list[str]:
+    return ["-m", "clipfast.cli", "defend", "--checkpoint", str(poisoned_world[2] / "model.pt"), "--probe",
+            str(probe_tar), "--vocab", "world", "--no-progress", "--shard-size", str(SHARD_SIZE), "--workers", "1",
+            "--out", str(out)]
+
+
+def run(argv: list[str], timeout: float = 600) -> None:
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(poisoned_world, probe_tar, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    run(defend_argv(poisoned_world, probe_tar, out))
+    return out
+
+
+def assert_same_scan(a: Path, b: Path) -> dict[str, float]:
+    """Decisions equal exactly; returns the largest difference of each per-image score."""
+    first, second = load_scan(a / SCAN_NAME), load_scan(b / SCAN_NAME)
+    assert first.targets == second.targets and first.targets
+    for target in first.targets:
+        assert torch.equal(first.victims(target), second.victims(target))
+    for left, right in zip(first.triggers, second.triggers):
+        assert left.box == right.box
+    differences = {}
+    for name in PER_IMAGE:
+        x, y = getattr(first, name), getattr(second, name)
+        if x.is_floating_point():
+            differences[name] = float((x - y).abs().max())
+        else:
+            assert torch.equal(x, y), name
+    return differences
+
+
+def model_difference(a: Path, b: Path) -> float:
+    first = torch.load(a / REPAIRED_NAME, weights_only=True)["state_dict"]
+    second = torch.load(b / REPAIRED_NAME, weights_only=True)["state_dict"]
+    assert first.keys() == second.keys()
+    return max(float((first[k].float() - second[k].float()).abs().max()) for k in first)
+
+
+def test_two_gloo_processes_equal_one_process(poisoned_world, probe_tar, single_process_run, tmp_path):
+    out = tmp_path / "two"
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         *defend_argv(poisoned_world, probe_tar, out)])
+    differences = assert_same_scan(single_process_run, out)
+    print("per-image score differences, 2 ranks vs 1:", differences)
+    assert max(differences.values()) <= 1e-5
+    # Repair: the same steps and estimates; weights equal up to the order of the gradient sums.
+    logs = [(run_dir / "repair" / "train_log.jsonl").read_text().splitlines() for run_dir in (single_process_run, out)]
+    evals = [[line for line in log if '"eval"' in line] for log in logs]
+    assert evals[0] == evals[1]
+    difference = model_difference(single_process_run, out)
+    print("largest repaired-weight difference, 2 ranks vs 1:", difference)
+    assert difference < 1e-4
+
+
+def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def evaluated_steps(out: Path) -> int:
+    log = out / "repair" / "train_log.jsonl"
+    return log.read_text().count('"eval"') if log.exists() else 0
+
+
+def test_killed_runs_resume_to_the_uninterrupted_result(poisoned_world, probe_tar, single_process_run, tmp_path):
+    seed = int.from_bytes(os.urandom(4), "little")
+    chance = random.Random(seed)
+    print("kill points drawn with seed", seed)
+    out = tmp_path / "killed"
+    argv = [sys.executable, *defend_argv(poisoned_world, probe_tar, out)]
+    shards = out / SCAN_SHARDS_NAME
+
+    # SIGTERM in the middle of the scan: finished shards stay, nothing half-written is left.
+    stop_after = chance.randint(1, PROBE // SHARD_SIZE - 1)
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for(lambda: shards.exists() and len(list(shards.glob("shard-*.pt"))) >= stop_after, process)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=120) == 128 + signal.SIGTERM
+    kept = len(list(shards.glob("shard-*.pt")))
+    assert 1 <= kept < -(-PROBE // SHARD_SIZE) and not (out / SCAN_NAME).exists()
+    assert not list(out.rglob("*.tmp"))
+
+    # SIGKILL during the repair, after a random number of evaluations (each follows a checkpoint).
+    stop_after = chance.randint(1, 12)
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: evaluated_steps(out) >= stop_after, process)
+    time.sleep(chance.uniform(0, 0.5))
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=60)
+    assert (out / SCAN_NAME).exists() and not (out / REPAIRED_NAME).exists()
+
+    run(argv[1:])  # resumes: the scan from scan.pt, the repair from its last checkpoint
+    assert max(assert_same_scan(single_process_run, out).values()) == 0.0
+    assert model_difference(single_process_run, out) == 0.0  # bit-identical on a CPU
