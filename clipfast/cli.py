@@ -360,6 +360,9 @@ def _defense_arguments(parser: argparse.ArgumentParser) -> None:
                        help="probe images per scan shard: the unit of work of a rank and of a resumed run (default: 4096)")
     speed.add_argument("--accumulation-steps", type=_positive_int, default=1, help="repair micro-batches per step")
     speed.add_argument("--grad-checkpointing", action="store_true", help="activation checkpointing in repair")
+    speed.add_argument("--sharding", choices=("ddp", "fsdp"), default="ddp",
+                       help="under torchrun, repair with the model replicated (ddp, default) or its image tower "
+                       "sharded across ranks (fsdp: for models whose training state does not fit one GPU)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", required=True, type=Path, help="output directory (a rerun resumes here)")
 
@@ -455,7 +458,7 @@ def _run_defense_on_rank(args: argparse.Namespace, run_repair: bool, labels: lis
             repair=RepairConfig(progress=not args.no_progress and group.is_main, engine=args.engine,
                                 compile=args.compile and fast,
                                 accumulation_steps=args.accumulation_steps,
-                                grad_checkpointing=args.grad_checkpointing))
+                                grad_checkpointing=args.grad_checkpointing, sharding=args.sharding))
     except ValueError as error:
         raise CliError(str(error)) from None
     identity = {"model": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint,

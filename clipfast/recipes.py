@@ -58,7 +58,7 @@ class WorldRecipe:
         """Identifies the trained model: every field that changes its weights."""
         fields = dataclasses.asdict(self)
         fields["train"] = {k: v for k, v in fields["train"].items() if k not in ("progress", "eval_every", "log_every",
-                                                                             "checkpoint_every")}
+                                                                             "checkpoint_every", "sharding")}
         return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

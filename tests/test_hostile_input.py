@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from clipfast.data.folders import MAX_PIXELS, ImageFolderDataset, TarShardDataset, UnreadableImageError, load_image
-from clipfast.data.probe import DatasetProbeSet, TensorProbeSet
+from clipfast.data.probe import DatasetProbeSet
 from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
 from clipfast.defense.scan import NonFiniteScoresError, ScanConfig, ScanShardMismatch, scan
 from clipfast.models import ModelLoadError, load_model, save_checkpoint

@@ -54,7 +54,7 @@ class DefenseOutcome:
 # Settings that do not change results (progress bars, op backend, the scan's batching) do not tie
 # a run directory; everything else does. The number of ranks does not tie either: a run may resume
 # on more or fewer processes.
-_UNTIED = {"scan": RESULT_NEUTRAL_SETTINGS, "curate": {"backend"}, "repair": {"progress", "compile", "grad_checkpointing"}}
+_UNTIED = {"scan": RESULT_NEUTRAL_SETTINGS, "curate": {"backend"}, "repair": {"progress", "compile", "grad_checkpointing", "sharding"}}
 
 
 def _tied_settings(config: DefenseConfig, identity: dict) -> dict:

@@ -48,6 +48,7 @@ class RepairConfig:
     compile: bool = False
     accumulation_steps: int = 1
     grad_checkpointing: bool = False
+    sharding: str = "ddp"  # under torchrun: ddp (replicated) or fsdp (image tower sharded across ranks)
     progress: bool = True
 
     def __post_init__(self):
@@ -55,6 +56,8 @@ class RepairConfig:
             raise ValueError(f"RepairConfig.engine must be fast or reference, got {self.engine!r}")
         if self.engine == "reference" and (self.compile or self.accumulation_steps != 1 or self.grad_checkpointing):
             raise ValueError("the reference repair loop is plain fp32: no compile, accumulation or checkpointing")
+        if self.sharding == "fsdp" and not self.freeze_text:
+            raise ValueError("sharding='fsdp' shards the image tower only; it needs freeze_text=True")
 
     def train_config(self) -> TrainConfig:
         speed = (dict(precision="fp32", fused_optimizer=False) if self.engine == "reference" else
@@ -62,7 +65,7 @@ class RepairConfig:
                       grad_checkpointing=self.grad_checkpointing))
         return TrainConfig(steps=self.max_steps, batch_size=self.batch_size, lr=self.lr,
                            warmup_steps=self.warmup_steps, seed=self.seed, eval_every=self.eval_every,
-                           checkpoint_every=self.eval_every, progress=self.progress, **speed)
+                           checkpoint_every=self.eval_every, progress=self.progress, sharding=self.sharding, **speed)
 
 
 @dataclass

@@ -61,9 +61,12 @@ def bundle_metadata(bundle: ClipBundle) -> dict:
     }
 
 
-def save_checkpoint(bundle: ClipBundle, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """Save model weights + rebuild metadata (+ optional extra entries, e.g. optimizer state)."""
-    payload = {"state_dict": bundle.model.state_dict(), METADATA_KEY: bundle_metadata(bundle), **(extra or {})}
+def save_checkpoint(bundle: ClipBundle, path: str | os.PathLike, extra: dict | None = None,
+                    state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """Save model weights (bundle.model's, or `state_dict`, e.g. gathered from shards) + rebuild
+    metadata (+ optional extra entries, e.g. optimizer state)."""
+    weights = bundle.model.state_dict() if state_dict is None else state_dict
+    payload = {"state_dict": weights, METADATA_KEY: bundle_metadata(bundle), **(extra or {})}
     write_atomically(path, lambda file: torch.save(payload, file))
 
 

@@ -15,6 +15,7 @@ continues exactly like the uninterrupted run (bit-identical on CPU).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -33,6 +34,14 @@ from clipfast.perf import count_flops, matrix_rate
 
 from .augment import shift_and_jitter
 from .losses import Batch, ClipContrastiveObjective, ClipForward, Objective
+from .sharding import (
+    SHARDING_MODES,
+    full_model_state,
+    full_optimizer_state,
+    fully_sharded_copy,
+    load_training_state,
+    unshard_into,
+)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 LOG_NAME = "train_log.jsonl"
@@ -60,6 +69,9 @@ class TrainConfig:
     compile: bool = False  # torch.compile the towers' forward
     accumulation_steps: int = 1  # micro-batches per optimiser step (contrastive negatives come from the micro-batch)
     grad_checkpointing: bool = False  # recompute activations in backward: big models on one GPU
+    # Under torch.distributed: ddp replicates the model; fsdp shards the image tower's parameters,
+    # gradients and optimiser state across ranks (train/sharding.py). Ignored in one process.
+    sharding: str = "ddp"
     measure_mfu: bool = True  # count one step's FLOPs; log model FLOPs utilisation against the measured bf16 matmul rate
     augment: bool = False
     progress: bool = True
@@ -76,6 +88,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig needs lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"TrainConfig.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.sharding not in SHARDING_MODES:
+            raise ValueError(f"TrainConfig.sharding must be one of {SHARDING_MODES}, got {self.sharding!r}")
         if self.accumulation_steps > self.batch_size:
             raise ValueError(f"TrainConfig.accumulation_steps ({self.accumulation_steps}) exceeds batch_size ({self.batch_size})")
 
@@ -200,11 +214,16 @@ def train(
     images = images.to(device)
     tokens = bundle.tokenizer(list(captions)).to(device)
 
-    optimizer = make_optimizer(model, config)
+    was_checkpointing = _set_grad_checkpointing(model, config.grad_checkpointing)
+    sharded = ranks.distributed and config.sharding == "fsdp"
+    # What trains: the model itself, or its sharded copy (copied back at the end).
+    train_model = fully_sharded_copy(model, device) if sharded else model
+    train_bundle = dataclasses.replace(bundle, model=train_model) if sharded else bundle
+    optimizer = make_optimizer(train_model, config)
     start_step, stopped = 0, False
     # Rank 0's view of the directory decides, so all ranks take the same branch.
     if ranks.broadcast_object(checkpoint_path.exists()):
-        start_step, stopped = _resume(checkpoint_path, bundle, optimizer, scaler, config, n)
+        start_step, stopped = _resume(checkpoint_path, train_model, optimizer, scaler, config, n, sharded)
         if ranks.is_main:
             _truncate_log(log_path, start_step)
     else:
@@ -216,6 +235,7 @@ def train(
         if not bool(torch.isfinite(loss_sum)):  # never checkpoint a model that a NaN/inf loss has touched
             raise NonFiniteLossError(f"training loss is not finite before step {step}; {checkpoint_path} keeps the "
                                      "last finite state (lower the learning rate, or use fp32)")
+        weights, optimizer_state = full_model_state(train_model), full_optimizer_state(train_model, optimizer)
         if not ranks.is_main:
             ranks.barrier()
             return
@@ -224,21 +244,23 @@ def train(
             "stopped_early": stopped,
             "config": asdict(config),
             "n_samples": n,
-            "optimizer": optimizer.state_dict(),
+            "optimizer_by_name": optimizer_state,
             "grad_scaler": scaler.state_dict(),
             "rng_cpu": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
-        save_checkpoint(bundle, checkpoint_path, extra={"train_state": state})
+        save_checkpoint(bundle, checkpoint_path, extra={"train_state": state}, state_dict=weights)
         ranks.barrier()
 
     def evaluate(step: int) -> dict:
-        """eval_fn on rank 0, its metrics on every rank (so that every rank stops at the same step)."""
+        """eval_fn on rank 0 (on every rank when sharded: the forward needs them all), rank 0's
+        metrics on every rank (so that every rank stops at the same step)."""
         metrics = None
+        if ranks.is_main or sharded:
+            train_model.eval()
+            metrics = eval_fn(train_bundle)
+            train_model.train()
         if ranks.is_main:
-            model.eval()
-            metrics = eval_fn(bundle)
-            model.train()
             _append_log(log_path, {"kind": "eval", "step": step, **metrics})
         return ranks.broadcast_object(metrics)
 
@@ -267,9 +289,8 @@ def train(
                 totals[name] = totals.get(name, 0) + value.detach().float() * share
         return totals
 
-    was_checkpointing = _set_grad_checkpointing(model, config.grad_checkpointing)
-    model.train()
-    forward = ClipForward(model, tokens, ranks)
+    train_model.train()
+    forward = ClipForward(train_model, tokens, ranks, replicate=not sharded)
     end_step = start_step if stopped else config.steps
     flops_per_step = peak_tflops = None
     if config.measure_mfu and start_step < end_step:
@@ -295,7 +316,7 @@ def train(
         scaler.step(optimizer)
         scaler.update()
         with torch.no_grad():
-            model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+            train_model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
         loss_sum += losses["loss"]
         loss_count += 1
 
@@ -337,6 +358,8 @@ def train(
                 break
         paused += time.perf_counter() - pause_start
     progress.close()
+    if sharded:
+        unshard_into(train_model, model, device)
     _set_grad_checkpointing(model, was_checkpointing)
     model.eval()
 
@@ -370,8 +393,8 @@ def _set_grad_checkpointing(model: torch.nn.Module, enable: bool) -> bool:
     return previous
 
 
-def _resume(path: Path, bundle: ClipBundle, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            config: TrainConfig, n: int) -> tuple[int, bool]:
+def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+            config: TrainConfig, n: int, sharded: bool) -> tuple[int, bool]:
     payload = read_checkpoint(path)
     state = payload.get("train_state")
     if state is None:
@@ -382,8 +405,14 @@ def _resume(path: Path, bundle: ClipBundle, optimizer: torch.optim.Optimizer, sc
         changed.append(f"training set size: {state['n_samples']} -> {n}")
     if changed:
         raise ResumeMismatchError(f"cannot resume from {path}, the run differs: {'; '.join(changed)}. Use a new out_dir.")
-    load_state_dict_strict(bundle.model, payload["state_dict"], source=str(path))
-    optimizer.load_state_dict(state["optimizer"])
+    if sharded:
+        load_training_state(model, optimizer, payload["state_dict"], state["optimizer_by_name"])
+    else:
+        load_state_dict_strict(model, payload["state_dict"], source=str(path))
+        if "optimizer_by_name" in state:
+            load_training_state(model, optimizer, payload["state_dict"], state["optimizer_by_name"])
+        else:  # written before optimiser state was keyed by name
+            optimizer.load_state_dict(state["optimizer"])
     if state.get("grad_scaler"):
         scaler.load_state_dict(state["grad_scaler"])
     torch.set_rng_state(state["rng_cpu"])

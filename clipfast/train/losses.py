@@ -58,12 +58,14 @@ class ClipForward:
     their rank summed over ranks, and DDP's average gives the single-process gradient.
     """
 
-    def __init__(self, model: nn.Module, tokens: torch.Tensor, group: distributed.ProcessGroup | None = None):
+    def __init__(self, model: nn.Module, tokens: torch.Tensor, group: distributed.ProcessGroup | None = None,
+                 replicate: bool = True):
+        """replicate=False: the model is already sharded (FSDP2 reduces its gradients), no DDP."""
         self.model = model
         self.group = group or distributed.current()
         self.text_frozen = not text_tower_trains(model)
         self._towers: nn.Module = _Towers(model)
-        if self.group.distributed:
+        if self.group.distributed and replicate:
             device = next(model.parameters()).device
             self._towers = DistributedDataParallel(self._towers, device_ids=[device] if device.type == "cuda" else None)
         self._run = self._towers
@@ -80,12 +82,21 @@ class ClipForward:
         twin._run = torch.compile(self._towers)
         return twin
 
+    @contextlib.contextmanager
     def no_sync(self, skip: bool):
-        """Within it, backward passes accumulate gradients without the cross-rank average (all
+        """Within it, backward passes accumulate gradients without the cross-rank reduction (all
         micro-batches of an accumulated step but the last)."""
-        if skip and isinstance(self._towers, DistributedDataParallel):
-            return self._towers.no_sync()
-        return contextlib.nullcontext()
+        if not skip or not self.group.distributed:
+            yield
+        elif isinstance(self._towers, DistributedDataParallel):
+            with self._towers.no_sync():
+                yield
+        else:  # FSDP2: the sharded image tower
+            self.model.visual.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.model.visual.set_requires_gradient_sync(True)
 
     def _sharded(self, rows: torch.Tensor, argument: str) -> torch.Tensor:
         if not self.group.distributed:
