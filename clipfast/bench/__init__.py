@@ -8,14 +8,20 @@ Suites: `ops` (clipfast/bench/ops.py: every op backend against its reference, wi
 `pipeline` (clipfast/bench/pipeline.py: scan, a repair step, end-to-end defend and the CleanCLIP-style
 baseline, reference pipeline against fast). Each prints a table and appends CSV rows (device,
 versions, commit) to RESULTS/<suite>.csv; pipeline also writes a plot. Never asserts speed.
+
+Under torchrun (`torchrun --nproc_per_node 8 -m clipfast.cli bench --suite pipeline --stages scan
+repair`) the scan and repair stages run on every rank, as `clipfast defend` would, and rank 0 reports
+them, with the number of ranks in the device column.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 from pathlib import Path
 
-import torch
+from clipfast import distributed
 
 from . import ops, pipeline
 from .common import append_csv
@@ -39,11 +45,24 @@ def add_arguments(parser: argparse.ArgumentParser, default_results: Path) -> Non
 
 
 def run(args: argparse.Namespace) -> int:
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    ranks, device = distributed.init_from_environment("auto")
+    device = device.split(":")[0]  # under torchrun, "cuda" is this rank's GPU (init set it current)
     mode = "full" if args.full or (not args.quick and device == "cuda") else "quick"
-    for suite in args.suite:
-        print(f"== {suite} ({mode}) ==", flush=True)
-        suite_run, fields = SUITES[suite]
-        rows = suite_run(args, device, mode)
-        append_csv(args.results / f"{suite}.csv", fields, rows)
+    if ranks.distributed and args.suite != ["pipeline"]:
+        raise SystemExit("under torchrun, bench runs the pipeline suite only (--suite pipeline)")
+    quiet = open(os.devnull, "w") if not ranks.is_main else None
+    try:
+        with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
+            for suite in args.suite:
+                print(f"== {suite} ({mode}) ==", flush=True)
+                suite_run, fields = SUITES[suite]
+                rows = suite_run(args, device, mode)
+                if ranks.distributed:
+                    rows = [row | {"device": f"{row['device']} x{ranks.world_size} ranks"} for row in rows]
+                if ranks.is_main:
+                    append_csv(args.results / f"{suite}.csv", fields, rows)
+    finally:
+        if quiet:
+            quiet.close()
+        distributed.shutdown()
     return 0

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from clipfast import distributed
 import torch.nn.functional as F
 
 from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
@@ -82,7 +84,13 @@ def _world_images(n: int, size: int) -> torch.Tensor:
 
 
 def _demo_model(device: str) -> tuple[ClipBundle, object]:
+    """The demo's poisoned model from the cache; under torchrun rank 0 trains it if missing, alone."""
+    ranks = distributed.current()
+    if not ranks.is_main:
+        ranks.barrier()
     bundle, pairs, _ = cached_world_model(DemoConfig().recipe, default_cache_dir() / "models", device=device)
+    if ranks.is_main:
+        ranks.barrier()
     return bundle, pairs
 
 
@@ -154,6 +162,8 @@ def bench_repair(bundle: ClipBundle, name: str, images: torch.Tensor, captions: 
         objective = CleanCLIPObjective(captions, model.tokenizer, 0.0, text_view=False)
         with tempfile.TemporaryDirectory() as out_dir:
             result = train(model, images, captions, config, out_dir, loss=objective)
+            if not distributed.current().is_main:  # rank 0 writes the log (global samples/s)
+                continue
             last = [line for line in result.log_path.read_text().splitlines() if '"train"' in line][-1]
         record = json.loads(last)
         measured[variant] = record
@@ -234,6 +244,8 @@ def bench_capacity(models: list[str], device: str, rows: list[dict]) -> None:
 
 def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
     stages = args.stages or (["scan", "repair", "defend"] + (["capacity"] if mode == "full" and device == "cuda" else []))
+    if distributed.current().distributed and set(stages) - {"scan", "repair"}:
+        raise SystemExit("under torchrun, the pipeline suite runs the scan and repair stages (--stages scan repair)")
     rows: list[dict] = []
     if "scan" in stages:
         if mode == "quick":
@@ -276,7 +288,8 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
         print(f"{row['stage']:12s} {row['model']:11s} {row['variant']:24s} {float(row['seconds']):9.3f} "
               f"{float(row['throughput']):12.1f} {row['unit']:9s} {row['speedup_vs_reference'] or '-':>7s} "
               f"{row['mfu'] or '-':>6s}  {row['agreement']}")
-    plot_speedups(table, args.results / "pipeline.png")
+    if distributed.current().is_main:
+        plot_speedups(table, args.results / "pipeline.png")
     return table
 
 
