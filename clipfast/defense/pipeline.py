@@ -107,7 +107,7 @@ def defend(bundle: ClipBundle, classnames: list[str], probe_images: ProbeSet | t
                                                          "probe_images": len(probe_images), **(identity or {})}))
     seconds = {}
     start = time.perf_counter()
-    if (out_dir / SCAN_NAME).exists():
+    if group.broadcast_object((out_dir / SCAN_NAME).exists()):  # rank 0 decides: all ranks take one branch
         found = load_scan(out_dir / SCAN_NAME)
     else:
         found = scan(bundle, classnames, probe_images, segmenter, prompts=prompts,

@@ -442,7 +442,7 @@ def _scan_shards(bundle: ClipBundle, classnames: list[str], probe: ProbeSet, seg
         shard["region_counts"][sl] = torch.where(readable, segmentation.counts, 0)
         small = segmentation.valid & ~objects
         for j in torch.nonzero(shard["ungrounded"][sl] & small.any(-1)).flatten().tolist():
-            shard["small_regions"][lo + j] = (images[j], segmentation.masks[j, small[j]])
+            shard["small_regions"][lo + j] = (images[j].clone(), segmentation.masks[j, small[j]])  # not the batch
         if lo == last_batch_of[k]:
             finish(k)
 
