@@ -412,11 +412,11 @@ def _run_defense(args: argparse.Namespace, run_repair: bool) -> None:
     from clipfast.train import NonFiniteLossError, ResumeMismatchError
 
     labels = _read_vocabulary(args.vocab)
-    group, args.device = distributed.init_from_environment(args.device)  # torchrun: one process per GPU / CPU slot
     try:
+        group, args.device = distributed.init_from_environment(args.device)  # torchrun: one process per GPU / CPU slot
         _run_defense_on_rank(args, run_repair, labels, group)
     except (RunDirectoryMismatch, ResumeMismatchError, ScanShardMismatch, NonFiniteScoresError, NonFiniteLossError,
-            UnreadableImageError) as error:
+            UnreadableImageError, distributed.DistributedSetupError) as error:
         raise CliError(str(error)) from None
     finally:
         distributed.shutdown()

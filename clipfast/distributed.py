@@ -66,6 +66,10 @@ class ProcessGroup:
 _SINGLE = ProcessGroup()
 
 
+class DistributedSetupError(RuntimeError):
+    """The torchrun launch does not fit this machine (e.g. more ranks per node than GPUs)."""
+
+
 def current() -> ProcessGroup:
     """The process group this process belongs to (a group of one unless torch.distributed is up)."""
     if not (dist.is_available() and dist.is_initialized()):
@@ -89,6 +93,10 @@ def init_from_environment(device: str = "auto", timeout: timedelta = DEFAULT_TIM
         device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
     elif device == "cuda" and launched_by_torchrun():
         device = f"cuda:{local_rank}"  # one GPU per process
+    if device.startswith("cuda") and launched_by_torchrun() and local_rank >= torch.cuda.device_count():
+        raise DistributedSetupError(f"rank with LOCAL_RANK {local_rank} needs a GPU of its own, but this node has "
+                           f"{torch.cuda.device_count()}: use --nproc_per_node <= {torch.cuda.device_count()}, "
+                           "or --device cpu (gloo)")
     if not launched_by_torchrun():
         return current(), device
     if device.startswith("cuda"):

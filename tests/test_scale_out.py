@@ -46,7 +46,7 @@ def probe_tar(poisoned_world, tmp_path_factory) -> Path:
 def defend_argv(poisoned_world, probe_tar, out: Path) -> list[str]:
     return ["-m", "clipfast.cli", "defend", "--checkpoint", str(poisoned_world[2] / "model.pt"), "--probe",
             str(probe_tar), "--vocab", "world", "--no-progress", "--shard-size", str(SHARD_SIZE), "--workers", "1",
-            "--out", str(out)]
+            "--device", "cpu", "--out", str(out)]  # cpu: gloo ranks, also on a machine with one GPU
 
 
 def run(argv: list[str], timeout: float = 600) -> None:
