@@ -16,6 +16,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from .folders import UnreadableImageError
 
+_READ_CHUNK = 64  # images per worker task in read()
+
 
 class ProbeSet:
     """N probe images of one size. read() gets any images; batches() streams index ranges."""
@@ -104,7 +106,8 @@ class DatasetProbeSet(ProbeSet):
         indices = torch.as_tensor(indices, dtype=torch.long).tolist()
         if not indices:
             return torch.zeros((0, *self.image_shape), dtype=torch.uint8)
-        return next(self._load([indices]))[0]
+        chunks = [indices[lo : lo + _READ_CHUNK] for lo in range(0, len(indices), _READ_CHUNK)]  # spread over workers
+        return torch.cat([images for images, _ in self._load(chunks)])
 
     def batches(self, ranges):
         for (lo, _), (images, readable) in zip(ranges, self._load([list(range(lo, hi)) for lo, hi in ranges])):
