@@ -15,10 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import PROBE
+from conftest import POISONED_RECIPE, PROBE
 from PIL import Image
 
 from clipfast.defense.pipeline import REPAIRED_NAME, SCAN_NAME, SCAN_SHARDS_NAME, load_scan
+from clipfast.eval import evaluate
+from clipfast.models import load_model
+from clipfast.recipes import evaluation_world
 
 pytestmark = pytest.mark.slow
 
@@ -100,6 +103,13 @@ def test_two_gloo_processes_equal_one_process(poisoned_world, probe_tar, single_
     difference = model_difference(single_process_run, out)
     print("largest repaired-weight difference, 2 ranks vs 1:", difference)
     assert difference < 1e-4
+    # The repaired models' clean accuracy and attack success rate on a fresh test world.
+    test = evaluation_world(500)
+    reports = [evaluate(load_model(checkpoint=str(run_dir / REPAIRED_NAME)), test, POISONED_RECIPE.make_trigger(),
+                        POISONED_RECIPE.target_label) for run_dir in (single_process_run, out)]
+    print("repaired CA / ASR, 1 process:", reports[0]["ca"], reports[0]["asr"], "2 ranks:", reports[1]["ca"],
+          reports[1]["asr"])
+    assert (reports[0]["ca"], reports[0]["asr"]) == (reports[1]["ca"], reports[1]["asr"])
 
 
 def wait_for(condition, process: subprocess.Popen, timeout: float = 300) -> None:
