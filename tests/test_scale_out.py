@@ -155,6 +155,7 @@ def test_killed_runs_resume_to_the_uninterrupted_result(poisoned_world, probe_ta
     assert (out / SCAN_NAME).exists() and not (out / REPAIRED_NAME).exists()
 
     run(argv[1:])  # resumes: the scan from scan.pt, the repair from its last checkpoint
+    assert not list(out.rglob("*.tmp"))  # what SIGKILL left half-written is cleared
     # Shards from 2 one-thread ranks have matched one two-thread process bit for bit (measured); the
     # repair, killed and resumed on one process, then matches bit for bit too.
     assert max(assert_same_scan(single_process_run, out).values()) == 0.0

@@ -65,14 +65,18 @@ def _tied_settings(config: DefenseConfig, identity: dict) -> dict:
 
 def claim_run_directory(out_dir: Path, settings: dict) -> None:
     """Record the settings of the run in out_dir, or check they equal the recorded ones (every rank
-    checks; rank 0 writes)."""
+    checks; rank 0 writes), and clear temporary files a killed run left behind."""
     group = distributed.current()
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / CONFIG_NAME
     settings = json.loads(json.dumps(settings))  # normalise tuples etc. as JSON would
     recorded = json.loads(path.read_text()) if path.exists() else None
-    group.barrier()  # nobody reads a file rank 0 is about to write
-    if recorded is not None and recorded != settings:
+    ours = recorded is None or recorded == settings
+    if group.is_main and ours:  # temporary files of a killed run (write_atomically's) are garbage now
+        for leftover in out_dir.rglob(".*.tmp"):
+            leftover.unlink(missing_ok=True)
+    group.barrier()  # nobody writes before the clean-up, nor reads a file rank 0 is about to write
+    if not ours:
         changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
         raise RunDirectoryMismatch(f"{out_dir} holds a run with different settings (differences in: "
                                    f"{', '.join(changed)}); use a new output directory")
