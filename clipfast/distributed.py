@@ -1,9 +1,10 @@
 """torch.distributed for clipfast: the process group torchrun describes, or a single process.
 
-Launch any clipfast command under torchrun (`torchrun --nproc_per_node 8 -m clipfast.cli defend ...`)
-and `init_from_environment` joins the group: NCCL on GPUs (one per process, cuda:LOCAL_RANK), gloo on
-CPUs. Code below this module asks `current()` for the group and never checks whether it is
-distributed: a single process is a group of one whose collectives return their input.
+Launch `clipfast scan|repair|defend` (or `bench --suite pipeline`) under torchrun (`torchrun
+--nproc_per_node 8 -m clipfast.cli defend ...`) and `init_from_environment` joins the group: NCCL on
+GPUs (one per process, cuda:LOCAL_RANK), gloo on CPUs. Other code asks `current()` for the group; a
+single process is a group of one whose collectives return their input, so most code need not care
+whether the run is distributed.
 """
 
 from __future__ import annotations
@@ -58,10 +59,6 @@ class ProcessGroup:
         dist.broadcast_object_list(box, src=source)
         return box[0]
 
-    def all_agree(self, flag: bool) -> bool:
-        """True only when flag is True on every rank (e.g. "my input is valid")."""
-        return all(self.all_gather_object(bool(flag)))
-
 
 _SINGLE = ProcessGroup()
 
@@ -94,9 +91,9 @@ def init_from_environment(device: str = "auto", timeout: timedelta = DEFAULT_TIM
     elif device == "cuda" and launched_by_torchrun():
         device = f"cuda:{local_rank}"  # one GPU per process
     if device.startswith("cuda") and launched_by_torchrun() and local_rank >= torch.cuda.device_count():
+        gpus = torch.cuda.device_count()
         raise DistributedSetupError(f"rank with LOCAL_RANK {local_rank} needs a GPU of its own, but this node has "
-                           f"{torch.cuda.device_count()}: use --nproc_per_node <= {torch.cuda.device_count()}, "
-                           "or --device cpu (gloo)")
+                                    f"{gpus}: use --nproc_per_node <= {gpus}, or --device cpu (gloo)")
     if not launched_by_torchrun():
         return current(), device
     if device.startswith("cuda"):
