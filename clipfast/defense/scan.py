@@ -40,7 +40,8 @@ from clipfast.models import ClipBundle, ZeroShotClassifier
 from clipfast.models.checkpoint import write_atomically
 from clipfast.models.encoder import ImageEncoder, inference_dtype
 from clipfast.models.regions import encode_regions_pooled
-from clipfast.ops import RegionScores, mask_crop, region_score
+from clipfast.ops import RegionScores, mask_crop, pack_mask_bits, region_score
+from clipfast.ops.reference import unpack_mask_bits
 from clipfast.oracle import Segmenter
 
 from .reference import ReferenceRegionScorer
@@ -247,6 +248,7 @@ class ScanShard:
 
     lo: int
     hi: int
+    width: int  # of the probe images (to unpack trigger_masks)
     readable: torch.Tensor  # [K] bool: the image could be decoded (unreadable ones take part in nothing)
     image_label: torch.Tensor  # [K] L_i (-1 when unreadable)
     image_prob: torch.Tensor
@@ -256,7 +258,9 @@ class ScanShard:
     discrepancy: torch.Tensor
     oracle_label: torch.Tensor
     region_counts: torch.Tensor
-    trigger_masks: dict[int, torch.Tensor]  # probe index -> its largest-drop region, where the drop passes min_causal_drop
+    # probe index -> its largest-drop region, where the drop passes min_causal_drop; bit-packed
+    # (ops.pack_mask_bits, 8x smaller): every rank receives every shard's masks
+    trigger_masks: dict[int, torch.Tensor]
 
 
 class ScanShardMismatch(ValueError):
@@ -453,8 +457,9 @@ def _scan_shards(bundle: ClipBundle, classnames: list[str], probe: ProbeSet, seg
         drops, masks = _causal_test(suspect.class_probs, shard.pop("small_regions"), shard["image_label"],
                                     shard["image_prob"], bounds[k][0], config.batch_size, per_image)
         seconds["causal_test"] += time.perf_counter() - t0
-        passing = {i: mask for i, mask in masks.items() if drops[i - bounds[k][0]] >= config.min_causal_drop}
-        keep(k, ScanShard(*bounds[k], causal_drop=drops, trigger_masks=passing, **shard))
+        passing = {i: pack_mask_bits(mask)[0] for i, mask in masks.items()
+                   if drops[i - bounds[k][0]] >= config.min_causal_drop}
+        keep(k, ScanShard(*bounds[k], width, causal_drop=drops, trigger_masks=passing, **shard))
 
     # Batch b's scores are recorded after batch b+1 is submitted: the device never waits for the host.
     start, pending = time.perf_counter(), None
@@ -478,7 +483,8 @@ def _decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, 
                             "discrepancy", "oracle_label", "region_counts")}
     if not columns["readable"].any():
         raise ValueError(f"scan: none of the {len(columns['readable'])} probe images could be read")
-    trigger_masks = {i: mask for shard in shards for i, mask in shard.trigger_masks.items()}
+    width = shards[0].width
+    trigger_masks = {i: unpack_mask_bits(packed, width) for shard in shards for i, packed in shard.trigger_masks.items()}
     candidate = columns["ungrounded"] & (columns["causal_drop"] >= config.min_causal_drop)
     image_label = columns["image_label"]
     label_test, targets = _decide_targets(image_label, candidate, len(classnames), config)
