@@ -375,15 +375,15 @@ def _read_vocabulary(spec: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise CliError(f"vocabulary file not found: {spec}")
+    from clipfast.defense.scan import check_vocabulary
+
     labels = [line.strip() for line in path.read_text().splitlines()]
-    if any(not label for label in labels):
+    if any(not label for label in labels):  # a file can say which line
         raise CliError(f"{spec}: empty line {labels.index('') + 1}; one non-empty label per line")
-    duplicates = sorted({label for label in labels if labels.count(label) > 1})
-    if duplicates:
-        raise CliError(f"{spec}: duplicate labels {duplicates}")
-    if len(labels) < 2:
-        raise CliError(f"{spec}: the vocabulary needs at least two labels")
-    return labels
+    try:
+        return check_vocabulary(labels)
+    except ValueError as error:
+        raise CliError(f"{spec}: {error}") from None
 
 
 def _read_probe(path: Path, image_size: int, on_error: str, workers: int):

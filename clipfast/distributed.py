@@ -29,7 +29,6 @@ DEFAULT_TIMEOUT = timedelta(minutes=30)
 class ProcessGroup:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
 
     @property
     def distributed(self) -> bool:
@@ -71,8 +70,7 @@ def current() -> ProcessGroup:
     """The process group this process belongs to (a group of one unless torch.distributed is up)."""
     if not (dist.is_available() and dist.is_initialized()):
         return _SINGLE
-    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    return ProcessGroup(dist.get_rank(), dist.get_world_size(), local_rank)
+    return ProcessGroup(dist.get_rank(), dist.get_world_size())
 
 
 def launched_by_torchrun() -> bool:

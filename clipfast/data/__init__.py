@@ -1,13 +1,16 @@
-"""clipfast.data: the built-in synthetic world and loaders for real image folders and caption CSVs."""
+"""clipfast.data: the built-in synthetic world, loaders for real image folders, caption CSVs and
+webdataset tar shards, and probe sets that stream them."""
 
 from clipfast.data.folders import (
     IMAGE_EXTENSIONS,
     CaptionCSVDataset,
     ImageFolderDataset,
     ImageRecord,
+    TarShardDataset,
     UnreadableImageError,
     load_image,
 )
+from clipfast.data.probe import DatasetProbeSet, ProbeSet, TensorProbeSet
 from clipfast.data.world import (
     CAPTION_TEMPLATES,
     CLASSES,
@@ -28,9 +31,13 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "POSITION_WORDS",
     "SIZE_WORDS",
+    "TarShardDataset",
+    "TensorProbeSet",
     "CaptionCSVDataset",
+    "DatasetProbeSet",
     "ImageFolderDataset",
     "ImageRecord",
+    "ProbeSet",
     "UnreadableImageError",
     "WorldConfig",
     "WorldSamples",

@@ -353,20 +353,20 @@ def scan(
 def check_vocabulary(classnames: Sequence[str]) -> list[str]:
     """The label vocabulary as a list; ValueError for fewer than two labels, empty or duplicate ones."""
     if isinstance(classnames, str):
-        raise ValueError("scan: the label vocabulary must be a sequence of labels, not one string")
+        raise ValueError("the label vocabulary must be a sequence of labels, not one string")
     classnames = list(classnames)
     if len(classnames) < 2:
-        raise ValueError("scan: the label vocabulary needs at least two labels")
+        raise ValueError("the label vocabulary needs at least two labels")
     bad = [i for i, name in enumerate(classnames) if not isinstance(name, str) or not name.strip()]
     if bad:
-        raise ValueError(f"scan: empty or non-string labels at positions {bad[:8]}")
+        raise ValueError(f"empty or non-string labels at positions {bad[:8]}")
     seen, duplicates = set(), []
     for name in classnames:
         if name.strip() in seen:
             duplicates.append(name)
         seen.add(name.strip())
     if duplicates:
-        raise ValueError(f"scan: duplicate labels {sorted(set(duplicates))[:8]}: each label must be named once")
+        raise ValueError(f"duplicate labels {sorted(set(duplicates))[:8]}: each label must be named once")
     return classnames
 
 
