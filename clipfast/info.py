@@ -30,7 +30,7 @@ def build_report() -> dict:
         "build": build or None,
         "runtime": runtime,
         "backends": {name: {"usable": ok, "why": why} for name, (ok, why) in status.items()},
-        "ops": dict(backends.OP_BACKENDS),
+        "ops": {op: backends.BACKENDS for op in backends.OPS},
         "warnings": warnings,
     }
 

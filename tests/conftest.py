@@ -1,7 +1,10 @@
 import os
 
-import pytest
-import torch
+# A missing or mismatched clipfast._C is an error here, not a warning (clipfast/ops/extension.py).
+os.environ.setdefault("CLIPFAST_REQUIRE_EXTENSION", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 

@@ -22,7 +22,7 @@ from .common import run_stamp
 FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "op", "variant", "sizes", "dtype", "ms",
           "speedup_vs_reference", "achieved", "unit", "roofline", "fraction_of_roofline"]
 
-# Sizes: `full` is the realistic GPU sizes, `quick` fits this 2-core CPU in minutes.
+# Sizes: `full` is realistic for a GPU (a ViT-B/16 scan batch), `quick` fits a small CPU in minutes.
 SIZES = {
     "full": dict(crop=dict(B=256, M=32, H=224, W=224, S=224), pool=dict(B=256, M=32, H=224, W=224, grid=14, D=768,
                                                                             heads=12),
@@ -47,7 +47,7 @@ def blob_masks(batch, num_masks, height, width, device, seed=0):
 
 def usable_backends(op: str, device: str) -> list[str]:
     names = []
-    for name in backends.OP_BACKENDS[op]:
+    for name in backends.BACKENDS:
         try:
             backends.resolve(op, name, torch.device(device))
             names.append(name)

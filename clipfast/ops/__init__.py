@@ -4,12 +4,13 @@ Every op has a pure-PyTorch reference (reference.py) and compiled backends; `bac
 picks the fastest one available for the tensors' device (see backends.py).
 """
 
-from .backends import BACKENDS, OP_BACKENDS, BackendUnavailable, backend_status
+from .backends import BACKENDS, OPS, BackendUnavailable, backend_status
 from .mask_crop import MaskCrops, mask_crop
-from .mask_pool import MaskPool, mask_pool, pack_mask_bits
+from .mask_pool import MaskPool, mask_pool
+from .maskbits import pack_mask_bits, unpack_mask_bits
 from .region_score import RegionScores, region_score
 from .region_topk import LabelTopK, region_topk
 
-__all__ = ["BACKENDS", "OP_BACKENDS", "BackendUnavailable", "backend_status", "MaskCrops", "mask_crop",
-           "MaskPool", "mask_pool", "pack_mask_bits",
+__all__ = ["BACKENDS", "OPS", "BackendUnavailable", "backend_status", "MaskCrops", "mask_crop",
+           "MaskPool", "mask_pool", "pack_mask_bits", "unpack_mask_bits",
            "RegionScores", "region_score", "LabelTopK", "region_topk"]

@@ -3,53 +3,35 @@
 Backends: ``reference`` (pure PyTorch, always), ``cpu`` (C++ in clipfast._C), ``cuda`` (CUDA in
 clipfast._C, when built with CUDA and a GPU is present), ``triton`` (where Triton runs: a GPU, or
 the CPU interpreter under TRITON_INTERPRET=1). ``auto`` picks the fastest available for the tensors'
-device. An explicitly requested backend that cannot run raises BackendUnavailable saying why.
+device and the input. An explicitly requested backend that cannot run raises BackendUnavailable saying why.
 """
 
 from __future__ import annotations
 
-import importlib
-import json
 import os
 import warnings
-from pathlib import Path
 
 import torch
 
-from . import reference
+from clipfast.errors import ClipfastError
+
+from . import extension, reference
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
-# The backends each op implements.
+# Every op has every backend.
 OPS = ("mask_crop", "mask_pool", "region_score", "region_topk")
-OP_BACKENDS: dict[str, tuple[str, ...]] = {op: BACKENDS for op in OPS}
 
 # auto's order of preference per device type (the Triton interpreter is never picked on a CPU).
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailable(ClipfastError, RuntimeError):
     """An explicitly requested backend cannot run; the message says why."""
 
 
-def _load_extension():
-    try:
-        return importlib.import_module("clipfast._C")
-    except ImportError as error:
-        return error
-
-
-def _read_build_info() -> dict:
-    path = Path(__file__).resolve().parent.parent / "_build_info.json"
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
 # Loaded once at import (cheap), so that backend resolution stays traceable by torch.compile.
-EXTENSION = _load_extension()  # the compiled library clipfast._C, or the ImportError that stopped it
-BUILD_INFO = _read_build_info()  # what setup.py recorded: versions, compiled backends, CUDA archs
+EXTENSION, BUILD_INFO = extension.EXTENSION, extension.BUILD_INFO
 
 
 def backend_status(backend: str) -> tuple[bool, str]:
@@ -59,7 +41,7 @@ def backend_status(backend: str) -> tuple[bool, str]:
     ext = EXTENSION
     if backend == "cpu":
         if isinstance(ext, ImportError):
-            return False, f"clipfast._C failed to import ({ext}); reinstall with `pip install --no-build-isolation -e .`"
+            return False, f"clipfast._C failed to import ({ext}); {extension.REBUILD}"
         return True, "C++ kernels in clipfast._C"
     if backend == "cuda":
         if isinstance(ext, ImportError):
@@ -83,22 +65,22 @@ def backend_status(backend: str) -> tuple[bool, str]:
     raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS + ('auto',))}")
 
 
-def resolve(op: str, backend: str, device: torch.device) -> str:
-    """The backend that runs `op` on tensors on `device` when the caller asked for `backend`."""
-    offered = OP_BACKENDS[op]
+def resolve(op: str, backend: str, device: torch.device, limits: dict[str, str] | None = None) -> str:
+    """The backend that runs `op` on tensors on `device` when the caller asked for `backend`.
+    limits: backend -> why it cannot take this particular input (e.g. a k above a kernel's
+    maximum); `auto` passes such a backend over, an explicit request for it raises saying why."""
+    limits = limits or {}
     device_type = device.type
     if backend == "auto":
         for candidate in _AUTO_ORDER.get(device_type, ("reference",)):
-            if candidate in offered and backend_status(candidate)[0]:
+            if backend_status(candidate)[0] and candidate not in limits:
                 if candidate == "reference" and device_type == "cuda":
                     warnings.warn(f"clipfast: {op} runs the slow reference on {device}: "
-                                  f"{backend_status('cuda')[1]}", stacklevel=3)
+                                  f"{limits.get('cuda') or backend_status('cuda')[1]}", stacklevel=3)
                 return candidate
         return "reference"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS + ('auto',))}")
-    if backend not in offered:
-        raise BackendUnavailable(f"{op} has no {backend} backend yet (it has: {', '.join(offered)})")
     usable, why = backend_status(backend)
     if not usable:
         raise BackendUnavailable(f"{op}: backend {backend!r} cannot run: {why}")
@@ -108,6 +90,8 @@ def resolve(op: str, backend: str, device: torch.device) -> str:
         backend == "triton" and os.environ.get("TRITON_INTERPRET") == "1"
     ):
         raise BackendUnavailable(f"{op}: backend {backend!r} needs CUDA tensors, got tensors on {device}")
+    if backend in limits:
+        raise BackendUnavailable(f"{op}: backend {backend!r} cannot take this input: {limits[backend]}")
     return backend
 
 

@@ -8,6 +8,7 @@ from typing import NamedTuple, Sequence
 import torch
 
 from . import backends
+from .contracts import register_contract
 
 IMAGE_DTYPES = (torch.uint8, torch.float32, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.uint8)
@@ -93,15 +94,5 @@ def _per_channel(values, default: float, channels: int, name: str) -> list[float
     return values
 
 
-def _fake(images, masks, out_size, margin, square, background, mean, std, out_dtype):
-    batch, channels = images.shape[:2]
-    num_masks = masks.shape[1]
-    return (
-        images.new_empty((batch, num_masks, channels, out_size, out_size), dtype=out_dtype),
-        images.new_empty((batch, num_masks, 4), dtype=torch.int32),
-        images.new_empty((batch, num_masks), dtype=torch.bool),
-    )
-
-
 if not isinstance(backends.EXTENSION, ImportError):
-    torch.library.register_fake("clipfast::mask_crop")(_fake)
+    register_contract("mask_crop", "clipfast::mask_crop")

@@ -6,7 +6,8 @@ from typing import NamedTuple
 
 import torch
 
-from . import backends, reference
+from . import backends
+from .contracts import register_contract
 
 FEATURE_DTYPES = (torch.float32, torch.bfloat16)
 MASK_DTYPES = (torch.bool, torch.uint8)
@@ -15,16 +16,6 @@ MASK_DTYPES = (torch.bool, torch.uint8)
 class MaskPool(NamedTuple):
     pooled: torch.Tensor  # [B, M, D] in the features' dtype; zeros where the mask is empty
     valid: torch.Tensor   # [B, M] bool; False where the mask covers no pixel
-
-
-def pack_mask_bits(masks: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Bit-pack [..., W] bool/uint8 masks (nonzero = inside) to [..., ceil(W/8)] uint8, pixel x in bit
-    x % 8 of byte x // 8 (numpy's bitorder="little"): 8x less memory traffic for mask_pool.
-    Returns (packed, W); pass W as mask_pool's packed_width."""
-    width = masks.shape[-1]
-    padded = torch.nn.functional.pad(masks.bool().to(torch.uint8), (0, (-width) % 8))
-    bits = padded.reshape(*padded.shape[:-1], -1, 8) << torch.arange(8, device=masks.device, dtype=torch.uint8)
-    return bits.sum(-1, dtype=torch.uint8), width
 
 
 def mask_pool(
@@ -105,27 +96,5 @@ def _check_logits(logits, features) -> torch.Tensor:
     return logits
 
 
-def fake_mask_pool(features, masks, logits, grid_h, grid_w, packed_width):
-    """Output shapes only: the fake kernel of every backend's registered op."""
-    batch, _, dim = features.shape
-    num_masks = masks.shape[1]
-    return features.new_empty((batch, num_masks, dim)), features.new_empty((batch, num_masks), dtype=torch.bool)
-
-
-def autograd_setup(ctx, inputs, output):
-    """Saves what mask_pool_backward needs (every backend's registered op shares it)."""
-    features, masks, logits, grid_h, grid_w, packed_width = inputs
-    ctx.save_for_backward(features, masks, logits)
-    ctx.geometry = (grid_h, grid_w, packed_width)
-
-
-def autograd_backward(ctx, grad_pooled, grad_valid):
-    """Gradients for features and logits from the closed form in reference.mask_pool_backward."""
-    features, masks, logits = ctx.saved_tensors
-    grad_features, grad_logits = reference.mask_pool_backward(grad_pooled, features, masks, logits, *ctx.geometry)
-    return grad_features, None, grad_logits, None, None, None
-
-
 if not isinstance(backends.EXTENSION, ImportError):
-    torch.library.register_fake("clipfast::mask_pool")(fake_mask_pool)
-    torch.library.register_autograd("clipfast::mask_pool", autograd_backward, setup_context=autograd_setup)
+    register_contract("mask_pool", "clipfast::mask_pool")

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .maskbits import unpack_mask_bits
+
 
 def mask_box(mask: torch.Tensor, margin: float, square: bool = False) -> tuple[int, int, int, int] | None:
     """Sampling box (y0, x0, y1, x1) of a [H, W] mask; None for an empty mask.
@@ -126,13 +128,6 @@ def region_topk(scores: torch.Tensor, labels: torch.Tensor, num_labels: int, k: 
         order = torch.sort(-scores[members].float(), stable=True).indices[:k]
         top[label, : order.numel()] = members[order]
     return counts, top
-
-
-def unpack_mask_bits(packed: torch.Tensor, width: int) -> torch.Tensor:
-    """[..., ceil(W/8)] uint8 with pixel x in bit (x % 8) of byte x // 8 -> [..., W] bool."""
-    shifts = torch.arange(8, device=packed.device, dtype=torch.uint8)
-    bits = (packed.unsqueeze(-1) >> shifts) & 1
-    return bits.flatten(-2)[..., :width].bool()
 
 
 def mask_patch_counts(masks: torch.Tensor, grid_h: int, grid_w: int, packed_width: int) -> torch.Tensor:

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 
 from . import backends
+from .contracts import register_contract
 
 
 class RegionScores(NamedTuple):
@@ -61,13 +62,5 @@ def region_score(image_embeddings: torch.Tensor, region_embeddings: torch.Tensor
                                        text_embeddings, float(logit_scale)))
 
 
-def _fake(image_embeddings, region_embeddings, region_valid, text_embeddings, logit_scale):
-    batch, num_regions = region_valid.shape
-    new = image_embeddings.new_empty
-    return (new(batch, dtype=torch.int64), new(batch, dtype=torch.float32), new(batch, num_regions, dtype=torch.int64),
-            new(batch, num_regions, dtype=torch.float32), new(batch, num_regions, dtype=torch.float32),
-            new(batch, dtype=torch.float32))
-
-
 if not isinstance(backends.EXTENSION, ImportError):
-    torch.library.register_fake("clipfast::region_score")(_fake)
+    register_contract("region_score", "clipfast::region_score")

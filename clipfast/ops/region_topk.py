@@ -7,6 +7,26 @@ from typing import NamedTuple
 import torch
 
 from . import backends
+from .contracts import register_contract
+
+
+# The CUDA kernel's limits (kRegionTopkMaxK, kRegionTopkMaxEntries in csrc/kernels/cuda/region_topk.cuh)
+# and the Triton kernel's (int32 entry offsets).
+CUDA_MAX_K = 1024
+CUDA_MAX_ENTRIES = 2**32 - 1
+TRITON_MAX_ENTRIES = 2**31 - 1
+
+
+def _limits(entries: int, k: int) -> dict[str, str]:
+    """The backends that cannot take this input, and why (auto passes them over)."""
+    limits = {}
+    if k > CUDA_MAX_K:
+        limits["cuda"] = f"k={k} is above the CUDA kernel's limit of {CUDA_MAX_K} per label"
+    elif entries > CUDA_MAX_ENTRIES:
+        limits["cuda"] = f"{entries} entries exceed the CUDA kernel's limit of {CUDA_MAX_ENTRIES}"
+    if entries > TRITON_MAX_ENTRIES:
+        limits["triton"] = f"{entries} entries exceed the Triton kernel's limit of {TRITON_MAX_ENTRIES}"
+    return limits
 
 
 class LabelTopK(NamedTuple):
@@ -29,13 +49,9 @@ def region_topk(scores: torch.Tensor, labels: torch.Tensor, num_labels: int, k: 
     if scores.device != labels.device:
         raise ValueError(f"region_topk: scores are on {scores.device} but labels on {labels.device}")
     scores, labels = scores.float(), labels.long()  # the kernels' types; bf16 -> fp32 is exact
-    chosen = backends.resolve("region_topk", backend, scores.device)
+    chosen = backends.resolve("region_topk", backend, scores.device, _limits(len(scores), k))
     return LabelTopK(*backends.call("region_topk", chosen, scores, labels, int(num_labels), int(k)))
 
 
-def _fake(scores, labels, num_labels, k):
-    return scores.new_empty(num_labels, dtype=torch.int64), scores.new_empty((num_labels, k), dtype=torch.int64)
-
-
 if not isinstance(backends.EXTENSION, ImportError):
-    torch.library.register_fake("clipfast::region_topk")(_fake)
+    register_contract("region_topk", "clipfast::region_topk")

@@ -11,6 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contracts import register_contract
 from ._launch import pow2_block
 
 _MAX_CHANNELS = 4  # clipfast.ops.mask_crop.MAX_CHANNELS
@@ -236,12 +237,4 @@ def mask_crop(
     return crops, boxes, valid
 
 
-@mask_crop.register_fake
-def _(images, masks, out_size, margin, square, background, mean, std, out_dtype):
-    # Shapes only; replaces triton_op's default fake (tracing the body), which cannot run the
-    # kernels under the CPU interpreter.
-    batch, channels = images.shape[:2]
-    num_masks = masks.shape[1]
-    return (images.new_empty((batch, num_masks, channels, out_size, out_size), dtype=out_dtype),
-            images.new_empty((batch, num_masks, 4), dtype=torch.int32),
-            images.new_empty((batch, num_masks), dtype=torch.bool))
+register_contract("mask_crop", mask_crop)

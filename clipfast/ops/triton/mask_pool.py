@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..mask_pool import autograd_backward, autograd_setup, fake_mask_pool
+from ..contracts import register_contract
 from ._launch import INTERPRETED, pow2_block
 
 
@@ -195,7 +195,4 @@ def mask_pool(
     return pooled, valid
 
 
-# Shapes only (see mask_crop's fake for why triton_op's traced default is replaced); autograd as the
-# compiled backends.
-mask_pool.register_fake(fake_mask_pool)
-mask_pool.register_autograd(autograd_backward, setup_context=autograd_setup)
+register_contract("mask_pool", mask_pool)

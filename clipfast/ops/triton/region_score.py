@@ -13,6 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contracts import register_contract
 from ._launch import INTERPRETED, pow2_block
 
 
@@ -214,11 +215,4 @@ def region_score(
     return image_label, image_prob, region_label, region_prob, region_image_prob, discrepancy
 
 
-@region_score.register_fake
-def _(image_embeddings, region_embeddings, region_valid, text_embeddings, logit_scale):
-    # Shapes only (see mask_crop's fake for why triton_op's traced default is replaced).
-    batch, num_regions = region_valid.shape
-    new = image_embeddings.new_empty
-    return (new(batch, dtype=torch.int64), new(batch, dtype=torch.float32),
-            new((batch, num_regions), dtype=torch.int64), new((batch, num_regions), dtype=torch.float32),
-            new((batch, num_regions), dtype=torch.float32), new(batch, dtype=torch.float32))
+register_contract("region_score", region_score)

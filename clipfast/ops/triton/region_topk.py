@@ -12,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..contracts import register_contract
 from ._launch import pow2_block
 
 _EMPTY_KEY: tl.constexpr = tl.constexpr(-(2**63))  # below every real key (low word > 0): "no entry"
@@ -115,7 +116,4 @@ def region_topk(
     return counts.to(torch.int64), top
 
 
-@region_topk.register_fake
-def _(scores, labels, num_labels, k):
-    # Shapes only (see mask_crop's fake for why triton_op's traced default is replaced).
-    return scores.new_empty(num_labels, dtype=torch.int64), scores.new_empty((num_labels, k), dtype=torch.int64)
+register_contract("region_topk", region_topk)
