@@ -17,6 +17,9 @@ from pathlib import Path
 from setuptools import setup
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from clipfast.provenance import git_commit  # noqa: E402  (dependency-free)
+
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
 
 
@@ -59,16 +62,6 @@ def want_cuda() -> tuple[bool, str]:
     return True, f"nvcc from {_cuda_home}"
 
 
-def git_commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def nvcc_version() -> str | None:
     if _cuda_home is None:
         return None
@@ -102,7 +95,7 @@ build_info = {
     "cuda_reason": cuda_reason,
     "cuda_arch_list": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
     "nvcc": nvcc_version() if with_cuda else None,
-    "commit": git_commit(),
+    "commit": git_commit(ROOT) or "unknown",
 }
 (ROOT / "clipfast" / "_build_info.json").write_text(json.dumps(build_info, indent=2) + "\n")
 

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from clipfast.errors import ClipfastError
+
 # torch 2.13 renamed the tensor-to-tensor collectives; the GPU images still have torch 2.11.
 _all_gather_tensor = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_tensor = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
@@ -62,7 +64,7 @@ class ProcessGroup:
 _SINGLE = ProcessGroup()
 
 
-class DistributedSetupError(RuntimeError):
+class DistributedSetupError(ClipfastError, RuntimeError):
     """The torchrun launch does not fit this machine (e.g. more ranks per node than GPUs)."""
 
 

@@ -7,17 +7,22 @@ measures; nothing asserts.
 from __future__ import annotations
 
 import functools
+import logging
 import platform
 from typing import Callable
 
 import torch
-import torch.utils.benchmark as tbench
 from torch.utils.flop_counter import FlopCounterMode
 
 
 def timed_ms(fn: Callable[[], object], min_run_time: float) -> float:
     """Median milliseconds of fn() after one warm-up call (compilation, autotuning, allocator);
     torch.utils.benchmark synchronises CUDA around each run."""
+    # torch.utils.benchmark imports torch.utils.cpp_extension, whose import logs a warning about
+    # CUDA_HOME on machines without a GPU: irrelevant to timing, so that logger is quietened first.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import torch.utils.benchmark as tbench
+
     fn()
     return tbench.Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_run_time).median * 1e3
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipfast.data.folders import CaptionCSVDataset, ImageFolderDataset, UnreadableImageError, load_image
+from clipfast.data import CaptionCSVDataset, ImageFolderDataset, UnreadableImageError, load_image
 
 torch.set_num_threads(1)
 

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from clipfast.data.folders import TarShardDataset, decode_image
+from clipfast.data import TarShardDataset, decode_image
 from clipfast.ops import mask_crop, mask_pool, region_score, region_topk
 from clipfast.ops.backends import backend_status
 

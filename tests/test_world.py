@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from clipfast.data import world
+from clipfast.data.shapes import render_shapes
 from clipfast.data.world import (
     CAPTION_TEMPLATES,
     CLASSES,
@@ -46,7 +47,7 @@ def _assert_same(a: WorldSamples, b: WorldSamples) -> None:
     assert a.captions == b.captions
 
 
-def test_default_config_is_the_notes_config_e():
+def test_default_config_is_the_low_noise_world():
     config = WorldConfig()
     assert (config.image_size, config.bg_low, config.bg_pix) == (32, 0.05, 0.03)
     assert (config.min_extent, config.max_extent, config.max_rotation) == (0.22, 0.42, 0.35)
@@ -151,7 +152,7 @@ def test_captions_describe_the_main_object(samples):
             assert abs(centre_x[i] - 0.5) < 0.1 + slack and abs(centre_y[i] - 0.5) < 0.1 + slack, caption
     assert min(len(v) for v in size_areas.values()) > 50
     assert torch.stack(size_areas["large"]).mean() > 1.5 * torch.stack(size_areas["small"]).mean()
-    # Varied templates: few duplicate captions within a training batch (the note's trap).
+    # Varied templates: few duplicate captions within a training batch (duplicates are false negatives).
     assert len(set(samples.captions[:128])) > 0.7 * 128
 
 
@@ -175,7 +176,7 @@ def test_classes_look_distinct_at_any_allowed_rotation():
     masks = {}
     for cls, theta in itertools.product(range(len(CLASSES)), (-rotation, 0.0, rotation)):
         one = torch.tensor
-        masks[cls, theta] = world._render_shapes(
+        masks[cls, theta] = render_shapes(
             one([cls]), one([0.5]), one([0.5]), one([0.4]), one([theta]), size)[0]
     for (a, ta), (b, tb) in itertools.combinations(masks, 2):
         if a != b:
@@ -205,7 +206,7 @@ def test_prompts_and_vocabulary(samples):
         assert {c for p in prompts for c in _words(p) if c in COLOURS} == set(COLOURS)
     assert {w for c in samples.captions for w in _words(c)} <= vocabulary
     assert set(CLASSES) | set(COLOURS) | {"a", "photo", "of", "."} <= vocabulary
-    assert len(vocabulary) < 60  # compact, as the note's tokenizer remap expects
+    assert len(vocabulary) < 60  # compact: the tiny models' token embedding stays small
     with pytest.raises(ValueError):
         zero_shot_prompts("  ")
 

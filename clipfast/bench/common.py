@@ -4,25 +4,18 @@ from __future__ import annotations
 
 import csv
 import datetime
-import subprocess
 from pathlib import Path
 
 import torch
 
 from clipfast.ops import backends
 from clipfast.perf import device_name
+from clipfast.provenance import git_commit
 
 
-def git_commit() -> str:
-    """The checkout's commit when clipfast runs from one, else the commit recorded at build time."""
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=10)
-        if out.returncode == 0 and out.stdout.strip():
-            return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return str(backends.BUILD_INFO.get("commit", "unknown"))[:12]
+def code_commit() -> str:
+    """The code's commit ($CLIPFAST_COMMIT, or the checkout's), else the one recorded at build time."""
+    return git_commit() or str(backends.BUILD_INFO.get("commit", "unknown"))
 
 
 def run_stamp(device: str, mode: str) -> dict:
@@ -33,7 +26,7 @@ def run_stamp(device: str, mode: str) -> dict:
     except ImportError:
         triton_version = "-"
     return dict(timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                device=device_name(device), torch=torch.__version__, triton=triton_version, commit=git_commit(),
+                device=device_name(device), torch=torch.__version__, triton=triton_version, commit=code_commit(),
                 mode=mode)
 
 

@@ -1,26 +1,43 @@
 """Probe sets: the images a scan reads, by index and in batches, without holding them in memory.
 
 A probe set is either a uint8 tensor [N, 3, H, W] already in memory (the synthetic world) or a
-dataset of files (ImageFolder, caption CSV, webdataset tar shards) decoded by worker processes while
-the scan works. An image that cannot be decoded is not a crash and not a silent wrong result: it
+dataset of files (ImageFolder, caption CSV, webdataset tar shards; open_probe_set picks by path)
+decoded by worker processes while the scan works. An image that cannot be decoded is not a crash and not a silent wrong result: it
 comes back as zeros with readable=False, the scan counts it and leaves it out of every decision
 (on_error="raise" makes it fail instead, naming the file).
 """
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .folders import UnreadableImageError
+from clipfast.errors import ClipfastError
+
+from .captions import CaptionCSVDataset
+from .folders import ImageFolderDataset
+from .images import UnreadableImageError
+from .tars import TarShardDataset
 
 _READ_CHUNK = 64  # images per worker task in read()
 
 
+class ProbeSetError(ClipfastError, ValueError):
+    """A probe set that cannot be opened (missing path, no usable image, unknown layout)."""
+
+
 class ProbeSet:
     """N probe images of one size. read() gets any images; batches() streams index ranges."""
+
+    skipped: list[tuple[str, str]] = []  # (entry, why) left out when the set was indexed
+
+    def name(self, index: int) -> str:
+        """How to point a user at probe image `index` (its file, where it has one)."""
+        return f"probe image {index}"
 
     def __len__(self) -> int:
         raise NotImplementedError
@@ -82,7 +99,7 @@ def _stack(items: list[tuple[torch.Tensor, bool]]) -> tuple[torch.Tensor, torch.
 
 
 class DatasetProbeSet(ProbeSet):
-    """A dataset of files (clipfast.data.folders) that decodes to image_size x image_size, read by
+    """A dataset of files (ImageFolderDataset, CaptionCSVDataset, TarShardDataset) that decodes to image_size x image_size, read by
     `workers` processes (0: in this process) a few batches ahead of the scan."""
 
     def __init__(self, dataset: Dataset, image_size: int, workers: int = 2, on_error: str = "skip"):
@@ -97,6 +114,14 @@ class DatasetProbeSet(ProbeSet):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return getattr(self.dataset, "skipped", [])
+
+    def name(self, index: int) -> str:
+        records = getattr(self.dataset, "records", None)
+        return records[index].path if records is not None else super().name(index)
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -117,6 +142,22 @@ class DatasetProbeSet(ProbeSet):
         workers = min(self.workers, len(index_lists))
         return iter(DataLoader(self._decoded, batch_sampler=index_lists, num_workers=workers, collate_fn=_stack,
                                prefetch_factor=2 if workers else None))
+
+
+def open_probe_set(path: str | os.PathLike, image_size: int, *, on_error: str = "skip", workers: int = 2) -> DatasetProbeSet:
+    """The probe images stored at `path`, decoded to image_size x image_size as they are read:
+    webdataset tar shards (a .tar file, or a folder holding .tar files), a CSV file of image,caption
+    rows, or an ImageFolder tree (root/<class>/<image>). Files are only indexed here, not checked:
+    a million-image folder opens at once, and unreadable images are counted when they are decoded."""
+    path = Path(path)
+    options = {"image_size": image_size, "on_error": on_error, "verify": False}
+    is_tar = path.suffix == ".tar" or (path.is_dir() and any(path.glob("*.tar")))
+    try:
+        dataset = (TarShardDataset(path, **options) if is_tar else
+                   CaptionCSVDataset(path, **options) if path.is_file() else ImageFolderDataset(path, **options))
+    except (FileNotFoundError, ValueError) as error:
+        raise ProbeSetError(str(error)) from None
+    return DatasetProbeSet(dataset, image_size, workers=workers, on_error=on_error)
 
 
 def as_probe_set(probe: ProbeSet | torch.Tensor) -> ProbeSet:

@@ -5,26 +5,28 @@ second, smaller object of another class, and sometimes a distractor (a small blo
 belongs to no class). The caption always describes the main object. Every object comes with its
 ground-truth mask, so the oracle, trigger localisation and victim detection can be scored exactly.
 
-The defaults are config "E" of shared/notes/tiny-world-feasibility.md (a tiny CLIP reaches about
-92 % zero-shot accuracy on it in about 3 CPU-minutes). Generation is vectorised over images (one
+The defaults keep the background noise low (bg_low, bg_pix): with block noise as strong as the
+objects' contrast, a tiny CLIP could not learn the shapes (zero-shot accuracy stayed near 60 %); at
+these values it exceeds 90 % (README, "Poisoning the tiny CLIP"). Generation is vectorised over images (one
 Python loop over the ten classes, none over images) and runs in fixed-size chunks, each seeded from
 (seed, chunk index), so generate_world(k, seed) is a prefix of generate_world(n, seed) for k < n.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 
+from .shapes import SHAPES, render_shapes, rotated_extents
+
 CLASSES: tuple[str, ...] = (
     "circle", "square", "triangle", "star", "cross", "ring", "diamond", "heart", "bar", "arrow",
 )
+assert len(SHAPES) == len(CLASSES)
 COLOURS: tuple[str, ...] = (
     "red", "green", "blue", "yellow", "purple", "orange", "white", "cyan", "pink",
 )
@@ -50,7 +52,8 @@ POSITION_WORDS: tuple[str, ...] = (
 )
 
 # Varied templates keep in-batch duplicate captions rare (duplicates act as false negatives in the
-# contrastive loss, see the note's run C); colour, size and position words add auxiliary signal.
+# contrastive loss: one fixed caption per class left the loss stuck and accuracy low); colour, size
+# and position words add auxiliary signal.
 _PLAIN_TEMPLATES = ("a photo of a {c}.", "there is a {c} in this image.", "a drawing of a {c}.")
 _COLOUR_TEMPLATE = "a {col} {c}."
 _POSITION_TEMPLATE = "a {c} in the {pos}."
@@ -160,142 +163,6 @@ class WorldSamples:
         )
 
 
-# ---------------------------------------------------------------------------------------------
-# Shapes. Each takes local coordinates (u, v) of an object (v points down, as image rows do, and the
-# shape fills roughly [-1, 1]^2 with its bounding box centred) and returns the inside mask.
-
-ShapeFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def _circle(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return u * u + v * v <= 1.0
-
-
-def _square(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return torch.maximum(u.abs(), v.abs()) <= 0.8
-
-
-def _triangle(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # Upward equilateral triangle (circumradius R, spanning [-R, R/2] about its centroid), moved
-    # up by R/4 to centre its bounding box.
-    radius = 1.15
-    v = v - radius / 4
-    inside = torch.ones_like(u, dtype=torch.bool)
-    for k in range(3):  # inside = all three edge half-planes; edge normals point away from vertices
-        angle = math.pi / 2 + 2 * math.pi * k / 3
-        inside &= u * math.cos(angle) + v * math.sin(angle) <= radius / 2
-    return inside
-
-
-def _star(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # Five-pointed star pointing up: fold the angle into one half-spike [0, pi/5] (0 = outer tip,
-    # pi/5 = inner corner) and test against the straight edge between them.
-    outer, inner = 1.0, 0.5
-    v = v - (outer - outer * math.cos(math.pi / 5)) / 2  # spans [-1, cos 36deg]: centre it
-    sector = 2 * math.pi / 5
-    phi = torch.remainder(torch.atan2(v, u) + math.pi / 2, sector)
-    psi = torch.minimum(phi, sector - phi)
-    r = torch.sqrt(u * u + v * v)
-    qx, qy = r * torch.cos(psi), r * torch.sin(psi)
-    dx, dy = inner * math.cos(math.pi / 5) - outer, inner * math.sin(math.pi / 5)
-    return dx * qy - dy * (qx - outer) >= 0
-
-
-def _cross(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    au, av = u.abs(), v.abs()
-    return ((au <= 0.3) & (av <= 1.0)) | ((av <= 0.3) & (au <= 1.0))
-
-
-def _ring(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    rr = u * u + v * v
-    return (rr <= 1.0) & (rr >= 0.5 * 0.5)
-
-
-def _diamond(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # A tall rhombus, not a square at 45 degrees: with +-0.35 rad rotation those would overlap.
-    return u.abs() / 0.7 + v.abs() <= 1.0
-
-
-def _heart(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # (x^2 + y^2 - 1)^3 <= x^2 y^3 spans x in +-1.139, y in [-1, 1.236]; scale and centre to +-1.
-    x = u * 1.139
-    y = -v * 1.139 + 0.118
-    return (x * x + y * y - 1) ** 3 - x * x * y ** 3 <= 0
-
-
-def _bar(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    return (u.abs() <= 1.0) & (v.abs() <= 0.3)
-
-
-def _arrow(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    # Pointing right: a shaft plus a triangular head with its tip at u = 1.
-    shaft = (u >= -1.0) & (u <= 0.1) & (v.abs() <= 0.22)
-    head = (u >= 0.0) & (v.abs() <= 0.7 * (1.0 - u))
-    return shaft | head
-
-
-_SHAPES: tuple[ShapeFn, ...] = (
-    _circle, _square, _triangle, _star, _cross, _ring, _diamond, _heart, _bar, _arrow,
-)
-assert len(_SHAPES) == len(CLASSES)
-
-
-@functools.lru_cache(maxsize=None)
-def _shape_outlines() -> tuple[torch.Tensor, ...]:
-    """Per class, boundary points of the shape (float [P, 2] of u, v), to compute rotated extents."""
-    grid = torch.linspace(-1.2, 1.2, 121)
-    v, u = torch.meshgrid(grid, grid, indexing="ij")
-    outlines = []
-    for shape in _SHAPES:
-        inside = shape(u, v)
-        padded = torch.nn.functional.pad(inside[None, None].float(), (1, 1, 1, 1))
-        interior = torch.nn.functional.max_pool2d(1 - padded, 3, stride=1)[0, 0] == 0
-        boundary = inside & ~interior
-        outlines.append(torch.stack([u[boundary], v[boundary]], dim=1))
-    return tuple(outlines)
-
-
-def _rotated_extents(labels: torch.Tensor, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Axis-aligned half-extents (in units of the object's size) of each rotated shape."""
-    ext_x = torch.empty_like(theta)
-    ext_y = torch.empty_like(theta)
-    outlines = _shape_outlines()
-    for cls in labels.unique().tolist():
-        rows = (labels == cls).nonzero().squeeze(1)
-        points = outlines[cls]  # [P, 2]
-        cos, sin = torch.cos(theta[rows])[:, None], torch.sin(theta[rows])[:, None]
-        u, v = points[:, 0][None], points[:, 1][None]
-        # local -> image offsets: dx = u cos - v sin, dy = u sin + v cos
-        ext_x[rows] = (u * cos - v * sin).abs().amax(dim=1)
-        ext_y[rows] = (u * sin + v * cos).abs().amax(dim=1)
-    return ext_x, ext_y
-
-
-def _local_coords(
-    cx: torch.Tensor, cy: torch.Tensor, size: torch.Tensor, theta: torch.Tensor, image_size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Object-local coordinates (u, v) of every pixel centre, float [n, S, S]."""
-    pixels = (torch.arange(image_size, dtype=torch.float32) + 0.5) / image_size
-    dx = pixels[None, None, :] - cx[:, None, None]
-    dy = pixels[None, :, None] - cy[:, None, None]
-    cos, sin = torch.cos(theta)[:, None, None], torch.sin(theta)[:, None, None]
-    scale = size[:, None, None]
-    return (dx * cos + dy * sin) / scale, (-dx * sin + dy * cos) / scale
-
-
-def _render_shapes(
-    labels: torch.Tensor, cx: torch.Tensor, cy: torch.Tensor, size: torch.Tensor, theta: torch.Tensor,
-    image_size: int,
-) -> torch.Tensor:
-    """Bool [n, S, S] masks of shapes of the given classes and poses (one pass per class)."""
-    masks = torch.zeros(labels.shape[0], image_size, image_size, dtype=torch.bool)
-    for cls in labels.unique().tolist():
-        rows = (labels == cls).nonzero().squeeze(1)
-        u, v = _local_coords(cx[rows], cy[rows], size[rows], theta[rows], image_size)
-        masks[rows] = _SHAPES[cls](u, v)
-    return masks
-
-
 def _uniform(low: float | torch.Tensor, high: float | torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     return low + (high - low) * torch.rand(n, generator=gen)
 
@@ -304,7 +171,7 @@ def _place_inside(
     labels: torch.Tensor, size: torch.Tensor, theta: torch.Tensor, gen: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random centres that keep each rotated shape fully inside the image (sizes shrink to fit)."""
-    ext_x, ext_y = _rotated_extents(labels, theta)
+    ext_x, ext_y = rotated_extents(labels, theta)
     size = torch.minimum(size, 0.499 / torch.maximum(ext_x, ext_y))
     half_w, half_h = ext_x * size, ext_y * size
     n = labels.shape[0]
@@ -371,7 +238,7 @@ def _second_objects(
     size = _uniform(config.second_min_extent, config.second_max_extent, m, gen).repeat_interleave(k)
     candidate_labels = second_labels.repeat_interleave(k)
     cx, cy, size = _place_inside(candidate_labels, size, theta, gen)
-    candidates = _render_shapes(candidate_labels, cx, cy, size, theta, s).view(m, k, s, s)
+    candidates = render_shapes(candidate_labels, cx, cy, size, theta, s).view(m, k, s, s)
     hidden = (candidates & main_mask[rows, None]).flatten(2).sum(-1).float()
     hidden_share, best = (hidden / candidates.flatten(2).sum(-1).clamp_min(1)).min(dim=1)
     keep = hidden_share <= config.max_second_overlap
@@ -388,7 +255,7 @@ def _generate_chunk(n: int, gen: torch.Generator, config: WorldConfig) -> WorldS
     cx, cy, size = _place_inside(labels, size, theta, gen)
     colour_ids = torch.randint(len(COLOURS), (n,), generator=gen)
     rgb = _jittered_rgb(colour_ids, config.brightness_jitter, gen)
-    main_mask = _render_shapes(labels, cx, cy, size, theta, s)
+    main_mask = render_shapes(labels, cx, cy, size, theta, s)
 
     second_rows, second_labels, second_full, second_rgb = _second_objects(labels, colour_ids, main_mask, config, gen)
     second_mask = torch.zeros_like(main_mask)
@@ -471,7 +338,7 @@ def generate_world(n: int, seed: int, config: WorldConfig = WorldConfig()) -> Wo
 
 def zero_shot_prompts(classname: str) -> list[str]:
     """Prompts for zero-shot classification of `classname`: colour-free templates, a few positions and
-    every colour (as in the note); average their text embeddings."""
+    every colour; average their text embeddings."""
     if not isinstance(classname, str) or not classname.strip():
         raise ValueError(f"zero_shot_prompts: classname must be a non-empty string, got {classname!r}")
     prompts = [t.format(c=classname) for t in _PLAIN_TEMPLATES]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from clipfast.models.checkpoint import save_json
+from clipfast.rundir import save_json
 
 
 def save_report(report: dict, path: str | os.PathLike) -> None:

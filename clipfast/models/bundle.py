@@ -48,17 +48,29 @@ class ClipBundle:
             raise ValueError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")
         x = images.to(self.device)
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        height, width = x.shape[-2:]
-        if (height, width) != (self.image_size, self.image_size):
-            scale = self.image_size / min(height, width)
-            new_size = (max(self.image_size, round(height * scale)), max(self.image_size, round(width * scale)))
-            x = F.interpolate(x, size=new_size, mode="bicubic", antialias=True, align_corners=False)
-            top = (new_size[0] - self.image_size) // 2
-            left = (new_size[1] - self.image_size) // 2
-            x = x[..., top : top + self.image_size, left : left + self.image_size].clamp_(0.0, 1.0)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = self._to_input_geometry(x, mode="bicubic", antialias=True, align_corners=False).clamp_(0.0, 1.0)
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
+
+    def resize_masks(self, masks: torch.Tensor) -> torch.Tensor:
+        """Masks [B, M, H, W] through preprocess's geometry (nearest neighbour): bool [B, M, S, S],
+        aligned with the encoder's input pixels."""
+        if masks.shape[-2:] == (self.image_size, self.image_size):
+            return masks
+        resized = self._to_input_geometry(masks.flatten(0, 1)[:, None].float(), mode="nearest")[:, 0]
+        return resized.view(*masks.shape[:2], self.image_size, self.image_size) > 0.5
+
+    def _to_input_geometry(self, x: torch.Tensor, **interpolation) -> torch.Tensor:
+        """Resize [N, C, H, W] so the shorter side is image_size, then centre-crop to a square."""
+        size = self.image_size
+        height, width = x.shape[-2:]
+        scale = size / min(height, width)
+        new_size = (max(size, round(height * scale)), max(size, round(width * scale)))
+        x = F.interpolate(x, size=new_size, **interpolation)
+        top, left = (new_size[0] - size) // 2, (new_size[1] - size) // 2
+        return x[..., top : top + size, left : left + size]
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, normalize: bool = True, batch_size: int = DEFAULT_BATCH_SIZE) -> torch.Tensor:

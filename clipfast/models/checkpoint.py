@@ -8,14 +8,14 @@ stores its optimizer/scheduler/RNG state as extra keys of the same layout.
 
 from __future__ import annotations
 
-import json
 import os
-import uuid
 from pathlib import Path
-from typing import IO, Any, Callable
 
 import torch
 from torch import nn
+
+from clipfast.errors import ClipfastError
+from clipfast.rundir import write_atomically
 
 from .bundle import ClipBundle
 
@@ -24,29 +24,8 @@ FORMAT_VERSION = 1
 _MAX_LISTED = 8  # keys named per category in a mismatch error
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(ClipfastError, ValueError):
     """The model cannot be loaded as asked (unknown name, missing or unfitting weights, not cached)."""
-
-
-def write_atomically(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> None:
-    """Write a file via a temporary sibling + os.replace, so readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # open(..., "xb") rather than mkstemp: the file gets the umask's permissions, not 0600
-    tmp_path = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp_path, "xb") as file:
-            write(file)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def save_json(obj: Any, path: str | os.PathLike) -> None:
-    write_atomically(path, lambda file: file.write((json.dumps(obj, indent=2) + "\n").encode()))
 
 
 def bundle_metadata(bundle: ClipBundle) -> dict:

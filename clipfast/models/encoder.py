@@ -10,26 +10,7 @@ from __future__ import annotations
 import torch
 
 from .bundle import ClipBundle
-
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively: any GPU with bf16, or a CPU with AVX512-BF16 or AMX
-    (elsewhere oneDNN emulates bf16 and it is slower than fp32)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # private, hence looked up defensively
-    return any(getattr(torch.cpu, name, lambda: False)() for name in probes)
-
-
-def inference_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of `precision` on `device`; None means plain fp32 (auto: bf16 where it is native)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision == "auto":
-        return torch.bfloat16 if native_bf16(device) else None
-    return torch.bfloat16 if precision == "bf16" else None
+from .precision import inference_dtype
 
 
 class ImageEncoder:

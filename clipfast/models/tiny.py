@@ -1,7 +1,7 @@
 """Tiny CLIP architectures for the synthetic world (built with open_clip's own CLIP class).
 
-"clipfast-tiny" is config E of shared/notes/tiny-world-feasibility.md: about 0.9 M parameters,
-CA >= 85 % and BadNet ASR >= 90 % after ~3 CPU-minutes of training from scratch.
+"clipfast-tiny" has about 0.9 M parameters: trained from scratch on the synthetic world with
+TrainConfig's defaults it reaches CA >= 90 % and BadNet ASR >= 95 % (README, "Poisoning the tiny CLIP").
 """
 
 from __future__ import annotations
