@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from clipfast.data.folders import MAX_PIXELS, ImageFolderDataset, TarShardDataset, UnreadableImageError, load_image
+from clipfast.data import MAX_PIXELS, ImageFolderDataset, TarShardDataset, UnreadableImageError, load_image
 from clipfast.data.probe import DatasetProbeSet
 from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
-from clipfast.defense.scan import NonFiniteScoresError, ScanConfig, ScanShardMismatch, scan
+from clipfast.defense.scan import NonFiniteScoresError, ScanConfig, scan
+from clipfast.errors import RunMismatchError
 from clipfast.models import ModelLoadError, load_model, save_checkpoint
 from clipfast.oracle import ClassicalSegmenter
 from clipfast.oracle.base import Segmentation, Segmenter
@@ -232,11 +233,11 @@ def test_a_shard_directory_refuses_another_scans_results(tiny, world, tmp_path):
     again = scan(tiny, list(CLASSES), world, ClassicalSegmenter(), prompts=zero_shot_prompts, config=CONFIG,
                  shard_dir=tmp_path)  # read back, nothing rescanned
     assert torch.equal(first.image_label, again.image_label) and again.seconds["regions"] == 0
-    with pytest.raises(ScanShardMismatch, match="other settings"):
+    with pytest.raises(RunMismatchError, match="other settings"):
         scan(tiny, list(CLASSES), world, ClassicalSegmenter(), prompts=zero_shot_prompts, shard_dir=tmp_path,
              config=ScanConfig(progress=False, batch_size=8, shard_size=16, min_causal_drop=0.4))
     (tmp_path / "shard-00000-of-00002.pt").write_bytes(b"garbage")
-    with pytest.raises(ScanShardMismatch, match="not a scan shard"):
+    with pytest.raises(RunMismatchError, match="not a scan shard"):
         scan(tiny, list(CLASSES), world, ClassicalSegmenter(), prompts=zero_shot_prompts, config=CONFIG,
              shard_dir=tmp_path)
 
@@ -252,5 +253,5 @@ def test_a_nan_loss_stops_training_before_a_checkpoint_keeps_it(tiny, world, tmp
 
     config = TrainConfig(steps=6, batch_size=7, checkpoint_every=3, log_every=3, progress=False, measure_mfu=False)
     with pytest.raises(NonFiniteLossError, match="not finite|nan"):
-        train(bundle, world, captions, config, tmp_path / "run", loss=exploding)
+        train(bundle, world, captions, config, tmp_path / "run", objective=exploding)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()

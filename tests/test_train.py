@@ -6,7 +6,8 @@ import torch
 
 from clipfast.data.world import generate_world
 from clipfast.models import freeze_text_tower, load_model
-from clipfast.train import Batch, ClipContrastiveObjective, ClipForward, ResumeMismatchError, TrainConfig, batch_indices, lr_at, train
+from clipfast.errors import RunMismatchError
+from clipfast.train import Batch, ClipContrastiveObjective, ClipForward, TrainConfig, batch_indices, lr_at, train
 
 SMALL = dict(steps=20, batch_size=32, lr=2e-3, warmup_steps=5, checkpoint_every=5, log_every=5, eval_every=0, progress=False)
 
@@ -89,7 +90,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(world, tmp_p
 def test_resume_refuses_a_different_run(world, tmp_path):
     config = TrainConfig(**{**SMALL, "steps": 5})
     train(_fresh_tiny(), world.images, world.captions, config, tmp_path)
-    with pytest.raises(ResumeMismatchError, match=r"lr: 0.002 -> 0.001"):
+    with pytest.raises(RunMismatchError, match=r"lr: 0.002 -> 0.001"):
         train(_fresh_tiny(), world.images, world.captions, TrainConfig(**{**SMALL, "steps": 5, "lr": 1e-3}), tmp_path)
 
 
@@ -124,7 +125,7 @@ class _MeanImageObjective:
 
 def _weights_after(config, world, tmp_path, loss=None):
     bundle = _fresh_tiny()
-    result = train(bundle, world.images[:64], world.captions[:64], config, tmp_path, loss=loss)
+    result = train(bundle, world.images[:64], world.captions[:64], config, tmp_path, objective=loss)
     return {k: v.clone() for k, v in bundle.model.state_dict().items()}, result
 
 

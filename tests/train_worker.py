@@ -33,7 +33,7 @@ def main(out: Path, sharding: str, steps: int, interrupt_at: int = 0, train_text
     def interrupt(_) -> dict:
         raise SystemExit(3)
 
-    train(bundle, world.images, captions, config, out, loss=objective, eval_fn=interrupt if interrupt_at else None)
+    train(bundle, world.images, captions, config, out, objective=objective, eval_fn=interrupt if interrupt_at else None)
     if group.is_main:
         torch.save(bundle.model.state_dict(), out / "final.pt")
     distributed.shutdown()

@@ -1,7 +1,7 @@
 """The training loop shared by poisoning and repair."""
 
 from .losses import Batch, ClipContrastiveObjective, ClipForward, Objective
-from .loop import NonFiniteLossError, ResumeMismatchError, TrainConfig, TrainResult, batch_indices, lr_at, train
+from .loop import NonFiniteLossError, TrainConfig, TrainResult, batch_indices, lr_at, train
 
 __all__ = [
     "Batch",
@@ -9,7 +9,6 @@ __all__ = [
     "ClipForward",
     "NonFiniteLossError",
     "Objective",
-    "ResumeMismatchError",
     "TrainConfig",
     "TrainResult",
     "batch_indices",

@@ -14,16 +14,17 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+
+from .augment import random_shift
 from .losses import Batch, ClipForward
+from .randomness import VIEWS, seeded_generator
 
 
 def augment_views(images: torch.Tensor, generator: torch.Generator, max_shift: int = 3, noise: float = 0.1) -> torch.Tensor:
     """A second view of normalised images [B, 3, S, S]: random translation (edge padding), per-image
-    contrast scaling and pixel noise. No flips: captions may name positions."""
-    batch, _, height, width = images.shape
-    padded = F.pad(images, (max_shift,) * 4, mode="replicate")
-    offsets = torch.randint(0, 2 * max_shift + 1, (batch, 2), generator=generator).tolist()
-    shifted = torch.stack([padded[i, :, dy : dy + height, dx : dx + width] for i, (dy, dx) in enumerate(offsets)])
+    contrast scaling and pixel noise."""
+    batch = images.shape[0]
+    shifted = random_shift(images, generator, max_shift)
     contrast = 1 + 0.2 * (2 * torch.rand(batch, 1, 1, 1, generator=generator) - 1)
     jitter = noise * torch.randn(shifted.shape, generator=generator)
     return shifted * contrast.to(images.device) + jitter.to(images.device)
@@ -65,8 +66,8 @@ class CleanCLIPObjective:
         self.text_view = text_view
 
     def __call__(self, forward: ClipForward, batch: Batch) -> dict[str, torch.Tensor]:
-        # Views are a function of the batch's sample indices, so resumed runs stay deterministic.
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + int(batch.indices.sum()))
+        # Views are a function of (seed, step, micro-batch), so resumed runs stay deterministic.
+        generator = seeded_generator(self.seed, VIEWS, batch.step, batch.part)
         size = len(batch.indices)
         if self.text_view:
             views = [augment_caption(self.captions[i], generator) for i in batch.indices.tolist()]

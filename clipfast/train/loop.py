@@ -16,10 +16,9 @@ continues exactly like the uninterrupted run (bit-identical on CPU).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -27,33 +26,32 @@ import torch
 from tqdm import tqdm
 
 from clipfast import distributed
+from clipfast.errors import NonFiniteError
 from clipfast.models.bundle import ClipBundle
-from clipfast.models.encoder import native_bf16
-from clipfast.models.checkpoint import load_state_dict_strict, read_checkpoint, save_checkpoint, write_atomically
+from clipfast.models.precision import TRAINING_PRECISIONS, training_dtype
 from clipfast.perf import count_flops, matrix_rate
+from clipfast.rundir import untied
 
 from .augment import shift_and_jitter
-from .losses import Batch, ClipContrastiveObjective, ClipForward, Objective
-from .sharding import (
-    SHARDING_MODES,
-    full_model_state,
-    full_optimizer_state,
-    fully_sharded_copy,
-    load_training_state,
-    unshard_into,
+from .checkpointing import (
+    CHECKPOINT_NAME,
+    LOG_NAME,
+    TrainingLog,
+    TrainingState,
+    resume_training,
+    save_training_checkpoint,
 )
+from .losses import Batch, ClipContrastiveObjective, ClipForward, Objective
+from .randomness import AUGMENT, DATA_ORDER, seeded_generator
+from .sharding import SHARDING_MODES, fully_sharded_copy, unshard_into
 
-CHECKPOINT_NAME = "checkpoint.pt"
-LOG_NAME = "train_log.jsonl"
 MAX_LOGIT_SCALE = math.log(100.0)  # CLIP's clamp on the learned temperature
-
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Training hyper-parameters. The defaults are the tiny-world recipe: config E of
-    shared/notes/tiny-world-feasibility.md with 2000 steps instead of 1300 (the world now also
-    has second objects and distractors; 1300 steps gave CA 83 %, 2000 give 94 %). clipfast-tiny
-    runs ~11 steps/s on 2 idle CPU threads, so this is ~3 minutes."""
+    """Training hyper-parameters. The defaults are the tiny-world recipe (clipfast-tiny on the
+    synthetic world). Fields marked untied() never change the trained weights, so a run resumes
+    across them and cached models are shared."""
 
     steps: int = 2000
     batch_size: int = 128
@@ -61,20 +59,20 @@ class TrainConfig:
     weight_decay: float = 0.1
     warmup_steps: int = 50
     seed: int = 0
-    eval_every: int = 500  # 0: evaluate only at the end (when an eval_fn is given)
-    checkpoint_every: int = 100
-    log_every: int = 10
-    precision: str = "auto"  # auto (GPU: bf16 autocast, fp16 + scaler without bf16; CPU: fp32) | fp32 | bf16 | fp16
-    fused_optimizer: bool = True  # False: torch's standard AdamW (the reference loop)
-    compile: bool = False  # torch.compile the towers' forward
+    precision: str = "auto"  # clipfast.models.precision: auto | fp32 | bf16 | fp16
     accumulation_steps: int = 1  # micro-batches per optimiser step (contrastive negatives come from the micro-batch)
-    grad_checkpointing: bool = False  # recompute activations in backward: big models on one GPU
+    augment: bool = False
+    eval_every: int = untied(500)  # 0: evaluate only at the end (when an eval_fn is given)
+    checkpoint_every: int = untied(100)
+    log_every: int = untied(10)
+    fused_optimizer: bool = untied(True)  # False: torch's standard AdamW (the reference loop); same update
+    compile: bool = untied(False)  # torch.compile the towers' forward
+    grad_checkpointing: bool = untied(False)  # recompute activations in backward: big models on one GPU
     # Under torch.distributed: ddp replicates the model; fsdp shards the image tower's parameters,
     # gradients and optimiser state across ranks (train/sharding.py). Ignored in one process.
-    sharding: str = "ddp"
-    measure_mfu: bool = True  # count one step's FLOPs; log model FLOPs utilisation against the measured bf16 matmul rate
-    augment: bool = False
-    progress: bool = True
+    sharding: str = untied("ddp")
+    measure_mfu: bool = untied(True)  # count one step's FLOPs; log model FLOPs utilisation against the measured bf16 matmul rate
+    progress: bool = untied(True)
 
     def __post_init__(self):
         positive = ("steps", "batch_size", "checkpoint_every", "log_every", "accumulation_steps")
@@ -86,35 +84,15 @@ class TrainConfig:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.lr <= 0 or self.weight_decay < 0:
             raise ValueError(f"TrainConfig needs lr > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}")
-        if self.precision not in ("auto", "fp32", "bf16", "fp16"):
-            raise ValueError(f"TrainConfig.precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
+        if self.precision not in TRAINING_PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be one of {TRAINING_PRECISIONS}, got {self.precision!r}")
         if self.sharding not in SHARDING_MODES:
             raise ValueError(f"TrainConfig.sharding must be one of {SHARDING_MODES}, got {self.sharding!r}")
         if self.accumulation_steps > self.batch_size:
             raise ValueError(f"TrainConfig.accumulation_steps ({self.accumulation_steps}) exceeds batch_size ({self.batch_size})")
 
 
-# Fields that change the training trajectory: a resumed run must match them.
-_TRAJECTORY_FIELDS = ("steps", "batch_size", "lr", "weight_decay", "warmup_steps", "seed", "precision", "augment",
-                      "accumulation_steps")
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype `precision` means on `device` (None: plain fp32)."""
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if native_bf16(device) else torch.float16
-    if precision == "fp16" and device.type != "cuda":
-        raise ValueError("precision fp16 needs a CUDA device (use bf16 or fp32 on a CPU)")
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-class ResumeMismatchError(ValueError):
-    """out_dir holds a checkpoint of a different run."""
-
-
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(NonFiniteError):
     """The loss became NaN or inf; training stops before writing such a model."""
 
 
@@ -143,14 +121,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     return 0.5 * config.lr * (1.0 + math.cos(math.pi * progress))
 
 
-_DATA_ORDER_STREAM, _AUGMENT_STREAM = 0, 1
-
-
-def _generator(seed: int, stream: int, counter: int) -> torch.Generator:
-    """An independent RNG for (seed, stream, counter), e.g. the data order of one epoch."""
-    return torch.Generator().manual_seed(((seed * 1_000_003 + stream) * 1_000_003 + counter) % 2**63)
-
-
 def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor:
     """Indices of step `step`'s batch: consecutive slices of per-epoch permutations seeded by
     (seed, epoch), so that any step's batch is known without replaying earlier steps."""
@@ -159,7 +129,7 @@ def batch_indices(step: int, batch_size: int, n: int, seed: int) -> torch.Tensor
     out = torch.empty(batch_size, dtype=torch.long)
     for epoch in epochs.unique().tolist():
         in_epoch = epochs == epoch
-        permutation = torch.randperm(n, generator=_generator(seed, _DATA_ORDER_STREAM, epoch))
+        permutation = torch.randperm(n, generator=seeded_generator(seed, DATA_ORDER, epoch))
         out[in_epoch] = permutation[positions[in_epoch] % n]
     return out
 
@@ -175,17 +145,117 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.A
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.98), eps=1e-6, fused=config.fused_optimizer or None)
 
 
+class _TrainingRun:
+    """The state of one train() call: the model being trained (or its sharded copy), the optimiser,
+    the data on the device, and how one step, one evaluation and one checkpoint are done."""
+
+    def __init__(self, bundle: ClipBundle, images: torch.Tensor, captions: Sequence[str], config: TrainConfig,
+                 objective: Objective):
+        self.bundle, self.config, self.objective = bundle, config, objective
+        self.ranks, self.device, self.n = distributed.current(), bundle.device, len(images)
+        self.batch_size = min(config.batch_size, self.n)  # tiny sets: one batch is the whole set
+        if self.batch_size < self.ranks.world_size * config.accumulation_steps:
+            raise ValueError(f"a batch of {self.batch_size} cannot be split over {self.ranks.world_size} ranks x "
+                             f"{config.accumulation_steps} micro-batches")
+        self.micro_batches = min(config.accumulation_steps, self.batch_size)
+        self.amp_dtype = training_dtype(config.precision, self.device)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
+        # Data lives on the training device once; captions are tokenised once.
+        self.images = images.to(self.device)
+        self.tokens = bundle.tokenizer(list(captions)).to(self.device)
+        self.sharded = self.ranks.distributed and config.sharding == "fsdp"
+        # What trains: the model itself, or its sharded copy (copied back by finish()).
+        self.model = fully_sharded_copy(bundle.model, self.device) if self.sharded else bundle.model
+        self.train_bundle = dataclasses.replace(bundle, model=self.model) if self.sharded else bundle
+        self.optimizer = make_optimizer(self.model, config)
+        self.loss_sum, self.loss_count = torch.zeros((), device=self.device), 0
+        self.forward: ClipForward | None = None
+
+    def start(self) -> None:
+        self.model.train()
+        self.forward = ClipForward(self.model, self.tokens, self.ranks, replicate=not self.sharded)
+
+    def batch(self, step: int) -> Batch:
+        indices = batch_indices(step, self.batch_size, self.n, self.config.seed)  # host: read without a device sync
+        on_device = indices.to(self.device, non_blocking=True)
+        images = self.images[on_device]
+        if self.config.augment:
+            images = shift_and_jitter(images, seeded_generator(self.config.seed, AUGMENT, step))
+        return Batch(self.bundle.preprocess(images), self.tokens[on_device], indices, step)
+
+    def forward_backward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        """Losses of the whole batch; gradients accumulated over its micro-batches."""
+        parts = torch.arange(len(batch.indices)).tensor_split(self.micro_batches)
+        totals: dict[str, torch.Tensor] = {}
+        for number, part in enumerate(parts):
+            on_device = part.to(self.device)
+            micro = batch if len(parts) == 1 else Batch(batch.images[on_device], batch.tokens[on_device],
+                                                        batch.indices[part], batch.step, number)
+            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16,
+                                enabled=self.amp_dtype is not None):
+                losses = self.objective(self.forward, micro)
+            share = len(part) / len(batch.indices)
+            with self.forward.no_sync(skip=number < len(parts) - 1):  # ranks average gradients once per step
+                self.scaler.scale(losses["loss"] * share).backward()
+            for name, value in losses.items():
+                totals[name] = totals.get(name, 0) + value.detach().float() * share
+        return totals
+
+    def step(self, step: int) -> dict[str, torch.Tensor]:
+        batch = self.batch(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.config)
+        self.optimizer.zero_grad(set_to_none=True)
+        losses = self.forward_backward(batch)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        with torch.no_grad():
+            self.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+        self.loss_sum += losses["loss"]
+        self.loss_count += 1
+        return losses
+
+    def step_flops(self, step: int) -> int:
+        """Model FLOPs of one optimiser step, counted on a pass whose gradients are dropped."""
+        flops = count_flops(lambda: self.forward_backward(self.batch(step)))
+        self.optimizer.zero_grad(set_to_none=True)
+        return flops
+
+    def evaluate(self, eval_fn: Callable[[ClipBundle], dict]) -> dict:
+        """eval_fn on rank 0 (on every rank when sharded: the forward needs them all), rank 0's
+        metrics on every rank (so that every rank stops at the same step)."""
+        metrics = None
+        if self.ranks.is_main or self.sharded:
+            self.model.eval()
+            metrics = eval_fn(self.train_bundle)
+            self.model.train()
+        return self.ranks.broadcast_object(metrics)
+
+    def checkpoint(self, path: Path, state: TrainingState) -> None:
+        if not bool(torch.isfinite(self.loss_sum)):  # never checkpoint a model that a NaN/inf loss has touched
+            raise NonFiniteLossError(f"training loss is not finite before step {state.step}; {path} keeps the "
+                                     "last finite state (lower the learning rate, or use fp32)")
+        save_training_checkpoint(path, self.bundle, self.model, self.optimizer, self.scaler, state, self.config,
+                                 self.n)
+
+    def finish(self) -> None:
+        if self.sharded:
+            unshard_into(self.model, self.bundle.model, self.device)
+        self.bundle.model.eval()
+
+
 def train(
     bundle: ClipBundle,
     images: torch.Tensor,
     captions: Sequence[str],
     config: TrainConfig,
     out_dir: str | Path,
-    loss: Objective | None = None,
+    objective: Objective | None = None,
     eval_fn: Callable[[ClipBundle], dict] | None = None,
     stop_when: Callable[[dict], bool] | None = None,
 ) -> TrainResult:
-    """Train bundle.model in place on (images uint8 [N, 3, H, W], captions) pairs.
+    """Train bundle.model in place on (images uint8 [N, 3, H, W], captions) pairs with `objective`
+    (default: CLIP's contrastive loss).
 
     Writes out_dir/train_log.jsonl and out_dir/checkpoint.pt (a loadable model checkpoint plus
     the optimizer and RNG state); if that checkpoint exists, training resumes from it.
@@ -198,186 +268,82 @@ def train(
         raise ValueError(f"need a non-empty training set with one caption per image, got {n} images, {len(captions)} captions")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path, log_path = out_dir / CHECKPOINT_NAME, out_dir / LOG_NAME
-    objective = loss or ClipContrastiveObjective()
-    model, device = bundle.model, bundle.device
-    ranks = distributed.current()
-    batch_size = min(config.batch_size, n)  # tiny sets: one batch is the whole set
-    if batch_size < ranks.world_size * config.accumulation_steps:
-        raise ValueError(f"a batch of {batch_size} cannot be split over {ranks.world_size} ranks x "
-                         f"{config.accumulation_steps} micro-batches")
-    micro_batches = min(config.accumulation_steps, batch_size)
-    amp_dtype = autocast_dtype(config.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
-
-    # Data lives on the training device once; captions are tokenised once.
-    images = images.to(device)
-    tokens = bundle.tokenizer(list(captions)).to(device)
-
-    was_checkpointing = _set_grad_checkpointing(model, config.grad_checkpointing)
-    sharded = ranks.distributed and config.sharding == "fsdp"
-    # What trains: the model itself, or its sharded copy (copied back at the end).
-    train_model = fully_sharded_copy(model, device) if sharded else model
-    train_bundle = dataclasses.replace(bundle, model=train_model) if sharded else bundle
-    optimizer = make_optimizer(train_model, config)
-    start_step, stopped = 0, False
+    checkpoint_path, log = out_dir / CHECKPOINT_NAME, TrainingLog(out_dir / LOG_NAME)
+    was_checkpointing = _set_grad_checkpointing(bundle.model, config.grad_checkpointing)
+    run = _TrainingRun(bundle, images, captions, config, objective or ClipContrastiveObjective())
+    state = TrainingState(0, False)
     # Rank 0's view of the directory decides, so all ranks take the same branch.
-    if ranks.broadcast_object(checkpoint_path.exists()):
-        start_step, stopped = _resume(checkpoint_path, train_model, optimizer, scaler, config, n, sharded)
-        if ranks.is_main:
-            _truncate_log(log_path, start_step)
+    if run.ranks.broadcast_object(checkpoint_path.exists()):
+        state = resume_training(checkpoint_path, run.model, run.optimizer, run.scaler, config, n, run.sharded)
+        log.resume_at(state.step)
     else:
         torch.manual_seed(config.seed)  # for any stochastic layers (e.g. patch dropout)
-        if ranks.is_main:
-            log_path.unlink(missing_ok=True)
-
-    def save(step: int) -> None:
-        if not bool(torch.isfinite(loss_sum)):  # never checkpoint a model that a NaN/inf loss has touched
-            raise NonFiniteLossError(f"training loss is not finite before step {step}; {checkpoint_path} keeps the "
-                                     "last finite state (lower the learning rate, or use fp32)")
-        weights, optimizer_state = full_model_state(train_model), full_optimizer_state(train_model, optimizer)
-        if not ranks.is_main:
-            ranks.barrier()
-            return
-        state = {
-            "step": step,
-            "stopped_early": stopped,
-            "config": asdict(config),
-            "n_samples": n,
-            "optimizer_by_name": optimizer_state,
-            "grad_scaler": scaler.state_dict(),
-            "rng_cpu": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        save_checkpoint(bundle, checkpoint_path, extra={"train_state": state}, state_dict=weights)
-        ranks.barrier()
-
-    def evaluate(step: int) -> dict:
-        """eval_fn on rank 0 (on every rank when sharded: the forward needs them all), rank 0's
-        metrics on every rank (so that every rank stops at the same step)."""
-        metrics = None
-        if ranks.is_main or sharded:
-            train_model.eval()
-            metrics = eval_fn(train_bundle)
-            train_model.train()
-        if ranks.is_main:
-            _append_log(log_path, {"kind": "eval", "step": step, **metrics})
-        return ranks.broadcast_object(metrics)
-
-    def make_batch(step: int) -> Batch:
-        indices = batch_indices(step, batch_size, n, config.seed)  # host: read without a device sync
-        on_device = indices.to(device, non_blocking=True)
-        batch_images = images[on_device]
-        if config.augment:
-            batch_images = shift_and_jitter(batch_images, _generator(config.seed, _AUGMENT_STREAM, step))
-        return Batch(bundle.preprocess(batch_images), tokens[on_device], indices)
-
-    def forward_backward(forward: ClipForward, batch: Batch) -> dict[str, torch.Tensor]:
-        """Losses of the whole batch; gradients accumulated over its micro-batches."""
-        parts = torch.arange(len(batch.indices)).tensor_split(micro_batches)
-        totals: dict[str, torch.Tensor] = {}
-        for number, part in enumerate(parts):
-            on_device = part.to(device)
-            micro = batch if len(parts) == 1 else Batch(batch.images[on_device], batch.tokens[on_device],
-                                                        batch.indices[part])
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                losses = objective(forward, micro)
-            share = len(part) / len(batch.indices)
-            with forward.no_sync(skip=number < len(parts) - 1):  # ranks average gradients once per step
-                scaler.scale(losses["loss"] * share).backward()
-            for name, value in losses.items():
-                totals[name] = totals.get(name, 0) + value.detach().float() * share
-        return totals
-
-    train_model.train()
-    forward = ClipForward(train_model, tokens, ranks, replicate=not sharded)
-    end_step = start_step if stopped else config.steps
+        log.start_fresh()
+    start_step = state.step
+    run.start()
+    end_step = start_step if state.stopped_early else config.steps
     flops_per_step = peak_tflops = None
     if config.measure_mfu and start_step < end_step:
-        # One uncounted-in-the-trajectory pass (gradients dropped) on the first batch, eager.
-        flops_per_step = count_flops(lambda: forward_backward(forward, make_batch(start_step)))
-        optimizer.zero_grad(set_to_none=True)
-        peak_tflops = matrix_rate(device.type)
+        flops_per_step, peak_tflops = run.step_flops(start_step), matrix_rate(run.device.type)
     if config.compile:
-        forward = forward.compiled()
+        run.forward = run.forward.compiled()
 
-    last_eval, final_loss, mfu = None, None, None
-    loss_sum, loss_count = torch.zeros((), device=device), 0
+    last_eval, final_loss = None, None
     # Training time excludes checkpointing and evaluation (`paused`).
     train_seconds, interval_start, paused = 0.0, time.perf_counter(), 0.0
     progress = tqdm(range(start_step, end_step), initial=start_step, total=config.steps,
-                    desc="train", disable=not (config.progress and ranks.is_main), dynamic_ncols=True)
+                    desc="train", disable=not (config.progress and run.ranks.is_main), dynamic_ncols=True)
     for step in progress:
-        batch = make_batch(step)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, config)
-        optimizer.zero_grad(set_to_none=True)
-        losses = forward_backward(forward, batch)
-        scaler.step(optimizer)
-        scaler.update()
-        with torch.no_grad():
-            train_model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
-        loss_sum += losses["loss"]
-        loss_count += 1
-
+        losses = run.step(step)
         done = step + 1
         if done % config.log_every == 0 or done == config.steps:
-            final_loss = loss_sum.item() / loss_count  # the one host sync per log interval
+            final_loss = run.loss_sum.item() / run.loss_count  # the one host sync per log interval
             now = time.perf_counter()
             elapsed = now - interval_start - paused
             train_seconds += elapsed
-            record = {
-                "kind": "train",
-                "step": done,
-                "loss": round(final_loss, 5),
-                "lr": float(f"{lr_at(step, config):.4g}"),
-                "logit_scale": round(bundle.logit_scale, 4),
-                "samples_per_s": round(loss_count * batch_size / elapsed, 1),
-                **{k: round(v.item(), 5) for k, v in losses.items() if k != "loss"},
-            }
+            record = {"kind": "train", "step": done, "loss": round(final_loss, 5),
+                      "lr": float(f"{lr_at(step, config):.4g}"), "logit_scale": round(bundle.logit_scale, 4),
+                      "samples_per_s": round(run.loss_count * run.batch_size / elapsed, 1),
+                      **{k: round(v.item(), 5) for k, v in losses.items() if k != "loss"}}
             if flops_per_step:
-                mfu = flops_per_step * loss_count / elapsed / (peak_tflops * 1e12)
-                record["mfu"] = round(mfu, 4)
+                record["mfu"] = round(flops_per_step * run.loss_count / elapsed / (peak_tflops * 1e12), 4)
             if not math.isfinite(final_loss):
                 raise NonFiniteLossError(f"training loss is {final_loss} by step {done}; {checkpoint_path} keeps the "
                                          "last finite state (lower the learning rate, or use fp32)")
-            if ranks.is_main:
-                _append_log(log_path, record)
+            log.append(record)
             progress.set_postfix(loss=f"{final_loss:.3f}", scale=f"{record['logit_scale']:.1f}")
-            loss_sum.zero_()
-            loss_count, interval_start, paused = 0, now, 0.0
+            run.loss_sum.zero_()
+            run.loss_count, interval_start, paused = 0, now, 0.0
         pause_start = time.perf_counter()
         if done % config.checkpoint_every == 0 or done == config.steps:
-            save(done)
+            run.checkpoint(checkpoint_path, TrainingState(done, False))
         if eval_fn is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
-            last_eval = evaluate(done)
+            last_eval = run.evaluate(eval_fn)
+            log.append({"kind": "eval", "step": done, **last_eval})
             if stop_when is not None and done < config.steps and stop_when(last_eval):
-                stopped = True
-                save(done)
+                run.checkpoint(checkpoint_path, TrainingState(done, True))
                 end_step = done
+                state.stopped_early = True
                 break
         paused += time.perf_counter() - pause_start
     progress.close()
-    if sharded:
-        unshard_into(train_model, model, device)
-    _set_grad_checkpointing(model, was_checkpointing)
-    model.eval()
+    run.finish()
+    _set_grad_checkpointing(bundle.model, was_checkpointing)
 
-    steps_run = end_step - start_step
-    rate = steps_run / train_seconds if train_seconds > 0 else 0.0
+    rate = (end_step - start_step) / train_seconds if train_seconds > 0 else 0.0
     return TrainResult(
         step=end_step,
-        stopped_early=stopped,
+        stopped_early=state.stopped_early,
         resumed_from_step=start_step,
         train_seconds=round(train_seconds, 2),
         steps_per_s=round(rate, 3),
-        samples_per_s=round(rate * batch_size, 1),
+        samples_per_s=round(rate * run.batch_size, 1),
         flops_per_step=flops_per_step,
         mfu=round(flops_per_step * rate / (peak_tflops * 1e12), 4) if flops_per_step and rate else None,
         final_loss=final_loss,
         last_eval=last_eval,
         checkpoint_path=checkpoint_path,
-        log_path=log_path,
+        log_path=log.path,
     )
 
 
@@ -391,44 +357,3 @@ def _set_grad_checkpointing(model: torch.nn.Module, enable: bool) -> bool:
                              "needs an open_clip model")
         model.set_grad_checkpointing(enable)
     return previous
-
-
-def _resume(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-            config: TrainConfig, n: int, sharded: bool) -> tuple[int, bool]:
-    payload = read_checkpoint(path)
-    state = payload.get("train_state")
-    if state is None:
-        raise ResumeMismatchError(f"{path} is a model checkpoint without training state; use an empty out_dir")
-    saved = state["config"]
-    changed = [f"{k}: {saved.get(k)!r} -> {getattr(config, k)!r}" for k in _TRAJECTORY_FIELDS if saved.get(k) != getattr(config, k)]
-    if state["n_samples"] != n:
-        changed.append(f"training set size: {state['n_samples']} -> {n}")
-    if changed:
-        raise ResumeMismatchError(f"cannot resume from {path}, the run differs: {'; '.join(changed)}. Use a new out_dir.")
-    if sharded:
-        load_training_state(model, optimizer, payload["state_dict"], state["optimizer_by_name"])
-    else:
-        load_state_dict_strict(model, payload["state_dict"], source=str(path))
-        if "optimizer_by_name" in state:
-            load_training_state(model, optimizer, payload["state_dict"], state["optimizer_by_name"])
-        else:  # written before optimiser state was keyed by name
-            optimizer.load_state_dict(state["optimizer"])
-    if state.get("grad_scaler"):
-        scaler.load_state_dict(state["grad_scaler"])
-    torch.set_rng_state(state["rng_cpu"])
-    if state["rng_cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["rng_cuda"])
-    return int(state["step"]), bool(state.get("stopped_early", False))
-
-
-def _append_log(path: Path, record: dict) -> None:
-    with path.open("a") as file:
-        file.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Drop log lines written after the checkpoint we resume from (they will be redone)."""
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    write_atomically(path, lambda file: file.write("".join(line + "\n" for line in kept).encode()))

@@ -30,6 +30,8 @@ class Batch:
     images: torch.Tensor  # preprocessed (normalised) float [B, 3, S, S], augmented if enabled
     tokens: torch.Tensor  # token ids [B, context_length]
     indices: torch.Tensor  # positions of these pairs in the training set [B] (on the host: reading them never syncs)
+    step: int = 0  # the optimisation step it belongs to
+    part: int = 0  # its micro-batch within the step (gradient accumulation)
 
 
 class _Towers(nn.Module):
