@@ -21,9 +21,9 @@ from clipfast.defense.baseline import BaselineConfig, cleanclip_baseline
 from clipfast.defense.pipeline import DefenseConfig, defend
 from clipfast.eval import evaluate
 from clipfast.eval.plots import plot_ca_asr, plot_label_test, plot_trigger
-from clipfast.models.checkpoint import save_json
+from clipfast.rundir import save_json
 from clipfast.oracle import ClassicalSegmenter
-from clipfast.recipes import WorldRecipe, cached_world_model, evaluation_world
+from clipfast.recipes import TEST_SIZE, WorldRecipe, cached_world_model, evaluation_world
 
 BASELINE_SEED_OFFSET = 7_919  # the baseline's clean set is a fresh world, disjoint from training
 
@@ -36,7 +36,7 @@ def default_cache_dir() -> Path:
 class DemoConfig:
     recipe: WorldRecipe = field(default_factory=WorldRecipe)
     probe_size: int = 5_000  # the first probe_size poisoned training pairs are the probe set
-    test_size: int = 1_000
+    test_size: int = TEST_SIZE
     baseline_size: int = 8_000  # clean pairs for the CleanCLIP-style baseline
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
@@ -113,9 +113,7 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
         "compact_set_size": compact_size,
         "baseline_set_size": config.baseline_size if config.run_baseline else None,
         "models": {name: {"ca": r["ca"], "asr": r["asr"]} for name, r in rows.items()},
-        "repair": ({"steps": outcome.repair.train.step, "stopped_early": outcome.repair.stopped_early,
-                    "estimates": outcome.repair.estimates,
-                    "clean_within_tolerance": outcome.repair.clean_within_tolerance} if outcome.repair else None),
+        "repair": outcome.repair.summary() if outcome.repair else None,
         "scan": scan.summary(),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }

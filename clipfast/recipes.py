@@ -15,10 +15,11 @@ import torch
 from clipfast.attacks import PoisonedPairs, Trigger, make_trigger, poison_pairs
 from clipfast.data.world import CLASSES, WorldSamples, generate_world
 from clipfast.models import ClipBundle, load_model, save_checkpoint
-from clipfast.models.checkpoint import save_json
+from clipfast.rundir import save_json, tied_settings
 from clipfast.train import TrainConfig, TrainResult, train
 
 TEST_SEED = 1_000_003  # the test world's seed: models trained with any seed are compared on the same images
+TEST_SIZE = 1_000  # test images for CA and ASR
 MODEL_NAME = "model.pt"
 POISON_NAME = "poison.json"
 
@@ -56,10 +57,7 @@ class WorldRecipe:
 
     def cache_key(self) -> str:
         """Identifies the trained model: every field that changes its weights."""
-        fields = dataclasses.asdict(self)
-        fields["train"] = {k: v for k, v in fields["train"].items() if k not in ("progress", "eval_every", "log_every",
-                                                                             "checkpoint_every", "sharding")}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(tied_settings(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def poisoned_world(recipe: WorldRecipe) -> tuple[WorldSamples, PoisonedPairs]:
@@ -70,7 +68,7 @@ def poisoned_world(recipe: WorldRecipe) -> tuple[WorldSamples, PoisonedPairs]:
     return world, pairs
 
 
-def evaluation_world(size: int = 1_000, seed: int = TEST_SEED) -> WorldSamples:
+def evaluation_world(size: int = TEST_SIZE, seed: int = TEST_SEED) -> WorldSamples:
     return generate_world(size, seed=seed)
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from clipfast.defense.curate import CurateConfig, curate
-from clipfast.defense.pipeline import RunDirectoryMismatch, claim_run_directory, load_scan, save_scan
-from clipfast.defense.scan import LabelTest, ScanConfig, ScanResult, _decide_targets
+from clipfast.defense.pipeline import claim_run_directory, load_scan, save_scan
+from clipfast.defense.scan import LabelTest, ScanConfig, ScanResult, decide_targets
+from clipfast.errors import RunMismatchError
 from clipfast.train.cleanclip import augment_caption
 
 
@@ -20,7 +21,7 @@ def labels_with_candidates(per_label_predicted, per_label_candidates):
 
 def test_target_is_the_label_with_far_more_candidates_than_the_others_rate():
     labels, candidate = labels_with_candidates([300] * 6, [3, 2, 4, 30, 1, 3])
-    test, targets = _decide_targets(labels, candidate, 6, ScanConfig())
+    test, targets = decide_targets(labels, candidate, 6, ScanConfig())
     assert targets == [3]
     assert test.candidates == [3, 2, 4, 30, 1, 3]
     assert test.p_values[3] < test.threshold < min(p for i, p in enumerate(test.p_values) if i != 3)
@@ -29,12 +30,12 @@ def test_target_is_the_label_with_far_more_candidates_than_the_others_rate():
 @pytest.mark.parametrize("candidates", [[3, 2, 4, 5, 1, 3], [0] * 6, [4, 0, 0, 0, 0, 0]])
 def test_no_false_alarm_without_an_outlier(candidates):
     labels, candidate = labels_with_candidates([300] * 6, candidates)
-    assert _decide_targets(labels, candidate, 6, ScanConfig())[1] == []
+    assert decide_targets(labels, candidate, 6, ScanConfig())[1] == []
 
 
 def test_a_significant_but_tiny_count_is_not_a_target():
     labels, candidate = labels_with_candidates([50, 5000], [4, 0])  # p tiny, but only 4 images
-    assert _decide_targets(labels, candidate, 2, ScanConfig(min_count=5))[1] == []
+    assert decide_targets(labels, candidate, 2, ScanConfig(min_count=5))[1] == []
 
 
 def hand_made_scan():
@@ -46,8 +47,10 @@ def hand_made_scan():
     discrepancy = torch.tensor([0.5, 0.9, 0.7, 0, 0.9, 0.8, 0, 0, 0, 0, 0, 0])
     grounded = ~candidate
     test = LabelTest([0] * 4, [0] * 4, [0.0] * 4, [1.0] * 4, 1e-3)
-    return ScanResult(["a", "b", "c", "d"], image_label, torch.ones(n), grounded, candidate, torch.zeros(n),
-                      candidate, discrepancy, oracle_label, torch.ones(n, dtype=torch.int64), test, [3], [])
+    return ScanResult(readable=torch.ones(n, dtype=torch.bool), image_label=image_label, image_prob=torch.ones(n),
+                      grounded=grounded, ungrounded=candidate, causal_drop=torch.zeros(n), discrepancy=discrepancy,
+                      oracle_label=oracle_label, region_counts=torch.ones(n, dtype=torch.int64),
+                      classnames=["a", "b", "c", "d"], candidate=candidate, label_test=test, targets=[3], triggers=[])
 
 
 def test_curate_picks_top_victims_per_affected_label_and_balanced_replay():
@@ -84,7 +87,7 @@ def test_scan_result_round_trips_through_its_file(tmp_path):
 def test_run_directory_refuses_other_settings(tmp_path):
     claim_run_directory(tmp_path, {"scan": {"a": 1}, "inputs": {"model": "x"}})
     claim_run_directory(tmp_path, {"scan": {"a": 1}, "inputs": {"model": "x"}})  # same settings: fine
-    with pytest.raises(RunDirectoryMismatch, match="differences in: scan"):
+    with pytest.raises(RunMismatchError, match="differences in: scan"):
         claim_run_directory(tmp_path, {"scan": {"a": 2}, "inputs": {"model": "x"}})
 
 

@@ -8,7 +8,8 @@ import torch
 
 from clipfast.data.world import CLASSES, zero_shot_prompts
 from clipfast.defense.curate import CurateConfig
-from clipfast.defense.pipeline import DefenseConfig, RunDirectoryMismatch, defend
+from clipfast.defense.pipeline import DefenseConfig, defend
+from clipfast.errors import RunMismatchError
 from clipfast.defense.repair import RepairConfig
 from clipfast.defense.scan import ScanConfig, scan
 from clipfast.eval import evaluate
@@ -58,7 +59,7 @@ def test_scan_curate_repair_remove_the_backdoor(poisoned, tmp_path):
     for a, b in zip(model.model.parameters(), again.model.parameters()):
         assert torch.equal(a, b)
     # ...and other settings are refused.
-    with pytest.raises(RunDirectoryMismatch):
+    with pytest.raises(RunMismatchError):
         defend(copy.deepcopy(bundle), list(CLASSES), probe, ClassicalSegmenter(), tmp_path,
                prompts=zero_shot_prompts, config=DefenseConfig(repair=RepairConfig(max_steps=81)),
                identity={"recipe": RECIPE.cache_key()})

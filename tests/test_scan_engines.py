@@ -7,10 +7,9 @@ import torch
 
 from clipfast.data.prefetch import prefetch
 from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
-from clipfast.defense.reference import reference_crop
-from clipfast.defense.scan import ScanConfig, scan
+from clipfast.defense.scan import ScanConfig, reference_crop, scan
 from clipfast.models import load_model
-from clipfast.models.encoder import inference_dtype
+from clipfast.models.precision import inference_dtype
 from clipfast.ops import mask_crop
 from clipfast.oracle import ClassicalSegmenter
 

@@ -161,7 +161,7 @@ def bench_repair(bundle: ClipBundle, name: str, images: torch.Tensor, captions: 
                              checkpoint_every=10**9, log_every=max(1, steps // 3), progress=False, **speed)
         objective = CleanCLIPObjective(captions, model.tokenizer, 0.0, text_view=False)
         with tempfile.TemporaryDirectory() as out_dir:
-            result = train(model, images, captions, config, out_dir, loss=objective)
+            result = train(model, images, captions, config, out_dir, objective=objective)
             if not distributed.current().is_main:  # rank 0 writes the log (global samples/s)
                 continue
             last = [line for line in result.log_path.read_text().splitlines() if '"train"' in line][-1]
@@ -231,7 +231,7 @@ def bench_capacity(models: list[str], device: str, rows: list[dict]) -> None:
                                  checkpoint_every=10**9, grad_checkpointing=True, progress=False)
             with tempfile.TemporaryDirectory() as out_dir:
                 result = train(bundle, images, captions, config, out_dir,
-                               loss=CleanCLIPObjective(captions, bundle.tokenizer, 0.0, text_view=False))
+                               objective=CleanCLIPObjective(captions, bundle.tokenizer, 0.0, text_view=False))
             outcome = f"ok, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
             rows.append(_row("capacity", name, "scan + 1 repair epoch", "64 images x 16 regions; 256 samples",
                              time.perf_counter() - start, result.samples_per_s, "samples/s", mfu=result.mfu,

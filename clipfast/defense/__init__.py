@@ -3,10 +3,10 @@ the resumable pipeline that runs them into one output directory."""
 
 from .baseline import BaselineConfig, cleanclip_baseline
 from .curate import CompactSet, CurateConfig, curate
-from .pipeline import DefenseConfig, DefenseOutcome, RunDirectoryMismatch, defend
+from .pipeline import DefenseConfig, DefenseOutcome, defend
 from .repair import RepairConfig, RepairResult, repair
 from .scan import ScanConfig, ScanResult, scan
 
 __all__ = ["BaselineConfig", "cleanclip_baseline", "CompactSet", "CurateConfig", "curate", "DefenseConfig",
-           "DefenseOutcome", "RunDirectoryMismatch", "defend", "RepairConfig", "RepairResult", "repair",
+           "DefenseOutcome", "defend", "RepairConfig", "RepairResult", "repair",
            "ScanConfig", "ScanResult", "scan"]

@@ -11,6 +11,7 @@ from typing import Callable, Sequence
 import torch
 
 from clipfast.models import ClipBundle
+from clipfast.rundir import untied
 from clipfast.train.cleanclip import CleanCLIPObjective
 from clipfast.train.loop import TrainConfig, TrainResult, train
 
@@ -24,7 +25,7 @@ class BaselineConfig:
     self_supervised_weight: float = 1.0
     seed: int = 0
     eval_every: int = 0  # with an eval_fn: evaluate every this many steps (0: at the end only)
-    progress: bool = True
+    progress: bool = untied(True)
 
 
 def cleanclip_baseline(bundle: ClipBundle, clean_images: torch.Tensor, clean_captions: Sequence[str],
@@ -37,5 +38,5 @@ def cleanclip_baseline(bundle: ClipBundle, clean_images: torch.Tensor, clean_cap
                                warmup_steps=config.warmup_steps, seed=config.seed, eval_every=config.eval_every,
                                checkpoint_every=max(1, config.steps // 5), progress=config.progress)
     objective = CleanCLIPObjective(clean_captions, bundle.tokenizer, config.self_supervised_weight, config.seed)
-    return train(bundle, clean_images, clean_captions, train_config, out_dir, loss=objective, eval_fn=eval_fn,
+    return train(bundle, clean_images, clean_captions, train_config, out_dir, objective=objective, eval_fn=eval_fn,
                  stop_when=stop_when)

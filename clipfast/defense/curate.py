@@ -16,6 +16,7 @@ import torch
 
 from clipfast.data.probe import ProbeSet, as_probe_set
 from clipfast.ops import region_topk
+from clipfast.rundir import untied
 
 from .scan import ScanResult
 
@@ -29,7 +30,7 @@ class CurateConfig:
     victims_per_label: int = 16
     replay_per_label: int = 64
     seed: int = 0
-    backend: str = "auto"  # region_topk's op backend (see clipfast.ops); does not change results
+    backend: str = untied("auto")  # region_topk's op backend (see clipfast.ops)
 
     def __post_init__(self):
         if self.victims_per_label < 1 or self.replay_per_label < 0:

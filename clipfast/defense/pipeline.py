@@ -17,22 +17,18 @@ import torch
 from clipfast import distributed
 from clipfast.data.probe import ProbeSet, as_probe_set
 from clipfast.models import ClipBundle, save_checkpoint
-from clipfast.models.checkpoint import save_json, write_atomically
 from clipfast.oracle import Segmenter
+from clipfast.rundir import check_same_run, remove_leftovers, save_json, tied_settings, write_atomically
 
 from .curate import CompactSet, CurateConfig, curate
 from .repair import RepairConfig, RepairResult, repair
-from .scan import RESULT_NEUTRAL_SETTINGS, LabelTest, ScanConfig, ScanResult, TriggerEstimate, scan
+from .scan import LabelTest, ScanConfig, ScanResult, TriggerEstimate, scan
 
 CONFIG_NAME = "defense_config.json"
 SCAN_NAME = "scan.pt"
 SCAN_SHARDS_NAME = "scan_shards"
 COMPACT_NAME = "compact_set.pt"
 REPAIRED_NAME = "repaired_model.pt"
-
-
-class RunDirectoryMismatch(ValueError):
-    """The output directory holds a run made with different settings."""
 
 
 @dataclass(frozen=True)
@@ -50,17 +46,17 @@ class DefenseOutcome:
     seconds: dict[str, float]
     repaired_model_path: Path | None
 
-
-# Settings that do not change results (progress bars, op backend, the scan's batching) do not tie
-# a run directory; everything else does. The number of ranks does not tie either: a run may resume
-# on more or fewer processes.
-_UNTIED = {"scan": RESULT_NEUTRAL_SETTINGS, "curate": {"backend"}, "repair": {"progress", "compile", "grad_checkpointing", "sharding"}}
-
-
-def _tied_settings(config: DefenseConfig, identity: dict) -> dict:
-    stages = {name: {k: v for k, v in asdict(getattr(config, name)).items() if k not in untied}
-              for name, untied in _UNTIED.items()}
-    return {"inputs": identity, **stages}
+    def summary(self, probe: ProbeSet) -> dict:
+        """The run as report.json holds it (probe: the scanned probe set, to name unreadable images)."""
+        unreadable = torch.nonzero(~self.scan.readable).flatten().tolist()
+        return {"scan": self.scan.summary(),
+                "unreadable_probe_images": [probe.name(i) for i in unreadable[:100]],
+                "skipped_probe_entries": probe.skipped[:100],
+                "ranks": distributed.current().world_size,
+                "compact_set": self.compact.summary(self.scan.classnames) if self.compact else None,
+                "repair": self.repair.summary() if self.repair else None,
+                "repaired_model": str(self.repaired_model_path) if self.repaired_model_path else None,
+                "seconds": self.seconds}
 
 
 def claim_run_directory(out_dir: Path, settings: dict) -> None:
@@ -73,13 +69,10 @@ def claim_run_directory(out_dir: Path, settings: dict) -> None:
     recorded = json.loads(path.read_text()) if path.exists() else None
     ours = recorded is None or recorded == settings
     if group.is_main and ours:  # temporary files of a killed run (write_atomically's) are garbage now
-        for leftover in out_dir.rglob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
+        remove_leftovers(out_dir)
     group.barrier()  # nobody writes before the clean-up, nor reads a file rank 0 is about to write
     if not ours:
-        changed = sorted(k for k in set(recorded) | set(settings) if recorded.get(k) != settings.get(k))
-        raise RunDirectoryMismatch(f"{out_dir} holds a run with different settings (differences in: "
-                                   f"{', '.join(changed)}); use a new output directory")
+        check_same_run(recorded, settings, str(out_dir))
     if recorded is None and group.is_main:
         save_json(settings, path)
 
@@ -107,31 +100,31 @@ def defend(bundle: ClipBundle, classnames: list[str], probe_images: ProbeSet | t
     never reused for others; a rerun resumes from what the directory holds."""
     out_dir, probe_images = Path(out_dir), as_probe_set(probe_images)
     group = distributed.current()
-    claim_run_directory(out_dir, _tied_settings(config, {"classnames": list(classnames),
-                                                         "probe_images": len(probe_images), **(identity or {})}))
+    inputs = {"classnames": list(classnames), "probe_images": len(probe_images), **(identity or {})}
+    claim_run_directory(out_dir, {"inputs": inputs, **tied_settings(config)})
     seconds = {}
     start = time.perf_counter()
     if group.broadcast_object((out_dir / SCAN_NAME).exists()):  # rank 0 decides: all ranks take one branch
-        found = load_scan(out_dir / SCAN_NAME)
+        scanned = load_scan(out_dir / SCAN_NAME)
     else:
-        found = scan(bundle, classnames, probe_images, segmenter, prompts=prompts,
+        scanned = scan(bundle, classnames, probe_images, segmenter, prompts=prompts,
                      grounding_bundle=grounding_bundle, config=config.scan, shard_dir=out_dir / SCAN_SHARDS_NAME)
-        save_scan(found, out_dir / SCAN_NAME)
+        save_scan(scanned, out_dir / SCAN_NAME)
         group.barrier()
     seconds["scan"] = time.perf_counter() - start
-    if not found.found or not run_repair:
-        return DefenseOutcome(found, None, None, seconds, None)
+    if not scanned.found or not run_repair:
+        return DefenseOutcome(scanned, None, None, seconds, None)
 
     start = time.perf_counter()
-    compact = curate(found, probe_images, config.curate)
+    compact = curate(scanned, probe_images, config.curate)
     if group.is_main:
         write_atomically(out_dir / COMPACT_NAME, lambda file: torch.save(asdict(compact), file))
     seconds["curate"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    repaired = repair(bundle, compact, found, probe_images, out_dir / "repair", prompts=prompts, config=config.repair)
+    repaired = repair(bundle, compact, scanned, probe_images, out_dir / "repair", prompts=prompts, config=config.repair)
     if group.is_main:
         save_checkpoint(bundle, out_dir / REPAIRED_NAME)
     group.barrier()
     seconds["repair"] = time.perf_counter() - start
-    return DefenseOutcome(found, compact, repaired, seconds, out_dir / REPAIRED_NAME)
+    return DefenseOutcome(scanned, compact, repaired, seconds, out_dir / REPAIRED_NAME)

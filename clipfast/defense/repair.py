@@ -20,6 +20,7 @@ import torch
 
 from clipfast.data.probe import ProbeSet, as_probe_set
 from clipfast.models import ClipBundle, ZeroShotClassifier, freeze_text_tower, text_tower_trains
+from clipfast.rundir import untied
 from clipfast.train.cleanclip import CleanCLIPObjective
 from clipfast.train.loop import TrainConfig, TrainResult, train
 
@@ -37,19 +38,19 @@ class RepairConfig:
     eval_every: int = 5
     target_asr: float = 0.0  # stop once the held-out ASR estimate is at or below this
     clean_tolerance: float = 0.015  # report whether held-out clean agreement stayed >= 1 - this
-    # CleanCLIP's in-modal term; 0 by default: on the compact set it cost clean accuracy (measured:
-    # weight 1 -> CA -2.7 points, 0 -> -0.1 at the same ASR; see the project note).
+    # CleanCLIP's in-modal term; 0 by default: on a compact set of a few hundred pairs it cost clean
+    # accuracy (weight 1 lost 2.7 CA points on the demo model, 0 lost 0.1, at the same ASR).
     self_supervised_weight: float = 0.0
     holdout_clean: int = 512
     seed: int = 0
     # fast: the training loop's mixed precision (bf16 autocast on a GPU) and fused AdamW, plus what
     # is asked for below; reference: the plain fp32 loop with torch's standard AdamW.
     engine: str = "fast"
-    compile: bool = False
-    accumulation_steps: int = 1
-    grad_checkpointing: bool = False
-    sharding: str = "ddp"  # under torchrun: ddp (replicated) or fsdp (image tower sharded across ranks)
-    progress: bool = True
+    accumulation_steps: int = 1  # micro-batches per step: negatives come from each, so it changes results
+    compile: bool = untied(False)
+    grad_checkpointing: bool = untied(False)
+    sharding: str = untied("ddp")  # under torchrun: ddp (replicated) or fsdp (image tower sharded across ranks)
+    progress: bool = untied(True)
 
     def __post_init__(self):
         if self.engine not in ("fast", "reference"):
@@ -74,6 +75,10 @@ class RepairResult:
     stopped_early: bool
     estimates: dict  # last held-out asr_estimate / clean_agreement
     clean_within_tolerance: bool
+
+    def summary(self) -> dict:
+        return {"steps": self.train.step, "stopped_early": self.stopped_early, "estimates": self.estimates,
+                "clean_within_tolerance": self.clean_within_tolerance}
 
 
 def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: ProbeSet | torch.Tensor, prompts,
@@ -126,7 +131,7 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
                                    text_view=not config.freeze_text)
     if config.freeze_text:
         freeze_text_tower(bundle.model)
-    result = train(bundle, compact.images, compact.captions, train_config, out_dir, loss=objective,
+    result = train(bundle, compact.images, compact.captions, train_config, out_dir, objective=objective,
                    eval_fn=estimate, stop_when=good_enough)
     estimates = result.last_eval or {}
     clean_ok = estimates.get("clean_agreement", 1.0) >= 1.0 - config.clean_tolerance

@@ -1,0 +1,62 @@
+"""ScanConfig: every setting of the scan, validated. Fields marked untied() never change a
+decision (they only change speed or output): a shard or run directory resumes across them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from clipfast.models.precision import PRECISIONS
+from clipfast.rundir import untied
+
+ENGINES = ("fast", "reference")
+REGION_MODES = ("crop", "pool")
+
+
+@dataclass(frozen=True)
+class ScanConfig:
+    grounding_threshold: float = 0.5  # a region grounds a label when its probability reaches this (>= 0.5)
+    object_min_fraction: float = 0.03  # smaller regions are not objects (a trigger patch is smaller)
+    crop_margin: float = 0.2  # mask_crop's box margin, as a fraction of the box side
+    crop_square: bool = True  # square crop boxes keep the region's aspect ratio
+    crop_background: float = 0.35  # fill outside the mask, in [0, 1] pixel units
+    min_causal_drop: float = 0.5  # removing the trigger region must take away this share of p(L_i)
+    significance: float = 1e-3  # family-wise false-alarm rate of the target-label test
+    min_effect: float = 3.0  # a target must also occur >= this many times more often than expected
+    min_count: int = 5  # and in at least this many images
+    # fast: batched across images, ops on the model's device, autocast, the oracle running ahead in a
+    # thread, no host sync inside the loop; reference: the public tools' image-by-image fp32 pipeline.
+    # Both reach the same decisions up to the encoders' numerics, so the engine ties a run.
+    engine: str = "fast"
+    regions: str = "crop"  # fast engine: crop (re-encode each region) | pool (one encoder pass, ops.mask_pool)
+    precision: str = "auto"  # fast engine: auto (bf16 where native: GPUs, AVX512-BF16/AMX CPUs) | fp32 | bf16
+    # Probe images per shard: the unit of work of a rank and of a resumed run (a multiple of
+    # batch_size keeps batches whole). It sets how the causal test batches its encodes, so it ties.
+    shard_size: int = 4096
+    batch_size: int = untied(256)  # probe images per oracle / encoder batch
+    compile: bool = untied(False)  # fast engine: torch.compile the image encoder
+    encode_batch: int = untied(1024)  # fast engine: most encoder inputs (images + crops) per forward
+    prefetch: int = untied(2)  # fast engine: oracle batches segmented ahead in a background thread (0: inline)
+    backend: str = untied("auto")  # op backend (see clipfast.ops)
+    progress: bool = untied(True)
+
+    def __post_init__(self):
+        if not 0.5 <= self.grounding_threshold <= 1.0:
+            raise ValueError(f"grounding_threshold must be in [0.5, 1], got {self.grounding_threshold}")
+        if not 0.0 <= self.object_min_fraction < 1.0:
+            raise ValueError(f"object_min_fraction must be in [0, 1), got {self.object_min_fraction}")
+        if not 0.0 < self.significance < 1.0:
+            raise ValueError(f"significance must be in (0, 1), got {self.significance}")
+        if not 0.0 < self.min_causal_drop <= 1.0:
+            raise ValueError(f"min_causal_drop must be in (0, 1], got {self.min_causal_drop}")
+        if self.batch_size < 1 or self.min_count < 1 or self.encode_batch < 1 or self.shard_size < 1:
+            raise ValueError("batch_size, encode_batch, shard_size and min_count must be >= 1")
+        if self.engine not in ENGINES:
+            raise ValueError(f"ScanConfig.engine must be fast or reference, got {self.engine!r}")
+        if self.regions not in REGION_MODES:
+            raise ValueError(f"ScanConfig.regions must be crop or pool, got {self.regions!r}")
+        if self.engine == "reference" and self.regions != "crop":
+            raise ValueError("the reference scan crops regions; regions='pool' needs engine='fast'")
+        if self.prefetch < 0:
+            raise ValueError(f"ScanConfig.prefetch must be >= 0, got {self.prefetch}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")

@@ -1,0 +1,117 @@
+"""What a scan finds: per-image columns over the probe set, the per-label test and the triggers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+@dataclass
+class ImageColumns:
+    """Per-image results of consecutive probe images, one tensor per column (length K each). An
+    image that could not be decoded has readable False and the empty() values everywhere else."""
+
+    readable: torch.Tensor  # bool: the image could be decoded (unreadable ones take part in nothing)
+    image_label: torch.Tensor  # int64: L_i, the model's whole-image top label (-1 when unreadable)
+    image_prob: torch.Tensor  # its probability
+    grounded: torch.Tensor  # bool: L_i in S_i (some object region grounds it)
+    ungrounded: torch.Tensor  # bool: L_i in P_i after dropping labels the model gives object regions
+    causal_drop: torch.Tensor  # largest share of p(L_i) removing one non-object region takes away (ungrounded only)
+    discrepancy: torch.Tensor  # p_i(L_i) - max_j q_ij(L_i) over object regions
+    oracle_label: torch.Tensor  # int64: the grounding model's label of the largest object region, -1 if none
+    region_counts: torch.Tensor  # int64: regions the oracle found
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(ImageColumns))
+
+    @classmethod
+    def empty(cls, size: int) -> "ImageColumns":
+        """`size` rows of what an unreadable image gets."""
+        false, zero = torch.zeros(size, dtype=torch.bool), torch.zeros(size)
+        none, count = torch.full((size,), -1, dtype=torch.int64), torch.zeros(size, dtype=torch.int64)
+        return ImageColumns(readable=false, image_label=none, image_prob=zero, grounded=false, ungrounded=false,
+                            causal_drop=zero, discrepancy=zero, oracle_label=none, region_counts=count)
+
+    @classmethod
+    def cat(cls, parts: list["ImageColumns"]) -> "ImageColumns":
+        """The columns of consecutive parts as one."""
+        return ImageColumns(**{name: torch.cat([getattr(part, name) for part in parts]) for name in cls.names()})
+
+    def columns(self) -> "ImageColumns":
+        """Just the per-image columns (of a subclass that carries more)."""
+        return ImageColumns(**{name: getattr(self, name) for name in self.names()})
+
+    def slice(self, lo: int, hi: int) -> "ImageColumns":
+        return ImageColumns(**{name: getattr(self, name)[lo:hi] for name in self.names()})
+
+    def where_readable(self) -> "ImageColumns":
+        """The same rows with every unreadable one reset to the empty() values."""
+        empty = ImageColumns.empty(len(self))
+        return ImageColumns(**{name: torch.where(self.readable, getattr(self, name), getattr(empty, name))
+                               for name in self.names()})
+
+    def __len__(self) -> int:
+        return len(self.readable)
+
+
+@dataclass
+class LabelTest:
+    """The per-label evidence behind the target decision."""
+
+    predicted: list[int]  # n_l: images whose whole-image label is l
+    candidates: list[int]  # c_l: of those, images where l is ungrounded (l in P_i)
+    expected: list[float]  # e_l = n_l * (pooled ungrounded rate of the other labels)
+    p_values: list[float]  # P(X >= c_l), X ~ Binomial(n_l, that rate)
+    threshold: float  # Bonferroni-corrected significance level
+
+
+@dataclass
+class TriggerEstimate:
+    target: int
+    victim_indices: torch.Tensor  # [V] probe indices of the victims
+    region_masks: torch.Tensor  # bool [V, H, W]: each victim's trigger region
+    region_drops: torch.Tensor  # [V]: share of p(t*) its removal takes away
+    consensus_mask: torch.Tensor  # bool [H, W]: pixels in >= half of the victims' trigger regions
+    box: tuple[int, int, int, int] | None  # (y0, x0, y1, x1) of the consensus, None when it is empty
+
+
+@dataclass
+class ScanResult(ImageColumns):
+    """The per-image columns of the whole probe set, plus the probe-set-wide decisions."""
+
+    classnames: list[str] = field(kw_only=True)
+    candidate: torch.Tensor = field(kw_only=True)  # bool [N]: L_i in P_i after the causal refinement
+    label_test: LabelTest = field(kw_only=True)
+    targets: list[int] = field(kw_only=True)
+    triggers: list[TriggerEstimate] = field(kw_only=True)
+    seconds: dict[str, float] = field(default_factory=dict, kw_only=True)
+
+    @property
+    def found(self) -> bool:
+        """Whether a backdoor (a target label) was found."""
+        return bool(self.targets)
+
+    def victims(self, target: int) -> torch.Tensor:
+        """Probe indices whose whole-image label is the target and a candidate (Algorithm 2)."""
+        return torch.nonzero(self.candidate & (self.image_label == target)).flatten()
+
+    def summary(self) -> dict:
+        return {
+            "target_found": self.found,
+            "targets": [self.classnames[t] for t in self.targets],
+            "probe_images": len(self.image_label),
+            "unreadable": int((~self.readable).sum()),
+            "mean_regions_per_image": float(self.region_counts.float().mean()),
+            "ungrounded": int(self.ungrounded.sum()),
+            "candidates": int(self.candidate.sum()),
+            "label_test": {name: {"predicted": n, "candidates": c, "expected": round(e, 3), "p_value": p}
+                           for name, n, c, e, p in zip(self.classnames, self.label_test.predicted,
+                                                       self.label_test.candidates, self.label_test.expected,
+                                                       self.label_test.p_values)},
+            "significance_threshold": self.label_test.threshold,
+            "triggers": [{"target": self.classnames[t.target], "box": t.box, "victims_used": len(t.victim_indices),
+                          "consensus_pixels": int(t.consensus_mask.sum())} for t in self.triggers],
+            "seconds": self.seconds,
+        }
