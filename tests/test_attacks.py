@@ -60,7 +60,7 @@ def test_patch_triggers_change_exactly_their_footprint(name):
         assert (patch[0] == 255).float().mean() == pytest.approx(0.5, abs=0.13)  # checkerboard
 
 
-def test_badnet_is_the_notes_corner_checkerboard():
+def test_badnet_default_is_a_corner_checkerboard():
     out = make_trigger("badnet").apply(torch.full((2, 3, 32, 32), 100, dtype=torch.uint8))
     patch = out[0, 0, -4:, -4:]
     assert patch.tolist() == [[255, 0, 255, 0], [0, 255, 0, 255], [255, 0, 255, 0], [0, 255, 0, 255]]

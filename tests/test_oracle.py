@@ -10,7 +10,7 @@ from clipfast.attacks.triggers import make_trigger
 from clipfast.data.world import generate_world
 from clipfast.oracle import (
     ClassicalSegmenter,
-    SamPromptSegmenter,
+    SamPromptPredictor,
     SamSegmenter,
     Segmentation,
     load_sam,
@@ -275,9 +275,9 @@ def test_sam_segmenter_layout(tiny_sam):
         segmenter.segment(images.float())
 
 
-def test_sam_prompt_segmenter(tiny_sam):
+def test_sam_prompt_predictor(tiny_sam):
     image = torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(2))
-    predictor = SamPromptSegmenter(tiny_sam)
+    predictor = SamPromptPredictor(tiny_sam)
     for prompts in ({"boxes": torch.tensor([[4.0, 8.0, 40.0, 50.0]])}, {"points": torch.tensor([[20.0, 30.0]])}):
         seg = predictor.segment_prompts(image, **prompts)
         assert seg.masks.shape == (1, 1, 64, 64) and seg.masks.dtype == torch.bool

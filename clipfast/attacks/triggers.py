@@ -101,8 +101,8 @@ class Trigger(abc.ABC):
 class BadNetTrigger(Trigger):
     """A square black/white checkerboard patch (cells x cells cells), size_fraction of the shorter side,
     in the bottom-right corner or, with random_location, anywhere fully inside the image (per image,
-    from seed and the image's index in the batch). At 32 px the default is the note's 4 x 4 patch of
-    1-px cells, which lies inside one 8 x 8 ViT token."""
+    from seed and the image's index in the batch). At 32 px the default is a 4 x 4 patch of 1-px cells in
+    the bottom-right corner, which lies inside one 8 x 8 ViT token of clipfast-tiny."""
 
     size_fraction: float = 1 / 8
     cells: int = 4

@@ -10,13 +10,13 @@ import dataclasses
 
 from .base import Segmentation, Segmenter, check_images, pack_flat_masks, pack_masks
 from .classical import ClassicalSegmenter
-from .sam import SAM_MODEL_TYPES, SamPromptSegmenter, SamSegmenter, load_sam
+from .sam import SAM_MODEL_TYPES, SamPromptPredictor, SamSegmenter, load_sam
 
 SEGMENTER_NAMES: tuple[str, ...] = ("builtin", "sam")
 _SAM_LOAD_OPTIONS = ("checkpoint", "model_type", "device")
 
 __all__ = [
-    "SAM_MODEL_TYPES", "SEGMENTER_NAMES", "ClassicalSegmenter", "SamPromptSegmenter", "SamSegmenter",
+    "SAM_MODEL_TYPES", "SEGMENTER_NAMES", "ClassicalSegmenter", "SamPromptPredictor", "SamSegmenter",
     "Segmentation", "Segmenter", "check_images", "load_sam", "make_segmenter", "pack_flat_masks", "pack_masks",
 ]
 

@@ -1,5 +1,5 @@
 """Segment-anything as the oracle's segmenter: the automatic mask generator (every region of an
-image) and the prompted predictor (regions for given boxes or points). Weights come from a local
+image), and the prompted predictor (masks for given boxes or points). Weights come from a local
 checkpoint file; nothing is downloaded."""
 
 from __future__ import annotations
@@ -91,8 +91,10 @@ class SamSegmenter(Segmenter):
 
 
 @dataclass
-class SamPromptSegmenter:
-    """SAM's predictor: the best mask for each box (x0, y0, x1, y1) or point prompt of one image."""
+class SamPromptPredictor:
+    """SAM's prompted predictor: the best mask for each box (x0, y0, x1, y1) or point prompt of one
+    image. Not a Segmenter (it finds no regions by itself): it turns regions someone already located,
+    e.g. a trigger box the scan reports, into pixel masks."""
 
     sam: torch.nn.Module
 
