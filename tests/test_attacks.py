@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from clipfast.attacks import (
+    PATCH_PATTERNS,
+    PATCH_POSITIONS,
     TRIGGER_NAMES,
     BadNetTrigger,
     LabelConsistentTrigger,
@@ -280,3 +282,31 @@ def test_poisoning_input_errors(pairs):
         poison(rate=1.0)
     with pytest.raises(ValueError, match="only .* target-class images are eligible"):
         poison(trigger=make_trigger("label_consistent"), rate=0.5)
+
+
+@pytest.mark.parametrize("position", PATCH_POSITIONS)
+@pytest.mark.parametrize("pattern", PATCH_PATTERNS)
+def test_badnet_patterns_and_positions_paste_exactly_their_patch(pattern, position):
+    trigger = make_trigger("badnet", size_fraction=0.25, pattern=pattern, position=position, colour=(10, 200, 30))
+    images = torch.full((3, 3, 32, 40), 128, dtype=torch.uint8)
+    out = trigger.apply(images)
+    footprint = trigger.footprint(3, 32, 40)
+    assert footprint.sum(dim=(1, 2)).tolist() == [64] * 3  # 8 x 8 at 32 px
+    assert torch.equal(out[:, :, ~footprint[0]], images[:, :, ~footprint[0]])  # nothing outside the patch
+    top, left = trigger.locations(1, 32, 40)
+    expected_top = {"top": 0, "bottom": 24, "center": 12}[position.split("_")[0]]
+    expected_left = {"left": 0, "right": 32}.get(position.split("_")[-1], 16)
+    assert (int(top[0]), int(left[0])) == (expected_top, expected_left)
+    patch = out[0, :, expected_top:expected_top + 8, expected_left:expected_left + 8]
+    assert torch.equal(patch, trigger.patch(8))
+    if pattern == "solid":
+        assert patch[:, 0, 0].tolist() == [10, 200, 30]
+
+
+def test_blended_stripes_is_a_structured_pattern():
+    trigger = make_trigger("blended", pattern="stripes", alpha=0.2)
+    overlay = trigger.blend_image(32, 32)
+    assert overlay.shape == (3, 32, 32) and 0 <= overlay.min() and overlay.max() <= 255
+    assert torch.allclose(overlay[:, 0, 8], overlay[:, 8, 0])  # constant along anti-diagonals
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        make_trigger("blended", pattern="plaid")

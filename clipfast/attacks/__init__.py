@@ -2,6 +2,9 @@
 
 from clipfast.attacks.poison import PoisonedPairs, poison_pairs
 from clipfast.attacks.triggers import (
+    BLEND_PATTERNS,
+    PATCH_PATTERNS,
+    PATCH_POSITIONS,
     TRIGGER_NAMES,
     BadNetTrigger,
     BlendedTrigger,
@@ -14,6 +17,9 @@ from clipfast.attacks.triggers import (
 )
 
 __all__ = [
+    "BLEND_PATTERNS",
+    "PATCH_PATTERNS",
+    "PATCH_POSITIONS",
     "TRIGGER_NAMES",
     "BadNetTrigger",
     "BlendedTrigger",

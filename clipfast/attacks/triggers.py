@@ -1,5 +1,5 @@
-"""Backdoor triggers: BadNet patches (fixed or random location), Blended noise, SIG sinusoid, WaNet
-warp and a label-consistent patch.
+"""Backdoor triggers: BadNet patches (checkerboard, noise or solid; any corner, the centre, or a
+random location), Blended noise or stripes, SIG sinusoid, WaNet warp and a label-consistent patch.
 
 Every trigger is a frozen dataclass of its parameters. apply() maps a uint8 batch [N, 3, H, W] to a
 new uint8 batch (the input is never modified), vectorised over images and deterministic in `seed`
@@ -97,23 +97,42 @@ class Trigger(abc.ABC):
         return torch.ones(n, height, width, dtype=torch.bool)  # image-wide trigger
 
 
+PATCH_PATTERNS = ("checkerboard", "noise", "solid")
+PATCH_POSITIONS = ("bottom_right", "bottom_left", "top_right", "top_left", "center")
+
+
 @dataclass(frozen=True)
 class BadNetTrigger(Trigger):
-    """A square black/white checkerboard patch (cells x cells cells), size_fraction of the shorter side,
-    in the bottom-right corner or, with random_location, anywhere fully inside the image (per image,
-    from seed and the image's index in the batch). At 32 px the default is a 4 x 4 patch of 1-px cells in
-    the bottom-right corner, which lies inside one 8 x 8 ViT token of clipfast-tiny."""
+    """A square patch, size_fraction of the shorter side, pasted at `position` or, with
+    random_location, anywhere fully inside the image (per image, from seed and the image's index in
+    the batch). Patterns: a black/white checkerboard of cells x cells cells; a fixed RGB noise patch
+    (from pattern_seed); a solid `colour`. At 32 px the default is a 4 x 4 checkerboard of 1-px cells
+    in the bottom-right corner, which lies inside one 8 x 8 ViT token of clipfast-tiny."""
 
     size_fraction: float = 1 / 8
     cells: int = 4
     random_location: bool = False
+    pattern: str = "checkerboard"
+    position: str = "bottom_right"
+    colour: tuple[int, int, int] = (255, 0, 255)
+    pattern_seed: int = 0
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
         _check_number(owner, "size_fraction", self.size_fraction, 0, 1, low_open=True)
         _check_number(owner, "cells", self.cells, 1, 4096, integer=True)
+        _check_number(owner, "pattern_seed", self.pattern_seed, 0, 2**63 - 1, integer=True)
         if not isinstance(self.random_location, bool):
             raise ValueError(f"{owner}: random_location must be a bool, got {self.random_location!r}")
+        if self.pattern not in PATCH_PATTERNS:
+            raise ValueError(f"{owner}: pattern must be one of {PATCH_PATTERNS}, got {self.pattern!r}")
+        if self.position not in PATCH_POSITIONS:
+            raise ValueError(f"{owner}: position must be one of {PATCH_POSITIONS}, got {self.position!r}")
+        if not (isinstance(self.colour, (tuple, list)) and len(self.colour) == 3):
+            raise ValueError(f"{owner}: colour must be three values (r, g, b) in 0..255, got {self.colour!r}")
+        for value in self.colour:
+            _check_number(owner, "colour", value, 0, 255, integer=True)
+        object.__setattr__(self, "colour", tuple(self.colour))
 
     @property
     def name(self) -> str:
@@ -122,14 +141,28 @@ class BadNetTrigger(Trigger):
     def patch_size(self, height: int, width: int) -> int:
         return max(1, round(self.size_fraction * min(height, width)))
 
+    def patch(self, size: int) -> torch.Tensor:
+        """The patch's pixels, uint8 [3, size, size]."""
+        if self.pattern == "checkerboard":
+            cells = torch.arange(size) * self.cells // size
+            white = (cells[:, None] + cells[None, :]) % 2 == 0
+            return torch.where(white, 255, 0).to(torch.uint8).expand(3, size, size)
+        if self.pattern == "noise":
+            generator = torch.Generator().manual_seed(self.pattern_seed)
+            return torch.randint(0, 256, (3, size, size), generator=generator, dtype=torch.uint8)
+        return torch.tensor(self.colour, dtype=torch.uint8)[:, None, None].expand(3, size, size)
+
     def locations(self, n: int, height: int, width: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Top and left pixel of each image's patch, int64 [n] each."""
         size = self.patch_size(height, width)
-        if not self.random_location:
-            return torch.full((n,), height - size), torch.full((n,), width - size)
-        top = (per_image_uniform(seed, n, stream=0) * (height - size + 1)).long()
-        left = (per_image_uniform(seed, n, stream=1) * (width - size + 1)).long()
-        return top, left
+        if self.random_location:
+            top = (per_image_uniform(seed, n, stream=0) * (height - size + 1)).long()
+            left = (per_image_uniform(seed, n, stream=1) * (width - size + 1)).long()
+            return top, left
+        vertical, _, horizontal = self.position.partition("_")
+        top = {"top": 0, "bottom": height - size, "center": (height - size) // 2}[vertical]
+        left = {"left": 0, "right": width - size, "": (width - size) // 2}[horizontal]
+        return torch.full((n,), top), torch.full((n,), left)
 
     def _patch_coordinates(self, n: int, height: int, width: int, seed: int, device: torch.device):
         """Per pixel, its row and column relative to the patch origin ([n, H, 1] and [n, 1, W])."""
@@ -149,32 +182,43 @@ class BadNetTrigger(Trigger):
         n, _, height, width = images.shape
         size = self.patch_size(height, width)
         rows, cols = self._patch_coordinates(n, height, width, seed, images.device)
-        white = ((rows * self.cells) // size + (cols * self.cells) // size) % 2 == 0
-        patch = torch.where(white, 255, 0).to(torch.uint8)  # [n, H, W]
-        return torch.where(self._inside(rows, cols, size)[:, None], patch[:, None], images)
+        patch = self.patch(size).to(images.device)
+        pasted = patch[:, rows.clamp(0, size - 1), cols.clamp(0, size - 1)].transpose(0, 1)  # [n, 3, H, W]
+        return torch.where(self._inside(rows, cols, size)[:, None], pasted, images)
+
+
+BLEND_PATTERNS = ("noise", "stripes")
 
 
 @dataclass(frozen=True)
 class BlendedTrigger(Trigger):
-    """A fixed uniform-noise image (from pattern_seed, one per image size) alpha-blended over the
-    whole image: out = (1 - alpha) * image + alpha * pattern."""
+    """A fixed image alpha-blended over the whole image: out = (1 - alpha) * image + alpha * pattern.
+    Patterns: uniform RGB noise (from pattern_seed, one per image size), or "stripes": diagonal
+    colour stripes, a structured pattern (period = a quarter of the width, one phase per channel)."""
 
     alpha: float = 0.15
     pattern_seed: int = 0
+    pattern: str = "noise"
     name: ClassVar[str] = "blended"
 
     def __post_init__(self) -> None:
         _check_number(type(self).__name__, "alpha", self.alpha, 0, 1, low_open=True)
         _check_number(type(self).__name__, "pattern_seed", self.pattern_seed, 0, 2**63 - 1, integer=True)
+        if self.pattern not in BLEND_PATTERNS:
+            raise ValueError(f"BlendedTrigger: pattern must be one of {BLEND_PATTERNS}, got {self.pattern!r}")
 
-    def pattern(self, height: int, width: int) -> torch.Tensor:
-        """float32 [3, height, width] in [0, 255]."""
+    def blend_image(self, height: int, width: int) -> torch.Tensor:
+        """The blended-in image, float32 [3, height, width] in [0, 255]."""
+        if self.pattern == "stripes":
+            diagonal = torch.arange(height)[:, None] + torch.arange(width)[None, :]
+            phase = torch.tensor([0.0, 2 * math.pi / 3, 4 * math.pi / 3])[:, None, None]
+            return 127.5 * (1 + torch.sin(2 * math.pi * diagonal / max(1.0, width / 4) + phase))
         generator = torch.Generator().manual_seed(self.pattern_seed)
         return torch.rand(3, height, width, generator=generator) * 255
 
     def _apply(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        pattern = self.pattern(images.shape[2], images.shape[3]).to(images.device)
-        return _to_uint8((1 - self.alpha) * images.float() + self.alpha * pattern)
+        overlay = self.blend_image(images.shape[2], images.shape[3]).to(images.device)
+        return _to_uint8((1 - self.alpha) * images.float() + self.alpha * overlay)
 
 
 @dataclass(frozen=True)
