@@ -4,10 +4,12 @@
     clipfast bench --suite ops --ops region_topk
     clipfast bench --suite pipeline --quick --results benchmarks/results
 
-Suites: `ops` (clipfast/bench/ops.py: every op backend against its reference, with rooflines) and
+Suites: `ops` (clipfast/bench/ops.py: every op backend against its reference, with rooflines),
 `pipeline` (clipfast/bench/pipeline.py: scan, a repair step, end-to-end defend and the CleanCLIP-style
-baseline, reference pipeline against fast). Each prints a table and appends CSV rows (device,
-versions, commit) to RESULTS/<suite>.csv; pipeline also writes a plot. Never asserts speed.
+baseline, reference pipeline against fast) and `efficacy` (clipfast/bench/efficacy.py: the defence
+over a matrix of attacks x seeds, CA/ASR before and after; hours on a CPU). Each prints a table and
+appends CSV rows (device, versions, commit) to RESULTS/<suite>.csv; pipeline and efficacy also write
+a plot. Never asserts speed.
 
 Under torchrun (`torchrun --nproc_per_node 8 -m clipfast.cli bench --suite pipeline --stages scan
 repair`) the scan and repair stages run on every rank, as `clipfast defend` would, and rank 0 reports
@@ -23,17 +25,19 @@ from pathlib import Path
 
 from clipfast import distributed
 
-from . import ops, pipeline
+from . import efficacy, ops, pipeline
 from .common import append_csv
 
-SUITES = {"ops": (ops.run, ops.FIELDS), "pipeline": (pipeline.run, pipeline.FIELDS)}
+SUITES = {"ops": (ops.run, ops.FIELDS), "pipeline": (pipeline.run, pipeline.FIELDS),
+          "efficacy": (efficacy.run, efficacy.FIELDS)}
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_results: Path) -> None:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--full", action="store_true", help="realistic GPU sizes (ViT-B-16/ViT-L-14, B=256 ops)")
     mode.add_argument("--quick", action="store_true", help="sizes for a small CPU (the demo world)")
-    parser.add_argument("--suite", nargs="+", default=list(SUITES), choices=list(SUITES))
+    parser.add_argument("--suite", nargs="+", default=["ops", "pipeline"], choices=list(SUITES),
+                        help="default: ops pipeline (efficacy takes hours: ask for it)")
     parser.add_argument("--results", type=Path, default=default_results,
                         help=f"folder the CSVs (and the pipeline plot) go to (default: {default_results})")
     parser.add_argument("--min-run-time", type=float, default=1.0, help="seconds of timing per op measurement")
@@ -42,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_results: Path) -> Non
     parser.add_argument("--compile-baseline", action=argparse.BooleanOptionalAction, default=None,
                         help="ops suite: also time torch.compile of the reference region_score (default: on a GPU)")
     pipeline.add_arguments(parser)
+    efficacy.add_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -59,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
                 rows = suite_run(args, device, mode)
                 if ranks.distributed:
                     rows = [row | {"device": f"{row['device']} x{ranks.world_size} ranks"} for row in rows]
-                if ranks.is_main:
+                if ranks.is_main and rows:
                     append_csv(args.results / f"{suite}.csv", fields, rows)
     finally:
         if quiet:

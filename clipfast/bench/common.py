@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 from pathlib import Path
 
 import torch
@@ -30,12 +31,27 @@ def run_stamp(device: str, mode: str) -> dict:
                 mode=mode)
 
 
+class CsvWriter:
+    """Appends rows to a CSV file one at a time, each on disk when write() returns (header first when
+    the file is new), so a run cut off at any point keeps every row it finished."""
+
+    def __init__(self, path: Path, fields: list[str]):
+        self.path, self.fields = Path(path), fields
+
+    def write(self, row: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        new_file = not self.path.exists() or self.path.stat().st_size == 0
+        with self.path.open("a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.fields)
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
 def append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=fields)
-        if new_file:
-            writer.writeheader()
-        writer.writerows(rows)
+    writer = CsvWriter(path, fields)
+    for row in rows:
+        writer.write(row)
     print(f"appended {len(rows)} rows to {path}")
