@@ -44,9 +44,9 @@ run_stage gpu_tests "$PYTHON" -m pytest -q -m gpu tests/
 # 4. The CUDA tests under compute-sanitizer memcheck (out-of-bounds and misaligned accesses, leaks).
 if command -v compute-sanitizer >/dev/null; then
   run_stage sanitizer compute-sanitizer --tool memcheck --error-exitcode 99 --leak-check full \
-    "$PYTHON" -m pytest -q -m gpu -k "cuda" tests/test_mask_crop.py tests/test_ops_compiled.py
+    "$PYTHON" -m pytest -q -m gpu -k cuda tests/test_mask_crop.py tests/test_mask_pool.py tests/test_region_score.py tests/test_region_topk.py
   run_stage racecheck compute-sanitizer --tool racecheck --error-exitcode 99 \
-    "$PYTHON" -m pytest -q -m gpu -k "cuda and not realistic" tests/test_ops_compiled.py
+    "$PYTHON" -m pytest -q -m gpu -k "cuda and not realistic" tests/test_mask_pool.py tests/test_region_score.py tests/test_region_topk.py
 else
   stage_status+=("sanitizer,missing,0")
 fi

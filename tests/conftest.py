@@ -11,8 +11,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 def _import_triton_for_the_interpreter():
     """Triton picks interpreter or GPU mode once, when it is first imported. Without a GPU, import it
-    here, before any test module (or library) imports it normally, in interpreter mode, so that
-    tests/test_triton_ops.py can run the Triton kernels on the CPU; then restore the environment."""
+    here, before any test module (or library) imports it normally, in interpreter mode, so that the
+    op tests' triton cases (tests/optest.py) can run the Triton kernels on the CPU; then restore the
+    environment."""
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
@@ -20,7 +21,7 @@ def _import_triton_for_the_interpreter():
 
         import clipfast.ops.triton  # noqa: F401
     except ImportError:
-        pass  # test_triton_ops.py skips and says why
+        pass  # the triton cases skip and say why (optest.WHY_NOT)
     finally:
         if saved is None:
             os.environ.pop("TRITON_INTERPRET", None)
@@ -30,6 +31,15 @@ def _import_triton_for_the_interpreter():
 
 if not torch.cuda.is_available():
     _import_triton_for_the_interpreter()
+
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter_env(request, monkeypatch):
+    """Every `triton`-marked test runs with TRITON_INTERPRET=1 where there is no GPU (optest.py)."""
+    if request.node.get_closest_marker("triton") is not None:
+        from optest import use_triton_interpreter
+
+        use_triton_interpreter(monkeypatch)
 
 
 # A tiny CLIP with a BadNet backdoor (4x4 patch, bottom-right corner, target "heart"), trained once

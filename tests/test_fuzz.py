@@ -1,6 +1,6 @@
 """Fuzzing (hypothesis): the compiled ops against their PyTorch reference, and the image loaders
 against numpy, on random shapes and values (odd sizes, empty and all-covering masks, ties, every
-PIL mode the loaders accept). Tolerances as in test_ops_compiled.py."""
+PIL mode the loaders accept). Tolerance rationale: tests/optest.py."""
 
 import io
 import tarfile

@@ -1,7 +1,8 @@
 // Unit tests of the torch-free mask_pool, region_score and region_topk CPU cores (run by ctest).
-// The full comparisons against the PyTorch reference live in tests/test_ops_compiled.py; these pin
-// the shared rules: patch counting (plain and bit-packed), the online-softmax merge, the fast exp,
-// and top-k ranking (ties to the lower index, NaN lowest, -0 == +0).
+// The full comparisons against the PyTorch reference live in tests/test_mask_pool.py,
+// tests/test_region_score.py and tests/test_region_topk.py; these pin the shared rules: patch
+// counting (plain and bit-packed), the online-softmax merge, the fast exp, and top-k ranking (ties
+// to the lower index, NaN lowest, -0 == +0).
 #include <cmath>
 #include <cstdio>
 #include <vector>
