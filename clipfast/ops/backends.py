@@ -20,7 +20,7 @@ from . import extension, reference
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 # Every op has every backend.
-OPS = ("mask_crop", "mask_pool", "region_score", "region_topk")
+OPS = ("mask_crop", "mask_pool", "region_score", "region_topk", "region_patches")
 
 # auto's order of preference per device type (the Triton interpreter is never picked on a CPU).
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}

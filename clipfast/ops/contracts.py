@@ -39,6 +39,15 @@ def fake_region_topk(scores, labels, num_labels, k):
     return scores.new_empty(num_labels, dtype=torch.int64), scores.new_empty((num_labels, k), dtype=torch.int64)
 
 
+def fake_region_patches(images, masks, grid_h, grid_w, min_pixels, background, mean, std, out_dtype, packed_width):
+    # The number of kept patches depends on the masks' values: a data-dependent size.
+    tokens = torch.library.get_ctx().new_dynamic_size()
+    patch_h, patch_w = images.shape[2] // grid_h, images.shape[3] // grid_w
+    new = images.new_empty
+    return (new((tokens, images.shape[1], patch_h, patch_w), dtype=out_dtype), new(tokens, dtype=torch.int64),
+            new(tokens, dtype=torch.int64), new(masks.shape[0] * masks.shape[1] + 1, dtype=torch.int64))
+
+
 def _mask_pool_setup(ctx, inputs, output):
     features, masks, logits, grid_h, grid_w, packed_width = inputs
     ctx.save_for_backward(features, masks, logits)
@@ -53,7 +62,7 @@ def _mask_pool_backward(ctx, grad_pooled, grad_valid):
 
 
 FAKES = {"mask_crop": fake_mask_crop, "mask_pool": fake_mask_pool, "region_score": fake_region_score,
-         "region_topk": fake_region_topk}
+         "region_topk": fake_region_topk, "region_patches": fake_region_patches}
 AUTOGRAD = {"mask_pool": (_mask_pool_backward, _mask_pool_setup)}
 
 

@@ -85,12 +85,12 @@ def _check_inputs(images, masks, out_size, margin, background, out_dtype) -> int
     return images.shape[1]
 
 
-def _per_channel(values, default: float, channels: int, name: str) -> list[float]:
+def _per_channel(values, default: float, channels: int, name: str, op: str = "mask_crop") -> list[float]:
     if values is None:
         return [default] * channels
     values = [float(v) for v in values]
     if len(values) != channels or not all(math.isfinite(v) for v in values):
-        raise ValueError(f"mask_crop: {name} needs {channels} finite values (one per channel), got {values}")
+        raise ValueError(f"{op}: {name} needs {channels} finite values (one per channel), got {values}")
     return values
 
 

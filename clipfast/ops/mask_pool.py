@@ -46,10 +46,10 @@ def mask_pool(
     return MaskPool(*backends.call("mask_pool", chosen, *args))
 
 
-def _check_grid(grid) -> tuple[int, int]:
+def _check_grid(grid, op: str = "mask_pool") -> tuple[int, int]:
     if (not isinstance(grid, (tuple, list)) or len(grid) != 2
             or not all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)):
-        raise ValueError(f"mask_pool: grid must be two positive ints (grid_h, grid_w), got {grid!r}")
+        raise ValueError(f"{op}: grid must be two positive ints (grid_h, grid_w), got {grid!r}")
     return int(grid[0]), int(grid[1])
 
 

@@ -207,3 +207,53 @@ def mask_pool_backward(
     grad_dot_pooled = (grad * pooled).sum(-1, keepdim=True)
     grad_logits = (weights * (grad_dot_values - grad_dot_pooled)).sum(1)
     return grad_features, grad_logits.to(logits.dtype)
+
+
+def region_patch_keep(counts: torch.Tensor, min_pixels: int) -> torch.Tensor:
+    """The token-selection rule, from mask_patch_counts' [..., P] pixel counts: a patch is kept when
+    the mask covers at least min_pixels of its pixels; a region with no such patch keeps its
+    best-covered patch(es) instead (the threshold drops to its highest count), so every non-empty
+    region keeps at least one patch and an empty one none."""
+    threshold = torch.minimum(torch.full_like(counts[..., :1], float(min_pixels)), counts.amax(-1, keepdim=True))
+    return (counts > 0) & (counts >= threshold)
+
+
+def region_patches(
+    images: torch.Tensor,
+    masks: torch.Tensor,
+    grid_h: int,
+    grid_w: int,
+    min_pixels: int,
+    background: float,
+    mean: list[float],
+    std: list[float],
+    out_dtype: torch.dtype,
+    packed_width: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every region's kept patches (region_patch_keep on mask_patch_counts), packed over the batch.
+
+    images [B, C, H, W] uint8 (scaled by 1/255) or float; masks [B, M, H, W] bool/uint8 or bit-packed
+    (packed_width = W); H, W multiples of the grid. Regions r = b * M + m in order, each one's kept
+    patches in row-major patch order: token t is patch patch[t] of image image[t], its pixels inside
+    the mask kept and the others set to `background`, then normalised ((v - mean) / std).
+    Returns pixels [T, C, H / grid_h, W / grid_w] (out_dtype), image [T] int64, patch [T] int64 and
+    offsets [B * M + 1] int64 (region r owns tokens offsets[r] : offsets[r + 1]; an empty mask none).
+    """
+    batch, channels, height, width = images.shape
+    num_masks = masks.shape[1]
+    patch_h, patch_w = height // grid_h, width // grid_w
+    kept = region_patch_keep(mask_patch_counts(masks, grid_h, grid_w, packed_width), min_pixels)
+    region, patch = torch.nonzero(kept.flatten(0, 1), as_tuple=True)  # row-major: region, then patch
+    offsets = F.pad(kept.flatten(0, 1).sum(-1).cumsum(0), (1, 0))
+    image = torch.div(region, num_masks, rounding_mode="floor")
+
+    pixels = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+    tiles = pixels.reshape(batch, channels, grid_h, patch_h, grid_w, patch_w).permute(0, 2, 4, 1, 3, 5)
+    tiles = tiles.reshape(batch, grid_h * grid_w, channels, patch_h, patch_w)
+    inside = unpack_mask_bits(masks, packed_width) if packed_width else masks.bool()
+    inside = inside.reshape(batch * num_masks, grid_h, patch_h, grid_w, patch_w).permute(0, 1, 3, 2, 4)
+    inside = inside.reshape(batch * num_masks, grid_h * grid_w, 1, patch_h, patch_w)
+    filled = torch.where(inside[region, patch], tiles[image, patch], float(background))
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=images.device).view(channels, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32, device=images.device).view(channels, 1, 1)
+    return ((filled - mean_t) / std_t).to(out_dtype), image, patch, offsets

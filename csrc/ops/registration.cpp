@@ -15,6 +15,10 @@ TORCH_LIBRARY(clipfast, m) {
       "Tensor text_embeddings, float logit_scale) -> (Tensor image_label, Tensor image_prob, "
       "Tensor region_label, Tensor region_prob, Tensor region_image_prob, Tensor discrepancy)");
   m.def("region_topk(Tensor scores, Tensor labels, int num_labels, int k) -> (Tensor counts, Tensor indices)");
+  m.def(
+      "region_patches(Tensor images, Tensor masks, int grid_h, int grid_w, int min_pixels, float background, "
+      "float[] mean, float[] std, ScalarType out_dtype, int packed_width) -> (Tensor pixels, Tensor image, "
+      "Tensor patch, Tensor offsets)");
 }
 
 static struct PyModuleDef clipfast_c_module = {PyModuleDef_HEAD_INIT, "_C",

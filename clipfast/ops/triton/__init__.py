@@ -8,7 +8,8 @@ set before triton is first imported in the process, and stay set while kernels r
 
 from .mask_crop import mask_crop
 from .mask_pool import mask_pool
+from .region_patches import region_patches
 from .region_score import region_score
 from .region_topk import region_topk
 
-__all__ = ["mask_crop", "mask_pool", "region_score", "region_topk"]
+__all__ = ["mask_crop", "mask_pool", "region_patches", "region_score", "region_topk"]
