@@ -44,15 +44,24 @@ class ClipBundle:
         Same geometry as open_clip's eval transform: resize the shorter side to image_size
         (bicubic, antialiased), centre-crop, then normalise with the model's mean/std.
         """
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")
-        x = images.to(self.device)
-        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = self._to_input_geometry(x, mode="bicubic", antialias=True, align_corners=False).clamp_(0.0, 1.0)
+        x = self.resize(images)
+        if x.dtype == torch.uint8:
+            x = x.float() / 255.0
         mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - mean) / std
+
+    def resize(self, images: torch.Tensor) -> torch.Tensor:
+        """preprocess's geometry without its normalisation: images [N, 3, H, W] on the model's device
+        at image_size, unchanged (uint8 stays uint8) when they are that size already, else resized
+        to float [0, 1]."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images of shape [N, 3, H, W], got {tuple(images.shape)}")
+        x = images.to(self.device)
+        if x.shape[-2:] == (self.image_size, self.image_size):
+            return x if x.dtype == torch.uint8 else x.float()
+        x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+        return self._to_input_geometry(x, mode="bicubic", antialias=True, align_corners=False).clamp_(0.0, 1.0)
 
     def resize_masks(self, masks: torch.Tensor) -> torch.Tensor:
         """Masks [B, M, H, W] through preprocess's geometry (nearest neighbour): bool [B, M, S, S],

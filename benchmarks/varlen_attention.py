@@ -1,0 +1,109 @@
+"""Which attention the packed region encoding (clipfast/models/packed.py) should use: every method of
+varlen_attention, plus a per-sequence loop, on the sequences a real batch packs.
+
+Sequences: `--images` whole 224 px images (197 tokens each) and their regions from the pipeline
+benchmark's fixed oracle (`--regions` discs per image, one measurement each, ops.region_patches' default rule), ViT-B-16's
+12 heads of 64, fp32, random q/k/v. Reports each method's time per call (the median of `--repeats`)
+and its largest difference from the loop, then one whole packed ViT-B-16 forward per method
+(random weights). Writes benchmarks/results/varlen_attention.json.
+
+    python benchmarks/varlen_attention.py --images 4 --regions 16 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from clipfast.bench.pipeline import FixedOracle
+from clipfast.models import load_model
+from clipfast.models.packed import AttentionPlan, Sequences, check_vision_tower, encode_packed, varlen_attention
+from clipfast.ops import region_patches
+from clipfast.perf import device_name
+
+METHODS = ("bucketed", "padded", "nested")
+
+
+def _interleaved(fns: dict, repeats: int) -> dict:
+    """Median seconds of each function over `repeats` rounds, one call of each per round (after a
+    warm-up round): on a shared machine every method sees the same background load."""
+    times = {name: [] for name in fns}
+    for round_ in range(repeats + 1):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def _loop(q, k, v, sequences: Sequences) -> torch.Tensor:
+    """One dense SDPA call per sequence: the obvious exact method, and the oracle here."""
+    out = torch.empty_like(q)
+    bounds = sequences.offsets.tolist()
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        out[lo:hi] = F.scaled_dot_product_attention(*(t[lo:hi].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+    return out
+
+
+def _measure(bundle, visual, images, num_regions: int, args) -> dict:
+    masks = FixedOracle(num_regions).segment(images).masks
+    regions = region_patches(images, masks, visual.grid_size, background=0.35, mean=bundle.mean, std=bundle.std)
+    region_lengths = regions.offsets.diff()
+    lengths = torch.cat([torch.full((len(images),), 197), 1 + region_lengths[region_lengths > 0]])
+    sequences = Sequences(F.pad(lengths.cumsum(0), (1, 0)), lengths)
+    tokens = int(lengths.sum())
+    q, k, v = (torch.randn(tokens, 12, 64) for _ in range(3))
+    want = _loop(q, k, v, sequences)
+    plans = {method: AttentionPlan(sequences, method, q.device) for method in METHODS}
+    result = {"images": len(images), "regions_per_image": num_regions, "sequences": len(lengths), "tokens": tokens,
+              "longest": int(lengths.max()), "buckets": [[b.length, b.count] for b in plans["bucketed"].buckets],
+              "max_abs_difference_from_loop": {m: float((varlen_attention(q, k, v, plan) - want).abs().max())
+                                               for m, plan in plans.items()}}
+    # The CPU jagged fallback is ~10x slower than the rest: timed once, outside the rounds.
+    nested = _interleaved({"nested": lambda: varlen_attention(q, k, v, plans["nested"])}, 1)
+    fns = {"loop": lambda: _loop(q, k, v, sequences)}
+    fns |= {m: (lambda plan=plan: varlen_attention(q, k, v, plan)) for m, plan in plans.items() if m != "nested"}
+    result["attention_ms"] = {m: 1e3 * t for m, t in (_interleaved(fns, args.repeats) | nested).items()}
+    if args.forward:
+        pixels = bundle.preprocess(images)
+        forward = {m: (lambda m=m: encode_packed(visual, pixels, regions, num_regions, attention=m))
+                   for m in ("bucketed", "padded")}
+        result["forward_s"] = _interleaved(forward, max(1, args.repeats // 2))
+    print(json.dumps(result), flush=True)
+    return result
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=4)
+    parser.add_argument("--regions", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--forward", action=argparse.BooleanOptionalAction, default=True,
+                        help="also time one whole packed ViT-B-16 forward per method")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "varlen_attention.json")
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(0)
+    bundle = load_model("ViT-B-16")
+    visual = check_vision_tower(bundle.model)
+    images = torch.randint(0, 256, (args.images, 3, 224, 224), dtype=torch.uint8)
+    runs = [_measure(bundle, visual, images, regions, args) for regions in args.regions]
+    result = {"device": device_name("cpu"), "threads": torch.get_num_threads(), "torch": torch.__version__,
+              "machine": platform.machine(), "runs": runs}
+    print(json.dumps(result, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
