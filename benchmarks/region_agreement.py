@@ -1,12 +1,20 @@
-"""How well mask_pool regions (one encoder pass) agree with crop regions (one pass per crop).
+"""Do packed regions (one isolated pass, clipfast/models/packed.py) tell the scan what crop regions
+(one encoder pass per crop) tell it?
 
-On the demo world (the default badnet recipe's poisoned model, trained into the cache on first use),
-segments the first N probe images with the built-in segmenter, embeds every region both ways,
-scores both with region_score and reports: top-label agreement over all regions and over the
-poisoned images' regions, agreement on "does some region predict the target label", the
-correlation of each region's probability for its image's label, and the time of each mode.
+For each world (the demo world's poisoned model, and `--configs` patch-trigger configurations of
+the efficacy matrix at `--seed`, their models trained into the cache on first use with the
+efficacy benchmark's rate ladder): the first `--images` probe images, segmented by the built-in
+segmenter, are scored by the fast scorer in both region modes (the per-region scores the scan
+uses), then scanned end to end in both modes. Reported per world:
+- regions: top-label agreement over all scored regions and over the poisoned images' regions; the
+  share of the poisoned images' regions whose top label is the target (the old last-block pool mode
+  had 97 % there: a region must NOT say the target when the trigger is outside it); whether each
+  image is grounded (some region gives L_i >= the threshold) in both modes; the correlation of the
+  regions' probabilities for their image's label;
+- decisions: the targets found, the victim-set Jaccard of packed against crop, and the number of
+  victims; the wall time of each scan.
 
-    python benchmarks/region_agreement.py --images 1000
+    python benchmarks/region_agreement.py --images 2000 --configs "badnet 6px centre"
 """
 
 from __future__ import annotations
@@ -18,79 +26,105 @@ from pathlib import Path
 
 import torch
 
+from clipfast.bench.efficacy import ASR_GOAL, MATRIX, _recipe
 from clipfast.data.world import CLASSES, zero_shot_prompts
-from clipfast.defense.scan import ScanConfig
-from clipfast.demo import default_cache_dir
+from clipfast.defense.scan import ScanConfig, make_scorer, scan
+from clipfast.demo import DemoConfig, default_cache_dir
+from clipfast.eval import evaluate
 from clipfast.models import ZeroShotClassifier
-from clipfast.models.regions import encode_regions_pooled
-from clipfast.ops import mask_crop, region_score
 from clipfast.oracle import ClassicalSegmenter
-from clipfast.recipes import WorldRecipe, cached_world_model
+from clipfast.recipes import cached_world_model, evaluation_world
+
+MODES = ("crop", "packed")
+
+
+def world_model(name: str, seed: int, cache: Path):
+    """(recipe, bundle, poisoned pairs) of the demo world or of an efficacy configuration (its
+    rate ladder: the first rate whose model reaches the ASR goal, as the efficacy benchmark does)."""
+    settings = DemoConfig()
+    if name == "demo":
+        bundle, pairs, _ = cached_world_model(settings.recipe, cache)
+        return settings.recipe, bundle, pairs
+    config = next(c for c in MATRIX if c.name == name)
+    for rate in config.rates:
+        recipe = _recipe(config, seed, rate, settings)
+        bundle, pairs, _ = cached_world_model(recipe, cache)
+        if evaluate(bundle, evaluation_world(settings.test_size), recipe.make_trigger(), recipe.target_label)["asr"] \
+                >= ASR_GOAL:
+            break
+    return recipe, bundle, pairs
 
 
 @torch.no_grad()
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=1000)
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "region_agreement.json")
-    args = parser.parse_args(argv)
+def region_scores(bundle, images, segmentation, mode: str, batch: int = 256):
+    """The fast scorer's per-region scores in one region mode, batch by batch, concatenated."""
+    classifier = ZeroShotClassifier(bundle, list(CLASSES), prompts=zero_shot_prompts)
+    scorer = make_scorer(bundle, classifier, ScanConfig(regions=mode, progress=False))
+    parts = [scorer.submit(images[lo:lo + batch], segmentation.masks[lo:lo + batch],
+                           segmentation.valid[lo:lo + batch]).result() for lo in range(0, len(images), batch)]
+    return type(parts[0])(*(torch.cat(fields) for fields in zip(*parts)))
 
-    recipe = WorldRecipe()
-    bundle, pairs, _ = cached_world_model(recipe, default_cache_dir() / "models")
-    images = pairs.images[: args.images]
+
+def compare(name: str, seed: int, count: int, cache: Path) -> dict:
+    recipe, bundle, pairs = world_model(name, seed, cache)
+    images = pairs.images[:count]
     poisoned = torch.zeros(len(images), dtype=torch.bool)
     poisoned[pairs.poisoned_indices[pairs.poisoned_indices < len(images)]] = True
-    target = recipe.target_label
-    classifier = ZeroShotClassifier(bundle, list(CLASSES), prompts=zero_shot_prompts)
-    text = classifier.class_embeddings
-    scan = ScanConfig()
+    target, threshold = recipe.target_label, ScanConfig().grounding_threshold
     segmentation = ClassicalSegmenter().segment(images)
-    masks = segmentation.masks
-    if images.shape[-1] != bundle.image_size:
-        raise SystemExit("this measurement needs probe images at the encoder's input size")
-
-    start = time.perf_counter()
-    image_embeddings = bundle.encode_images(images)
-    crops = mask_crop(images, masks, bundle.image_size, margin=scan.crop_margin, square=scan.crop_square,
-                      background=scan.crop_background, mean=bundle.mean, std=bundle.std)
-    crop_embeddings = torch.zeros(*masks.shape[:2], text.shape[1])
-    flat = crops.crops[crops.valid]
-    crop_embeddings[crops.valid] = torch.cat([bundle.model.encode_image(flat[s:s + 512], normalize=True).float()
-                                              for s in range(0, len(flat), 512)])
-    crop_seconds = time.perf_counter() - start
-
-    start = time.perf_counter()
-    pooled_parts = [encode_regions_pooled(bundle, bundle.preprocess(images[s:s + 512]), masks[s:s + 512])
-                    for s in range(0, len(images), 512)]
-    pool_seconds = time.perf_counter() - start
-    pooled_images = torch.cat([p[0] for p in pooled_parts])
-    pooled_regions = torch.cat([p[1] for p in pooled_parts])
-    valid = crops.valid & torch.cat([p[2] for p in pooled_parts])
-
-    crop_scores = region_score(image_embeddings, crop_embeddings, valid, text, bundle.logit_scale)
-    pool_scores = region_score(pooled_images, pooled_regions, valid, text, bundle.logit_scale)
-    same = (crop_scores.region_label == pool_scores.region_label)[valid]
-    poisoned_valid = valid & poisoned[:, None]
-    same_poisoned = (crop_scores.region_label == pool_scores.region_label)[poisoned_valid]
-    crop_target = ((crop_scores.region_label == target) & valid).any(1)
-    pool_target = ((pool_scores.region_label == target) & valid).any(1)
-    a, b = crop_scores.region_image_prob[valid], pool_scores.region_image_prob[valid]
+    valid = segmentation.valid & segmentation.masks.flatten(2).any(-1)
+    scores = {mode: region_scores(bundle, images, segmentation, mode) for mode in MODES}
+    crop, packed = scores["crop"], scores["packed"]
+    on_poisoned = valid & poisoned[:, None]
+    same_label = crop.region_label == packed.region_label
+    grounded = {mode: ((s.region_image_prob >= threshold) & valid).any(-1) for mode, s in scores.items()}
+    a, b = crop.region_image_prob[valid], packed.region_image_prob[valid]
     result = {
-        "images": len(images), "regions": int(valid.sum()), "poisoned_images": int(poisoned.sum()),
-        "top_label_agreement": float(same.float().mean()),
-        "top_label_agreement_poisoned_images": float(same_poisoned.float().mean()) if len(same_poisoned) else None,
-        # On poisoned images the scan needs regions that do NOT say the target (the object itself).
-        "poisoned_image_regions_saying_target_crop": float((crop_scores.region_label == target)[poisoned_valid].float().mean()),
-        "poisoned_image_regions_saying_target_pool": float((pool_scores.region_label == target)[poisoned_valid].float().mean()),
-        "some_region_says_target_agreement": float((crop_target == pool_target).float().mean()),
-        "crop_images_with_a_target_region": int(crop_target.sum()), "pool_images_with_a_target_region": int(pool_target.sum()),
-        "image_label_prob_correlation": float(torch.corrcoef(torch.stack([a, b]))[0, 1]),
-        "crop_mode_seconds": crop_seconds, "pool_mode_seconds": pool_seconds,
-        "device": "cpu", "threads": torch.get_num_threads(),
+        "world": name, "recipe": {"attack": recipe.attack, "trigger_params": dict(recipe.trigger_params),
+                                  "rate": recipe.rate, "target": recipe.target, "seed": recipe.seed},
+        "images": len(images), "poisoned_images": int(poisoned.sum()), "regions": int(valid.sum()),
+        "image_label_agreement": float((crop.image_label == packed.image_label).float().mean()),
+        "region_top_label_agreement": float(same_label[valid].float().mean()),
+        "region_top_label_agreement_poisoned_images": float(same_label[on_poisoned].float().mean()),
+        "poisoned_image_regions_saying_target": {
+            mode: float((s.region_label == target)[on_poisoned].float().mean()) for mode, s in scores.items()},
+        "grounded_agreement": float((grounded["crop"] == grounded["packed"]).float().mean()),
+        "region_image_label_prob_correlation": float(torch.corrcoef(torch.stack([a, b]))[0, 1]),
     }
-    print(json.dumps(result, indent=2))
+    decisions, seconds = {}, {}
+    for mode in MODES:
+        start = time.perf_counter()
+        decisions[mode] = scan(bundle, list(CLASSES), images, ClassicalSegmenter(), prompts=zero_shot_prompts,
+                               config=ScanConfig(regions=mode, progress=False))
+        seconds[mode] = time.perf_counter() - start
+    found = {mode: [CLASSES[t] for t in r.targets] for mode, r in decisions.items()}
+    jaccard = {}
+    for t in set(decisions["crop"].targets) | set(decisions["packed"].targets):
+        a_set, b_set = (set(decisions[m].victims(t).tolist()) if t in decisions[m].targets else set() for m in MODES)
+        jaccard[CLASSES[t]] = len(a_set & b_set) / max(1, len(a_set | b_set))
+    result |= {"targets": found, "same_targets": found["crop"] == found["packed"], "victim_jaccard": jaccard,
+               "victims": {m: {CLASSES[t]: len(r.victims(t)) for t in r.targets} for m, r in decisions.items()},
+               "scan_seconds": seconds}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--configs", nargs="*", default=[], help="efficacy-matrix configuration names")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--demo", action=argparse.BooleanOptionalAction, default=True, help="include the demo world")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "region_agreement.json",
+                        help="the JSON written")
+    args = parser.parse_args(argv)
+    cache = default_cache_dir() / "models"
+    worlds = (["demo"] if args.demo else []) + list(args.configs)
+    results = [compare(name, args.seed, args.images, cache) for name in worlds]
+    summary = {"device": "cpu", "threads": torch.get_num_threads(), "worlds": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 
 

@@ -53,8 +53,10 @@ def test_prefetch_keeps_order_and_passes_errors_on():
 def test_scan_settings_are_checked():
     with pytest.raises(ValueError, match="engine"):
         ScanConfig(engine="turbo")
-    with pytest.raises(ValueError, match="regions='pool' needs engine='fast'"):
-        ScanConfig(engine="reference", regions="pool")
+    with pytest.raises(ValueError, match="regions='packed' needs engine='fast'"):
+        ScanConfig(engine="reference", regions="packed")
+    with pytest.raises(ValueError, match="packed_min_coverage"):
+        ScanConfig(packed_min_coverage=1.5)
     with pytest.raises(ValueError, match="precision"):
         ScanConfig(precision="fp8")
     assert inference_dtype("fp32", torch.device("cpu")) is None
@@ -68,7 +70,8 @@ def small_world():
 
 
 @pytest.mark.parametrize("settings", [dict(engine="reference"), dict(regions="crop", prefetch=2, batch_size=16),
-                                      dict(regions="pool", precision="bf16", batch_size=7)])
+                                      dict(regions="packed", precision="bf16", batch_size=7),
+                                      dict(regions="packed", encode_batch=3, batch_size=16)])
 def test_every_engine_scans_an_odd_sized_probe_set(small_world, settings):
     bundle, images = small_world
     result = scan(bundle, list(CLASSES), images, ClassicalSegmenter(), prompts=zero_shot_prompts,

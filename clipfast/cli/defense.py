@@ -52,8 +52,8 @@ def defense_arguments(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--engine", choices=ENGINES, default=scan.engine,
                        help=f"fast or the straightforward reference pipeline, for comparison (default: {scan.engine})")
     speed.add_argument("--regions", choices=REGION_MODES, default=scan.regions,
-                       help="region embeddings: re-encode crops or pool one encoder pass (mask_pool) "
-                       f"(default: {scan.regions})")
+                       help="region embeddings: re-encode each region's crop, or packed (each region its own "
+                       f"sequence of masked patches, all in one encoder pass) (default: {scan.regions})")
     speed.add_argument("--precision", choices=PRECISIONS, default=scan.precision,
                        help="scan encoder precision (auto: bf16 where native)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the encoder and the repair step")

@@ -9,7 +9,7 @@ from clipfast.models.precision import PRECISIONS
 from clipfast.rundir import untied
 
 ENGINES = ("fast", "reference")
-REGION_MODES = ("crop", "pool")
+REGION_MODES = ("crop", "packed")
 
 
 @dataclass(frozen=True)
@@ -27,7 +27,12 @@ class ScanConfig:
     # thread, no host sync inside the loop; reference: the public tools' image-by-image fp32 pipeline.
     # Both reach the same decisions up to the encoders' numerics, so the engine ties a run.
     engine: str = "fast"
-    regions: str = "crop"  # fast engine: crop (re-encode each region) | pool (one encoder pass, ops.mask_pool)
+    # fast engine: crop (each region's crop re-encoded as a whole image) | packed (each region its own
+    # sequence of its masked patches, all packed into one encoder pass; clipfast/models/packed.py)
+    regions: str = "crop"
+    # packed regions: a patch is a region's token from this share of its pixels on (0: any pixel, so
+    # that every mask pixel is seen, as in a crop); a region with no such patch keeps its best ones.
+    packed_min_coverage: float = 0.0
     precision: str = "auto"  # fast engine: auto (bf16 where native: GPUs, AVX512-BF16/AMX CPUs) | fp32 | bf16
     # Probe images per shard: the unit of work of a rank and of a resumed run (a multiple of
     # batch_size keeps batches whole). It sets how the causal test batches its encodes, so it ties.
@@ -53,9 +58,11 @@ class ScanConfig:
         if self.engine not in ENGINES:
             raise ValueError(f"ScanConfig.engine must be fast or reference, got {self.engine!r}")
         if self.regions not in REGION_MODES:
-            raise ValueError(f"ScanConfig.regions must be crop or pool, got {self.regions!r}")
+            raise ValueError(f"ScanConfig.regions must be one of {REGION_MODES}, got {self.regions!r}")
         if self.engine == "reference" and self.regions != "crop":
-            raise ValueError("the reference scan crops regions; regions='pool' needs engine='fast'")
+            raise ValueError(f"the reference scan crops regions; regions={self.regions!r} needs engine='fast'")
+        if not 0.0 <= self.packed_min_coverage <= 1.0:
+            raise ValueError(f"packed_min_coverage must be in [0, 1], got {self.packed_min_coverage}")
         if self.prefetch < 0:
             raise ValueError(f"ScanConfig.prefetch must be >= 0, got {self.prefetch}")
         if self.precision not in PRECISIONS:

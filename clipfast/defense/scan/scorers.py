@@ -1,10 +1,11 @@
 """Region scorers: one model's view of probe images and their object regions. The scan loop calls a
 scorer through the RegionScorer protocol and never asks which engine it is.
 
-- FastRegionScorer (engine "fast"): all images of a batch and their region crops (ops.mask_crop, on
-  the model's device) go through the encoder together under autocast, or the regions are pooled from
-  the images' own encoder pass (ops.mask_pool); ops.region_score reduces them; results reach the
-  host one batch behind, so the device never waits for the host.
+- FastRegionScorer (engine "fast"): all images of a batch and their regions go through the encoder
+  together under autocast, the regions as crops (ops.mask_crop, each re-encoded as a whole image) or
+  packed (ops.region_patches + models.packed: each region its own short sequence of its masked
+  patches, attending only within itself, all in one pass with the images); ops.region_score reduces
+  them; results reach the host one batch behind, so the device never waits for the host.
 - ReferenceRegionScorer (engine "reference"): the method as the public tools run it, which the fast
   path is measured against and tested to agree with. Per probe image, in a Python loop: every object
   mask's crop is cut on the host with numpy (the same sampling box and background as ops.mask_crop),
@@ -25,7 +26,7 @@ from PIL import Image
 
 from clipfast.models import ClipBundle, ZeroShotClassifier
 from clipfast.models.encoder import ImageEncoder
-from clipfast.models.regions import encode_regions_pooled
+from clipfast.models.packed import check_vision_tower, encode_regions_packed
 from clipfast.ops import RegionScores, mask_crop, reference, region_score
 
 from .config import ScanConfig
@@ -88,6 +89,9 @@ class FastRegionScorer:
         self.bundle, self.classifier, self.config = bundle, classifier, config
         self.encoder = ImageEncoder(bundle, config.precision, config.compile, config.encode_batch)
         self.text = classifier.class_embeddings.to(bundle.device)
+        if config.regions == "packed":  # a tower the packed encoding cannot take fails here, before any work
+            grid = check_vision_tower(bundle.model).grid_size
+            self.token_budget = config.encode_batch * (1 + grid[0] * grid[1])  # encode_batch images' tokens
 
     @torch.no_grad()
     def submit(self, images: torch.Tensor, masks: torch.Tensor, object_regions: torch.Tensor) -> _HostCopy:
@@ -95,10 +99,14 @@ class FastRegionScorer:
         valid = object_regions & masks.flatten(2).any(-1)  # an empty mask has no crop
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         pixels = bundle.preprocess(images)
-        if config.regions == "pool":
-            with self.encoder.autocast():
-                image_embeddings, region_embeddings, _ = encode_regions_pooled(
-                    bundle, pixels, bundle.resize_masks(masks), backend=config.backend)
+        if config.regions == "packed":
+            # Only the scored regions get tokens: the others' masks are emptied.
+            scored = bundle.resize_masks(masks) & valid.to(device, non_blocking=True)[:, :, None, None]
+            with self.encoder.autocast():  # patches written in the encoder's precision, as crops are
+                image_embeddings, region_embeddings, _ = encode_regions_packed(
+                    bundle, pixels.to(self.encoder.dtype or torch.float32), bundle.resize(images), scored,
+                    background=config.crop_background,
+                    min_coverage=config.packed_min_coverage, token_budget=self.token_budget, backend=config.backend)
         else:
             dtype = self.encoder.dtype or torch.float32  # crops written in the encoder's precision: half the bytes
             crops = mask_crop(images, masks, bundle.image_size, margin=config.crop_margin, square=config.crop_square,
