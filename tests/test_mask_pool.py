@@ -109,6 +109,37 @@ def test_edge_cases(backend):
     assert empty.pooled.shape == (2, 0, 5)
 
 
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_non_finite_logits_agree_with_the_reference(backend, dtype):
+    # valid means "the mask covers a pixel" on every backend, whatever the covered logits are: a mask
+    # whose only covered patch has logit -inf pools to zeros (valid); NaN or +inf there gives NaN
+    # (valid); a -inf patch beside a finite one has weight 0. One head per case, so that a non-finite
+    # head leaves the others finite.
+    device = device_of(backend)
+    features = torch.randn(2, 4, 8, generator=generator(21)).to(dtype)  # grid 2 x 2, 4 heads of 2 channels
+    masks = torch.zeros(2, 3, 4, 4, dtype=torch.bool)
+    masks[:, 0, :2, :2] = True  # patch 0 only
+    masks[:, 1, :2, :] = True  # patches 0 and 1
+    # masks[:, 2] empty
+    logits = torch.randn(2, 4, 4, generator=generator(22))
+    logits[:, 0, 0] = float("-inf")  # head 0: mask 0's only patch is -inf; mask 1 has a finite patch beside it
+    logits[:, 1, 0] = float("nan")
+    logits[:, 2, 0] = float("inf")
+    logits[1, 3, :] = float("-inf")  # image 1, head 3: every logit -inf
+    want = mask_pool(features, masks, (2, 2), logits=logits, backend="reference")
+    got = mask_pool(features.to(device), masks.to(device), (2, 2), logits=logits.to(device), backend=backend)
+    assert want.valid.tolist() == [[True, True, False]] * 2
+    assert torch.equal(got.valid.cpu(), want.valid)
+    torch.testing.assert_close(got.pooled.float().cpu(), want.pooled.float(), equal_nan=True,
+                               **tolerance("mask_pool", dtype, backend))
+    pooled = want.pooled.float().reshape(2, 3, 4, 2)
+    assert (pooled[:, 0, 0] == 0).all()  # only covered patch at -inf: zeros
+    assert pooled[:, 0, 1:3].isnan().all() and pooled[:, 1, 1:3].isnan().all()  # NaN or +inf covered: NaN
+    assert torch.isfinite(pooled[:, 1, 0]).all()  # -inf beside a finite patch: that patch has weight 0
+    assert (pooled[1, :2, 3] == 0).all() and (pooled[:, 2] == 0).all()  # all -inf; empty mask
+
+
 # -------------------------------------------------------------------------------------- gradients
 
 @pytest.mark.filterwarnings("ignore:Input #.* is not a double")  # the ops take fp32 at most: loose tolerances

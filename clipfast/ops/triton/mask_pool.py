@@ -96,13 +96,16 @@ def _masked_pool_kernel(
     logit_row = logits_ptr + (image * heads + head).to(tl.int64) * patches
     lanes = tl.arange(0, BLOCK_P)
 
-    # Pass 1: each mask's weight total, with an online max of the covered logits (as in softmax).
+    # Pass 1: each mask's weight total, with an online max of the covered logits (as in softmax),
+    # and its pixel total: valid means the mask covers a pixel, whatever its logits (-inf, NaN) are.
     top = tl.full([BLOCK_M], float("-inf"), tl.float32)
     total = tl.zeros([BLOCK_M], dtype=tl.float32)
+    pixels = tl.zeros([BLOCK_M], dtype=tl.float32)
     for p_start in range(0, patches, BLOCK_P):
         p = p_start + lanes
         p_ok = p < patches
         count = tl.load(count_rows + p[None, :], mask=m_ok[:, None] & p_ok[None, :], other=0.0)
+        pixels += tl.sum(count, axis=1)
         if HAS_LOGITS:
             covered = count > 0
             logit = tl.load(logit_row + p, mask=p_ok, other=0.0).to(tl.float32)[None, :]
@@ -145,7 +148,7 @@ def _masked_pool_kernel(
     tl.store(pooled_ptr + out_rows[:, None] + channel[None, :], pooled.to(pooled_ptr.dtype.element_ty),
              mask=m_ok[:, None] & d_ok[None, :])
     if tl.program_id(1) == 0:
-        tl.store(valid_ptr + image * num_masks + masks_idx, (total > 0).to(tl.uint8), mask=m_ok)
+        tl.store(valid_ptr + image * num_masks + masks_idx, (pixels > 0).to(tl.uint8), mask=m_ok)
 
 
 @torch.library.triton_op("clipfast_triton::mask_pool", mutates_args=())

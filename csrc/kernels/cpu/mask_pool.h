@@ -66,17 +66,21 @@ void mask_pool(const T* features, const uint8_t* masks, const float* logits, T* 
     for (int64_t i = lo; i < hi; ++i) {
       const int64_t b = i / p.masks;
       patch_counts(masks + i * mask_stride, p, counts.data());
-      // Weights per head, normalised so that each head's weights sum to one.
+      // valid: the mask covers a pixel (whatever the logits are; reference.mask_pool).
       bool any = false;
+      for (int64_t q = 0; q < P; ++q) any = any || counts[q] > 0;
+      // Weights per head, normalised so that each head's weights sum to one.
       for (int64_t h = 0; h < heads; ++h) {
         float* w = weights.data() + h * P;
         const float* l = p.has_logits ? logits + (b * heads + h) * P : nullptr;
-        float top = 0.f;
-        bool seen = false;
+        float top = -INFINITY;
         if (l) {
           for (int64_t q = 0; q < P; ++q)
-            if (counts[q] > 0 && (!seen || l[q] > top)) top = l[q], seen = true;
+            if (counts[q] > 0 && l[q] > top) top = l[q];
         }
+        // As the reference: a max over covered logits that is not finite (all -inf, or +inf) shifts
+        // by 0, so an all -inf mask pools to zeros and +inf / NaN logits give NaN, as on every backend.
+        if (!std::isfinite(top)) top = 0.f;
         float total = 0.f;
         for (int64_t q = 0; q < P; ++q) {
           w[q] = counts[q] > 0 ? static_cast<float>(counts[q]) * (l ? std::exp(l[q] - top) : 1.f) : 0.f;
@@ -84,7 +88,6 @@ void mask_pool(const T* features, const uint8_t* masks, const float* logits, T* 
         }
         const float scale = total > 0.f ? 1.f / total : 0.f;
         for (int64_t q = 0; q < P; ++q) w[q] *= scale;
-        any = any || total > 0.f;
       }
       std::fill(acc.begin(), acc.end(), 0.f);
       for (int64_t q = 0; q < P; ++q) {
