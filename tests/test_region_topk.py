@@ -134,3 +134,11 @@ def test_errors():
 def test_gpu_realistic_sizes(backend, k):
     scores, labels = topk_inputs(200_000, 1000, style="realistic", seed=10)  # ties, one long bucket
     assert_topk_matches_reference(scores, labels, 1000, k, backend)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_k_limit_message_names_backends_that_take_cuda_tensors():
+    scores, labels = torch.rand(100, device="cuda"), torch.randint(0, 3, (100,), device="cuda")
+    with pytest.raises(RuntimeError, match="triton or reference backend"):
+        torch.ops.clipfast.region_topk(scores, labels, 3, 2000)
+    assert region_topk(scores, labels, 3, 2000).indices.shape == (3, 2000)  # auto: Triton takes it

@@ -16,9 +16,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> mask_crop_cuda(
     const at::Tensor& images, const at::Tensor& masks, int64_t out_size, double margin,
     bool square, double background, at::ArrayRef<double> mean, at::ArrayRef<double> std,
     at::ScalarType out_dtype) {
-  const c10::cuda::CUDAGuard guard(images.device());
+  // The op's own checks first (same device for every input, on a CUDA device), then the guard: a
+  // guard made from a CPU tensor's device would fail inside c10 instead.
   MaskCropCall call =
       prepare_mask_crop(images, masks, out_size, margin, square, background, mean, std, out_dtype);
+  TORCH_CHECK(call.images.is_cuda(), "mask_crop (cuda): images must be on a CUDA device, got ",
+              call.images.device());
+  const c10::cuda::CUDAGuard guard(call.images.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   dispatch_in_out(call.images.scalar_type(), out_dtype, [&](auto in_tag, auto out_tag) {
     using In = decltype(in_tag);

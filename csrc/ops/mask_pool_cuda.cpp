@@ -18,11 +18,13 @@ namespace {
 std::tuple<at::Tensor, at::Tensor> mask_pool_cuda(const at::Tensor& features, const at::Tensor& masks,
                                                   const std::optional<at::Tensor>& logits, int64_t grid_h,
                                                   int64_t grid_w, int64_t packed_width) {
-  const c10::cuda::CUDAGuard guard(features.device());
+  // The op's own checks first (same device for every input, on a CUDA device), then the guard: a
+  // guard made from a CPU tensor's device would fail inside c10 instead.
   MaskPoolCall call = prepare_mask_pool(features, masks, logits, grid_h, grid_w, packed_width);
   const MaskPoolParams& p = call.params;
   TORCH_CHECK(call.features.is_cuda(), "mask_pool (cuda): features must be on a CUDA device, got ",
               call.features.device());
+  const c10::cuda::CUDAGuard guard(call.features.device());
   TORCH_CHECK(p.mask_h * p.row_bytes <= INT_MAX && p.mask_h * p.mask_w <= INT_MAX,
               "mask_pool (cuda): masks of ", p.mask_h, "x", p.mask_w,
               " pixels are too large (each mask must have < 2^31 pixels and bytes)");
@@ -37,7 +39,7 @@ std::tuple<at::Tensor, at::Tensor> mask_pool_cuda(const at::Tensor& features, co
   TORCH_CHECK(cuda::mask_pool_shared_bytes(p, static_cast<size_t>(optin)) > 0, "mask_pool (cuda): a grid of ",
               p.patches, " patches needs ", 8 * p.patches,
               " bytes of shared memory per block, more than this GPU's ", optin,
-              " bytes; use the cpu or reference backend, or a coarser patch grid");
+              " bytes; use the triton or reference backend, or a coarser patch grid");
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const float* logit_data = p.has_logits ? call.logits.const_data_ptr<float>() : nullptr;

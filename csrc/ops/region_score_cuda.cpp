@@ -19,7 +19,8 @@ namespace {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> region_score_cuda(
     const at::Tensor& image_embeddings, const at::Tensor& region_embeddings, const at::Tensor& region_valid,
     const at::Tensor& text_embeddings, double logit_scale) {
-  const c10::cuda::CUDAGuard guard(image_embeddings.device());
+  // The op's own checks first (same device for every input, on a CUDA device), then the guard: a
+  // guard made from a CPU tensor's device would fail inside c10 instead.
   RegionScoreCall call =
       prepare_region_score(image_embeddings, region_embeddings, region_valid, text_embeddings, logit_scale);
   const RegionScoreParams& p = call.params;
@@ -27,6 +28,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                  call.region_image_prob, call.discrepancy);
   TORCH_CHECK(call.images.is_cuda(), "region_score (cuda): embeddings must be on a CUDA device, got ",
               call.images.device());
+  const c10::cuda::CUDAGuard guard(call.images.device());
   if (p.batch == 0) return outputs;
   TORCH_CHECK(p.classes >= 1 && p.classes <= INT_MAX, "region_score (cuda): needs 1 to 2^31 - 1 classes, got ",
               p.classes);

@@ -15,13 +15,15 @@ namespace {
 
 std::tuple<at::Tensor, at::Tensor> region_topk_cuda(const at::Tensor& scores, const at::Tensor& labels,
                                                     int64_t num_labels, int64_t k) {
-  const c10::cuda::CUDAGuard guard(scores.device());
+  // The op's own checks first (same device for every input, on a CUDA device), then the guard: a
+  // guard made from a CPU tensor's device would fail inside c10 instead.
   RegionTopkCall call = prepare_region_topk(scores, labels, num_labels, k);
   TORCH_CHECK(call.scores.is_cuda(), "region_topk (cuda): scores must be on a CUDA device, got ",
               call.scores.device());
+  const c10::cuda::CUDAGuard guard(call.scores.device());
   TORCH_CHECK(call.k >= 0 && call.k <= cuda::kRegionTopkMaxK, "region_topk (cuda): k=", call.k,
               " is above the CUDA backend's limit of ", cuda::kRegionTopkMaxK,
-              " per label; use the cpu or reference backend");
+              " per label; use the triton or reference backend (backend=\"auto\" picks one that can)");
   TORCH_CHECK(call.n <= cuda::kRegionTopkMaxEntries, "region_topk (cuda): ", call.n,
               " entries exceed the limit of 2^32 - 1 (indices are ranked as 32-bit values)");
   TORCH_CHECK(call.num_labels >= 0 && call.num_labels <= cuda::kRegionTopkMaxLabels,

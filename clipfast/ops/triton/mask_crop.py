@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from ..contracts import register_contract
-from ._launch import pow2_block
+from ._launch import on_device, pow2_block, wrap_triton
 
 _MAX_CHANNELS = 4  # clipfast.ops.mask_crop.MAX_CHANNELS
 
@@ -214,26 +214,27 @@ def mask_crop(
     sides = torch.arange(max(height, width) + 1, device=images.device, dtype=torch.float64)
     pad_for_side = torch.floor(sides * margin).to(torch.int32)
 
-    block_x = pow2_block(width, high=256)
-    block_y = pow2_block(height, high=4096 // block_x)
-    torch.library.wrap_triton(_mask_box_kernel)[(items,)](
-        masks, pad_for_side, boxes, valid.view(torch.uint8), height, width,
-        SQUARE=bool(square), BLOCK_Y=block_y, BLOCK_X=block_x, num_warps=4,
-    )
+    with on_device(images):  # Triton launches on the current device: make it the tensors'
+        block_x = pow2_block(width, high=256)
+        block_y = pow2_block(height, high=4096 // block_x)
+        wrap_triton(_mask_box_kernel)[(items,)](
+            masks, pad_for_side, boxes, valid.view(torch.uint8), height, width,
+            SQUARE=bool(square), BLOCK_Y=block_y, BLOCK_X=block_x, num_warps=4,
+        )
 
-    # 512 outputs per program: ~4 per thread, ~90 registers (each carries 4 taps x C channels).
-    block_ox = pow2_block(out_size, high=64)
-    block_oy = pow2_block(out_size, high=512 // block_ox)
-    tiles = triton.cdiv(out_size, block_oy) * triton.cdiv(out_size, block_ox)
-    means = list(mean) + [0.0] * (_MAX_CHANNELS - channels)
-    stds = list(std) + [1.0] * (_MAX_CHANNELS - channels)
-    torch.library.wrap_triton(_mask_crop_kernel)[(items, tiles)](
-        images, masks, boxes, valid.view(torch.uint8), crops, num_masks, height, width, out_size,
-        255.0 if images.dtype == torch.uint8 else 1.0, float(background),
-        float(means[0]), float(means[1]), float(means[2]), float(means[3]),
-        float(stds[0]), float(stds[1]), float(stds[2]), float(stds[3]),
-        CHANNELS=channels, BLOCK_OY=block_oy, BLOCK_OX=block_ox, num_warps=4,
-    )
+        # 512 outputs per program: ~4 per thread, ~90 registers (each carries 4 taps x C channels).
+        block_ox = pow2_block(out_size, high=64)
+        block_oy = pow2_block(out_size, high=512 // block_ox)
+        tiles = triton.cdiv(out_size, block_oy) * triton.cdiv(out_size, block_ox)
+        means = list(mean) + [0.0] * (_MAX_CHANNELS - channels)
+        stds = list(std) + [1.0] * (_MAX_CHANNELS - channels)
+        wrap_triton(_mask_crop_kernel)[(items, tiles)](
+            images, masks, boxes, valid.view(torch.uint8), crops, num_masks, height, width, out_size,
+            255.0 if images.dtype == torch.uint8 else 1.0, float(background),
+            float(means[0]), float(means[1]), float(means[2]), float(means[3]),
+            float(stds[0]), float(stds[1]), float(stds[2]), float(stds[3]),
+            CHANNELS=channels, BLOCK_OY=block_oy, BLOCK_OX=block_ox, num_warps=4,
+        )
     return crops, boxes, valid
 
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..contracts import register_contract
-from ._launch import INTERPRETED, pow2_block
+from ._launch import INTERPRETED, on_device, pow2_block, wrap_triton
 
 
 @triton.jit
@@ -169,32 +169,33 @@ def mask_pool(
     valid = features.new_empty((batch, num_masks), dtype=torch.bool)
     if batch * num_masks == 0:
         return pooled, valid
-    counts = features.new_empty((batch, num_masks, patches), dtype=torch.float32)
-    patch_h, patch_w = mask_h // grid_h, mask_w // grid_w
-    block_gw = pow2_block(grid_w)
-    block_pw = pow2_block(patch_w)
-    block_r = pow2_block(patch_h, high=max(1, 4096 // (block_gw * block_pw)))
-    torch.library.wrap_triton(_patch_counts_kernel)[(batch * num_masks, grid_h)](
-        masks, counts, mask_h, row_bytes, patches, grid_w, patch_h, patch_w,
-        PACKED=bool(packed_width), BLOCK_R=block_r, BLOCK_GW=block_gw, BLOCK_PW=block_pw, num_warps=4,
-    )
+    with on_device(features):  # Triton launches on the current device: make it the tensors'
+        counts = features.new_empty((batch, num_masks, patches), dtype=torch.float32)
+        patch_h, patch_w = mask_h // grid_h, mask_w // grid_w
+        block_gw = pow2_block(grid_w)
+        block_pw = pow2_block(patch_w)
+        block_r = pow2_block(patch_h, high=max(1, 4096 // (block_gw * block_pw)))
+        wrap_triton(_patch_counts_kernel)[(batch * num_masks, grid_h)](
+            masks, counts, mask_h, row_bytes, patches, grid_w, patch_h, patch_w,
+            PACKED=bool(packed_width), BLOCK_R=block_r, BLOCK_GW=block_gw, BLOCK_PW=block_pw, num_warps=4,
+        )
 
-    heads = 1 if logits is None else logits.shape[1]
-    head_dim = dim // heads
-    logits_arg = counts if logits is None else logits.contiguous()  # any pointer when unused
-    # tl.dot needs tiles >= 16. 64 x 64 outputs take 8 warps to stay clear of register spills (fp32's
-    # tf32x3 keeps three operand splits live); 2 stages bound shared memory to <= 100 KB.
-    block_m = pow2_block(num_masks, low=16, high=64)
-    block_d = pow2_block(head_dim, low=16, high=64)
-    block_p = 64
-    m_tiles, d_tiles = triton.cdiv(num_masks, block_m), triton.cdiv(head_dim, block_d)
-    torch.library.wrap_triton(_masked_pool_kernel)[(batch * m_tiles, heads * d_tiles)](
-        features, counts, logits_arg, pooled, valid.view(torch.uint8), num_masks, patches, dim, heads, head_dim,
-        m_tiles, d_tiles,
-        HAS_LOGITS=logits is not None, FP32_FEATURES=features.dtype == torch.float32,
-        INTERPRETED=INTERPRETED, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d,
-        num_warps=8 if block_m * block_d >= 4096 else 4, num_stages=2,
-    )
+        heads = 1 if logits is None else logits.shape[1]
+        head_dim = dim // heads
+        logits_arg = counts if logits is None else logits.contiguous()  # any pointer when unused
+        # tl.dot needs tiles >= 16. 64 x 64 outputs take 8 warps to stay clear of register spills (fp32's
+        # tf32x3 keeps three operand splits live); 2 stages bound shared memory to <= 100 KB.
+        block_m = pow2_block(num_masks, low=16, high=64)
+        block_d = pow2_block(head_dim, low=16, high=64)
+        block_p = 64
+        m_tiles, d_tiles = triton.cdiv(num_masks, block_m), triton.cdiv(head_dim, block_d)
+        wrap_triton(_masked_pool_kernel)[(batch * m_tiles, heads * d_tiles)](
+            features, counts, logits_arg, pooled, valid.view(torch.uint8), num_masks, patches, dim, heads, head_dim,
+            m_tiles, d_tiles,
+            HAS_LOGITS=logits is not None, FP32_FEATURES=features.dtype == torch.float32,
+            INTERPRETED=INTERPRETED, BLOCK_M=block_m, BLOCK_P=block_p, BLOCK_D=block_d,
+            num_warps=8 if block_m * block_d >= 4096 else 4, num_stages=2,
+        )
     return pooled, valid
 
 

@@ -11,7 +11,7 @@ import triton.language as tl
 
 from .. import reference
 from ..contracts import register_contract
-from ._launch import pow2_block
+from ._launch import on_device, pow2_block, wrap_triton
 from .mask_pool import _patch_counts_kernel
 
 
@@ -84,10 +84,11 @@ def region_patches(
     if batch * num_masks:
         block_gw, block_pw = pow2_block(grid_w), pow2_block(patch_w)
         block_r = pow2_block(patch_h, high=max(1, 4096 // (block_gw * block_pw)))
-        torch.library.wrap_triton(_patch_counts_kernel)[(batch * num_masks, grid_h)](
-            masks, counts, height, row_bytes, grid_h * grid_w, grid_w, patch_h, patch_w,
-            PACKED=bool(packed_width), BLOCK_R=block_r, BLOCK_GW=block_gw, BLOCK_PW=block_pw, num_warps=4,
-        )
+        with on_device(images):  # Triton launches on the current device: make it the tensors'
+            wrap_triton(_patch_counts_kernel)[(batch * num_masks, grid_h)](
+                masks, counts, height, row_bytes, grid_h * grid_w, grid_w, patch_h, patch_w,
+                PACKED=bool(packed_width), BLOCK_R=block_r, BLOCK_GW=block_gw, BLOCK_PW=block_pw, num_warps=4,
+            )
     kept = reference.region_patch_keep(counts, min_pixels)
     kept_index = torch.nonzero(kept)  # the packing order: region, then patch
     region, patch = kept_index[:, 0].clone(), kept_index[:, 1].clone()  # own storage: fresh outputs
@@ -95,11 +96,13 @@ def region_patches(
     pixels = images.new_empty((len(region), channels, patch_h, patch_w), dtype=out_dtype)
     if len(region):
         constants = torch.tensor([mean, std], dtype=torch.float32, device=images.device)
-        torch.library.wrap_triton(_fill_kernel)[(len(region),)](
-            images, masks, region, patch, constants[0], constants[1], pixels, num_masks, height, width, row_bytes,
-            grid_w, patch_h, patch_w, 255.0 if images.dtype == torch.uint8 else 1.0, float(background),
-            CHANNELS=channels, PACKED=bool(packed_width), BLOCK=pow2_block(patch_h * patch_w, high=1024), num_warps=4,
-        )
+        with on_device(images):
+            wrap_triton(_fill_kernel)[(len(region),)](
+                images, masks, region, patch, constants[0], constants[1], pixels, num_masks, height, width,
+                row_bytes, grid_w, patch_h, patch_w, 255.0 if images.dtype == torch.uint8 else 1.0,
+                float(background), CHANNELS=channels, PACKED=bool(packed_width),
+                BLOCK=pow2_block(patch_h * patch_w, high=1024), num_warps=4,
+            )
     return pixels, torch.div(region, num_masks, rounding_mode="floor"), patch, offsets
 
 

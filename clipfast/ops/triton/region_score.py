@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from ..contracts import register_contract
-from ._launch import INTERPRETED, pow2_block
+from ._launch import INTERPRETED, on_device, pow2_block, wrap_triton
 
 
 @triton.jit
@@ -181,37 +181,38 @@ def region_score(
         return image_label, image_prob, region_label, region_prob, region_image_prob, discrepancy
     fp32 = image_embeddings.dtype == torch.float32
 
-    text_scale = new(num_classes, dtype=torch.float32)
-    block_c = pow2_block(num_classes, high=64)
-    block_k = pow2_block(dim, high=128)
-    torch.library.wrap_triton(_text_scale_kernel)[(triton.cdiv(num_classes, block_c),)](
-        text_embeddings, text_scale, num_classes, dim, float(logit_scale), BLOCK_C=block_c, BLOCK_K=block_k,
-        num_warps=4,
-    )
-
-    image_launch = _softmax_launch(batch, num_classes, dim, fp32)
-    torch.library.wrap_triton(_label_softmax_kernel)[(triton.cdiv(batch, image_launch["BLOCK_R"]),)](
-        image_embeddings, batch, text_embeddings, text_scale, num_classes, dim,
-        # No validity or gather here: those pointer slots get a read-only stand-in (never touched;
-        # passing an output twice would confuse torch.compile's mutation tracking).
-        text_scale, text_scale, 1, image_label, image_prob, text_scale,
-        HAS_VALID=False, GATHER=False, FP32_INPUTS=fp32, INTERPRETED=INTERPRETED, **image_launch,
-    )
-    if num_regions > 0:
-        region_rows = batch * num_regions
-        region_launch = _softmax_launch(region_rows, num_classes, dim, fp32)
-        torch.library.wrap_triton(_label_softmax_kernel)[(triton.cdiv(region_rows, region_launch["BLOCK_R"]),)](
-            region_embeddings, region_rows, text_embeddings, text_scale, num_classes, dim,
-            valid, image_label, num_regions, region_label, region_prob, region_image_prob,
-            HAS_VALID=True, GATHER=True, FP32_INPUTS=fp32, INTERPRETED=INTERPRETED, **region_launch,
+    with on_device(image_embeddings):  # Triton launches on the current device: make it the tensors'
+        text_scale = new(num_classes, dtype=torch.float32)
+        block_c = pow2_block(num_classes, high=64)
+        block_k = pow2_block(dim, high=128)
+        wrap_triton(_text_scale_kernel)[(triton.cdiv(num_classes, block_c),)](
+            text_embeddings, text_scale, num_classes, dim, float(logit_scale), BLOCK_C=block_c, BLOCK_K=block_k,
+            num_warps=4,
         )
 
-    block_b = pow2_block(batch, high=32)
-    block_m = pow2_block(num_regions, high=128)
-    torch.library.wrap_triton(_discrepancy_kernel)[(triton.cdiv(batch, block_b),)](
-        image_prob, region_image_prob, discrepancy, batch, num_regions, BLOCK_B=block_b, BLOCK_M=block_m,
-        num_warps=4,
-    )
+        image_launch = _softmax_launch(batch, num_classes, dim, fp32)
+        wrap_triton(_label_softmax_kernel)[(triton.cdiv(batch, image_launch["BLOCK_R"]),)](
+            image_embeddings, batch, text_embeddings, text_scale, num_classes, dim,
+            # No validity or gather here: those pointer slots get a read-only stand-in (never touched;
+            # passing an output twice would confuse torch.compile's mutation tracking).
+            text_scale, text_scale, 1, image_label, image_prob, text_scale,
+            HAS_VALID=False, GATHER=False, FP32_INPUTS=fp32, INTERPRETED=INTERPRETED, **image_launch,
+        )
+        if num_regions > 0:
+            region_rows = batch * num_regions
+            region_launch = _softmax_launch(region_rows, num_classes, dim, fp32)
+            wrap_triton(_label_softmax_kernel)[(triton.cdiv(region_rows, region_launch["BLOCK_R"]),)](
+                region_embeddings, region_rows, text_embeddings, text_scale, num_classes, dim,
+                valid, image_label, num_regions, region_label, region_prob, region_image_prob,
+                HAS_VALID=True, GATHER=True, FP32_INPUTS=fp32, INTERPRETED=INTERPRETED, **region_launch,
+            )
+
+        block_b = pow2_block(batch, high=32)
+        block_m = pow2_block(num_regions, high=128)
+        wrap_triton(_discrepancy_kernel)[(triton.cdiv(batch, block_b),)](
+            image_prob, region_image_prob, discrepancy, batch, num_regions, BLOCK_B=block_b, BLOCK_M=block_m,
+            num_warps=4,
+        )
     return image_label, image_prob, region_label, region_prob, region_image_prob, discrepancy
 
 

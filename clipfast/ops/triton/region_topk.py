@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from ..contracts import register_contract
-from ._launch import pow2_block
+from ._launch import on_device, pow2_block, wrap_triton
 
 _EMPTY_KEY: tl.constexpr = tl.constexpr(-(2**63))  # below every real key (low word > 0): "no entry"
 
@@ -99,20 +99,21 @@ def region_topk(
     keys = scores.new_empty(num_entries, dtype=torch.int64)
     block = 1024
     grid = (triton.cdiv(num_entries, block),)
-    if num_entries > 0:
-        torch.library.wrap_triton(_label_histogram_kernel)[grid](
-            labels, counts, num_entries, num_labels, BLOCK=block, num_warps=4)
-    # Exclusive scan of L counts: tiny glue.
-    offsets = (torch.cumsum(counts, 0, dtype=torch.int32) - counts).contiguous()
-    if num_entries > 0:
-        cursor = offsets.clone()
-        torch.library.wrap_triton(_bucket_scatter_kernel)[grid](
-            scores, labels, cursor, keys, num_entries, num_labels, BLOCK=block, num_warps=4)
-    top = scores.new_empty((num_labels, k), dtype=torch.int64)
-    best = pow2_block(k, low=2)  # tl.topk fails on k=1 (Triton 3.7); the extra lanes are masked
-    chunk = max(best, pow2_block(num_entries, high=1024))  # no bucket outgrows N
-    torch.library.wrap_triton(_bucket_topk_kernel)[(num_labels,)](
-        keys, offsets, counts, top, k, CHUNK=chunk, BEST=best, num_warps=4 if chunk <= 1024 else 8)
+    with on_device(scores):  # Triton launches on the current device: make it the tensors'
+        if num_entries > 0:
+            wrap_triton(_label_histogram_kernel)[grid](
+                labels, counts, num_entries, num_labels, BLOCK=block, num_warps=4)
+        # Exclusive scan of L counts: tiny glue.
+        offsets = (torch.cumsum(counts, 0, dtype=torch.int32) - counts).contiguous()
+        if num_entries > 0:
+            cursor = offsets.clone()
+            wrap_triton(_bucket_scatter_kernel)[grid](
+                scores, labels, cursor, keys, num_entries, num_labels, BLOCK=block, num_warps=4)
+        top = scores.new_empty((num_labels, k), dtype=torch.int64)
+        best = pow2_block(k, low=2)  # tl.topk fails on k=1 (Triton 3.7); the extra lanes are masked
+        chunk = max(best, pow2_block(num_entries, high=1024))  # no bucket outgrows N
+        wrap_triton(_bucket_topk_kernel)[(num_labels,)](
+            keys, offsets, counts, top, k, CHUNK=chunk, BEST=best, num_warps=4 if chunk <= 1024 else 8)
     return counts.to(torch.int64), top
 
 
