@@ -10,6 +10,7 @@ from optest import (
     COMPILE_BACKENDS,
     COMPILED_BACKENDS,
     TRITON,
+    TRITON_OPS,
     assert_topk_matches_reference,
     device_of,
     generator,
@@ -18,7 +19,7 @@ from optest import (
     topk_inputs,
 )
 
-from clipfast.ops import region_topk
+from clipfast.ops import BackendUnavailable, region_topk
 
 # ------------------------------------------------------------------------ against the reference
 
@@ -142,3 +143,42 @@ def test_gpu_cuda_k_limit_message_names_backends_that_take_cuda_tensors():
     with pytest.raises(RuntimeError, match="triton or reference backend"):
         torch.ops.clipfast.region_topk(scores, labels, 3, 2000)
     assert region_topk(scores, labels, 3, 2000).indices.shape == (3, 2000)  # auto: Triton takes it
+
+
+@pytest.mark.parametrize("backend", [TRITON])
+def test_triton_refuses_2_31_entries(backend):
+    # The Triton kernels count entries in int32: at 2^31 they refuse (auto passes over them); views of
+    # one element, so nothing is allocated.
+    device = device_of(backend)
+    scores = torch.zeros(1, device=device).expand(2**31)
+    labels = torch.zeros(1, dtype=torch.int64, device=device).expand(2**31)
+    with pytest.raises(BackendUnavailable, match="exceed the Triton kernel's limit of 2147483647"):
+        region_topk(scores, labels, 4, 2, backend=backend)
+    with pytest.raises(ValueError, match="fewer than 2\\^31 entries"):
+        TRITON_OPS.region_topk(scores, labels, 4, 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.huge
+@pytest.mark.parametrize("backend,entries", [("cuda", 2**31 + 5000),
+                                             pytest.param("triton", 2**31 - 1, marks=pytest.mark.triton)])
+def test_gpu_huge_entry_counts_do_not_wrap(backend, entries):
+    # Entries on both sides of 2^31 (int32's end; Triton takes up to 2^31 - 1, CUDA up to 2^32 - 1):
+    # ~40 GB of inputs and scratch. The last 5000 entries get the top scores, so each label's top 4 are
+    # its 4 highest indices among them: any index that wrapped would show.
+    num_labels, k, planted = 1000, 4, 5000
+    labels = torch.arange(entries, device="cuda") % num_labels
+    scores = torch.rand(entries, device="cuda")
+    first = entries - planted
+    scores[first:] = 2.0 + torch.arange(planted, device="cuda", dtype=torch.float32) / planted
+    got = region_topk(scores, labels, num_labels, k, backend=backend)
+    del scores, labels
+    base, extra = divmod(entries, num_labels)
+    counts = torch.full((num_labels,), base, dtype=torch.int64)
+    counts[:extra] += 1
+    assert torch.equal(got.counts.cpu(), counts)
+    planted_index = torch.arange(first, entries)
+    want = torch.full((num_labels, k), -1, dtype=torch.int64)
+    for label in range(num_labels):
+        want[label] = planted_index[planted_index % num_labels == label].flip(0)[:k]
+    assert torch.equal(got.indices.cpu(), want)

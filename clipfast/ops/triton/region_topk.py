@@ -20,7 +20,7 @@ _EMPTY_KEY: tl.constexpr = tl.constexpr(-(2**63))  # below every real key (low w
 
 @triton.jit
 def _label_histogram_kernel(labels_ptr, counts_ptr, num_entries, num_labels, BLOCK: tl.constexpr):
-    entries = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    entries = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: no wrap near 2^31
     label = tl.load(labels_ptr + entries, mask=entries < num_entries, other=-1)
     counted = (label >= 0) & (label < num_labels)
     tl.atomic_add(counts_ptr + tl.where(counted, label, 0), 1, mask=counted, sem="relaxed")
@@ -48,7 +48,7 @@ def _bucket_scatter_kernel(
     num_labels,
     BLOCK: tl.constexpr,
 ):
-    entries = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    entries = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: no wrap near 2^31
     in_range = entries < num_entries
     label = tl.load(labels_ptr + entries, mask=in_range, other=-1)
     counted = (label >= 0) & (label < num_labels)
@@ -70,7 +70,7 @@ def _bucket_topk_kernel(
     label = tl.program_id(0)
     start = tl.load(offsets_ptr + label).to(tl.int64)
     count = tl.load(counts_ptr + label)
-    lanes = tl.arange(0, CHUNK)
+    lanes = tl.arange(0, CHUNK).to(tl.int64)  # chunk_start + lanes may pass 2^31 in a bucket near 2^31 long
     # best: the BEST largest keys so far, sorted descending.
     best = tl.full([BEST], _EMPTY_KEY, tl.int64)
     for chunk_start in range(0, count, CHUNK):
