@@ -89,6 +89,10 @@ ALL_BACKENDS = ["reference"] + COMPILED_BACKENDS
 # torch.compile traces a Triton op's body with fake tensors, which the CPU interpreter cannot run
 # (like opcheck's AOT-dispatch test): the triton case of a compile test needs a GPU.
 COMPILE_BACKENDS = ["cpu", CUDA, pytest.param("triton", marks=[*_TRITON_MARKS, pytest.mark.gpu])]
+# The GPU backends only, Triton on a GPU (not its interpreter): for what only a GPU shows (tensor-core
+# precision modes, shared-memory limits, tens of GB).
+TRITON_ON_GPU = pytest.param("triton", marks=[*_TRITON_MARKS, pytest.mark.gpu])
+GPU_BACKENDS = [CUDA, TRITON_ON_GPU]
 
 
 def device_of(backend: str) -> str:

@@ -10,6 +10,7 @@ from optest import (
     ALL_BACKENDS,
     COMPILE_BACKENDS,
     COMPILED_BACKENDS,
+    GPU_BACKENDS,
     TRITON,
     TRITON_OPS,
     assert_pool_matches_reference,
@@ -22,7 +23,7 @@ from optest import (
     tolerance,
 )
 
-from clipfast.ops import mask_pool, pack_mask_bits
+from clipfast.ops import mask_pool, pack_mask_bits, reference
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -265,3 +266,32 @@ def test_gpu_realistic_sizes(backend, dtype, packed):
     features = features.to(dtype)
     assert_pool_matches_reference(features, masks, (14, 14), backend, None, packed)
     assert_pool_matches_reference(features, masks, (14, 14), backend, pool_logits(4, 12, 196), packed)
+
+
+# ------------------------------------------------------------- GPU: shared memory, precision modes
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("grid", [32, 64])
+def test_large_grids_and_many_heads(backend, dtype, grid):
+    # The CUDA kernel keeps counts, covered list and every head's weights in shared memory: a 32 x 32
+    # grid with 16 heads needs ~72 KB (above the 48 KB default: the opt-in path), a 64 x 64 grid ~288 KB
+    # (more than a block gets: the weights are recomputed while pooling).
+    skip_if_interpreted(backend, f"a {grid} x {grid} grid with 16 heads")
+    features, masks, _ = pool_inputs(2, 6, (grid, grid), (2, 2), 128, mask_set="random", seed=grid)
+    assert_pool_matches_reference(features.to(dtype), masks, (grid, grid), backend,
+                                  pool_logits(2, 16, grid * grid, seed=grid))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_gpu_fp32_pooling_is_fp32_accurate(backend):
+    # fp32 features: Triton's tl.dot runs tf32x3 (three tf32 products, ~fp32), CUDA fp32 FMAs. Against
+    # float64: ~1e-7 relative; plain tf32 would give ~3e-4 (measured by emulating it on the CPU).
+    features, masks, _ = pool_inputs(4, 40, (14, 14), (16, 16), 768, mask_set="random", seed=31)
+    logits = pool_logits(4, 12, 196, seed=31)
+    got = mask_pool(features.cuda(), masks.cuda(), (14, 14), logits=logits.cuda(), backend=backend).pooled.cpu()
+    weights = reference.mask_pool_weights(reference.mask_patch_counts(masks, 14, 14, 0), logits)  # [B, M, 12, P]
+    want = torch.einsum("bmhp,bphd->bmhd", weights.double(), features.double().reshape(4, 196, 12, 64))
+    want = want.reshape(4, 40, 768)
+    error = float((got.double() - want).norm() / want.norm())
+    assert error < 1e-5, f"relative error {error:.2e}: not fp32-accurate (tf32 gives ~3e-4)"

@@ -182,3 +182,31 @@ def test_gpu_huge_entry_counts_do_not_wrap(backend, entries):
     for label in range(num_labels):
         want[label] = planted_index[planted_index % num_labels == label].flip(0)[:k]
     assert torch.equal(got.indices.cpu(), want)
+
+
+# ------------------------------------------------- more labels than the CUDA kernel counts in shared memory
+
+def sorted_topk(scores, labels, num_labels, k):
+    """The selection by two stable sorts (ties and NaN fall as the op orders them): an independent check
+    where the reference's per-label loop is too slow."""
+    keep = torch.nonzero((labels >= 0) & (labels < num_labels)).flatten()
+    order = keep[torch.sort(-scores[keep], stable=True).indices]
+    order = order[torch.sort(labels[order], stable=True).indices]
+    counts = torch.bincount(labels[order], minlength=num_labels)
+    rank = torch.arange(order.numel()) - (torch.cumsum(counts, 0) - counts)[labels[order]]
+    top = torch.full((num_labels, k), -1, dtype=torch.int64)
+    take = rank < k
+    top[labels[order][take], rank[take]] = order[take]
+    return counts, top
+
+
+@pytest.mark.parametrize("backend", COMPILED_BACKENDS)
+def test_more_labels_than_the_shared_histogram(backend):
+    # Above 8192 labels the CUDA kernel counts in a global histogram instead of shared memory.
+    skip_if_interpreted(backend, "10000 labels: one interpreted program per label")
+    scores, labels = topk_inputs(300_000, 10_000, style="integers", seed=12)  # ties; labels from -1
+    device = device_of(backend)
+    got = region_topk(scores.to(device), labels.to(device), 10_000, 8, backend=backend)
+    counts, top = sorted_topk(scores, labels, 10_000, 8)
+    assert torch.equal(got.counts.cpu(), counts)
+    assert torch.equal(got.indices.cpu(), top)
