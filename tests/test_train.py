@@ -183,3 +183,13 @@ def test_compiled_training_matches_eager(world, tmp_path):
     compiled, _ = _weights_after(TrainConfig(**base, compile=True), world, tmp_path / "b")
     for key, value in eager.items():
         torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-5, msg=key)
+
+
+def test_save_checkpoints_false_writes_no_checkpoint(world, tmp_path):
+    # Benchmarks train big models only to time them: no checkpoint (ViT-bigG's is ~25 GB), the log stays.
+    config = TrainConfig(**(SMALL | dict(eval_every=5)), save_checkpoints=False)
+    result = train(_fresh_tiny(), world.images, world.captions, config, tmp_path, eval_fn=lambda bundle: {"x": 1.0},
+                   stop_when=lambda metrics: True)
+    assert result.stopped_early and result.step == 5
+    assert not result.checkpoint_path.exists() and not list(tmp_path.glob("*.pt"))
+    assert result.log_path.exists()

@@ -9,7 +9,8 @@ Suites: `ops` (clipfast/bench/ops.py: every op backend against its reference, wi
 baseline, reference pipeline against fast) and `efficacy` (clipfast/bench/efficacy.py: the defence
 over a matrix of attacks x seeds, CA/ASR before and after; hours on a CPU). Each prints a table and
 appends CSV rows (device, versions, commit) to RESULTS/<suite>.csv; pipeline and efficacy also write
-a plot. Never asserts speed.
+a plot. The ops and pipeline suites write each row as soon as it is measured (a run cut off keeps
+every row it finished). Never asserts speed.
 
 Under torchrun (`torchrun --nproc_per_node 8 -m clipfast.cli bench --suite pipeline --stages scan
 repair`) the scan and repair stages run on every rank, as `clipfast defend` would, and rank 0 reports
@@ -28,8 +29,9 @@ from clipfast import distributed
 from . import efficacy, ops, pipeline
 from .common import append_csv
 
-SUITES = {"ops": (ops.run, ops.FIELDS), "pipeline": (pipeline.run, pipeline.FIELDS),
-          "efficacy": (efficacy.run, efficacy.FIELDS)}
+# suite -> (run, CSV fields, whether run() writes its rows itself as they are measured)
+SUITES = {"ops": (ops.run, ops.FIELDS, True), "pipeline": (pipeline.run, pipeline.FIELDS, True),
+          "efficacy": (efficacy.run, efficacy.FIELDS, False)}
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_results: Path) -> None:
@@ -60,8 +62,10 @@ def run(args: argparse.Namespace) -> int:
         with contextlib.redirect_stdout(quiet) if quiet else contextlib.nullcontext():
             for suite in args.suite:
                 print(f"== {suite} ({mode}) ==", flush=True)
-                suite_run, fields = SUITES[suite]
+                suite_run, fields, streams = SUITES[suite]
                 rows = suite_run(args, device, mode)
+                if streams:
+                    continue  # every row is on disk already (common.open_rows)
                 if ranks.distributed:
                     rows = [row | {"device": f"{row['device']} x{ranks.world_size} ranks"} for row in rows]
                 if ranks.is_main and rows:

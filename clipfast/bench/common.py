@@ -1,4 +1,6 @@
-"""What every benchmark row carries (time, device, versions, commit) and how rows are saved."""
+"""What every benchmark row carries (time, device, versions, commit) and how rows are saved: each
+row on disk as soon as it is measured (open_rows), so a run cut off at any point keeps every row it
+finished."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from clipfast import distributed
 from clipfast.ops import backends
 from clipfast.perf import device_name
 from clipfast.provenance import git_commit
@@ -55,3 +58,33 @@ def append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
     for row in rows:
         writer.write(row)
     print(f"appended {len(rows)} rows to {path}")
+
+
+class Rows(list):
+    """A suite's result rows: each appended row is stamped (run_stamp: when, where, with what) and,
+    on rank 0, written to the suite's CSV at once; the stamped rows stay in the list for the suite's
+    printed table and plot."""
+
+    def __init__(self, writer: CsvWriter | None, device: str, mode: str, device_suffix: str = ""):
+        super().__init__()
+        self.writer, self.device, self.mode, self.device_suffix = writer, device, mode, device_suffix
+
+    def append(self, row: dict) -> None:
+        row = run_stamp(self.device, self.mode) | row
+        super().append(row)
+        if self.writer is not None:
+            self.writer.write(row | {"device": row["device"] + self.device_suffix})
+
+    def extend(self, rows) -> None:
+        for row in rows:
+            self.append(row)
+
+
+def open_rows(results: Path | None, suite: str, fields: list[str], device: str, mode: str) -> Rows:
+    """The rows of `suite`, streamed to results/<suite>.csv (None: kept in memory only). Under
+    torchrun only rank 0 writes, with the number of ranks in the device column."""
+    ranks = distributed.current()
+    writer = CsvWriter(Path(results) / f"{suite}.csv", fields) if results is not None and ranks.is_main else None
+    if writer is not None:
+        print(f"rows go to {writer.path} as they are measured", flush=True)
+    return Rows(writer, device, mode, f" x{ranks.world_size} ranks" if ranks.distributed else "")

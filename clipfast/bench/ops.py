@@ -4,8 +4,8 @@ TFLOP/s against the machine's measured copy bandwidth and bf16 matrix rate.
 
     clipfast bench --suite ops --quick --ops region_topk --results /tmp/bench
 
-Prints a table and appends CSV rows (device, versions, commit). Never asserts speed: the numbers
-are for reading.
+Prints a table and appends CSV rows (device, versions, commit), each row as soon as it is measured.
+Never asserts speed: the numbers are for reading.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from clipfast.ops import backends, mask_crop, mask_pool, pack_mask_bits, reference, region_score, region_topk
 from clipfast.perf import copy_bandwidth, device_name, matrix_rate, timed_ms
 
-from .common import run_stamp
+from .common import open_rows
 
 FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "op", "variant", "sizes", "dtype", "ms",
           "speedup_vs_reference", "achieved", "unit", "roofline", "fraction_of_roofline"]
@@ -56,6 +56,18 @@ def usable_backends(op: str, device: str) -> list[str]:
     return names
 
 
+def measure(rows, op: str, variant: str, fn, min_run_time: float, **work) -> None:
+    """Time fn and append its row (work: the bytes or flops it moves or does). A variant that fails
+    (a kernel that does not compile or launch on this machine) is a row saying so, and the suite goes on."""
+    try:
+        ms = timed_ms(fn, min_run_time)
+    except Exception as error:  # noqa: BLE001 - any failure of one variant is reported; the others still run
+        rows.append(dict(op=op, variant=variant, error=f"{type(error).__name__}: {error}".splitlines()[0][:200],
+                         **work))
+        return
+    rows.append(dict(op=op, variant=variant, ms=ms, **work))
+
+
 def bench_mask_crop(size, device, rows, min_run_time):
     images = torch.randint(0, 256, (size["B"], 3, size["H"], size["W"]), dtype=torch.uint8, device=device)
     masks = blob_masks(size["B"], size["M"], size["H"], size["W"], device)
@@ -65,8 +77,7 @@ def bench_mask_crop(size, device, rows, min_run_time):
     for name in usable_backends("mask_crop", device):
         fn = lambda name=name: mask_crop(images, masks, size["S"], margin=0.1, square=True, out_dtype=torch.bfloat16,
                                          backend=name)
-        rows.append(dict(op="mask_crop", variant=name, ms=timed_ms(fn, min_run_time if name != "reference" else 0.1),
-                         bytes=moved))
+        measure(rows, "mask_crop", name, fn, min_run_time if name != "reference" else 0.1, bytes=moved)
 
 
 def bench_mask_pool(size, device, rows, min_run_time):
@@ -81,7 +92,7 @@ def bench_mask_pool(size, device, rows, min_run_time):
             fn = lambda name=name, m=m, w=w: mask_pool(features, m, (grid, grid), logits=logits, packed_width=w,
                                                        backend=name)
             moved = m.numel() + features.numel() * 2 + logits.numel() * 4 + out_bytes
-            rows.append(dict(op="mask_pool", variant=name + variant, ms=timed_ms(fn, min_run_time), bytes=moved))
+            measure(rows, "mask_pool", name + variant, fn, min_run_time, bytes=moved)
 
 
 def bench_region_score(size, device, rows, min_run_time, compile_baseline):
@@ -94,12 +105,11 @@ def bench_region_score(size, device, rows, min_run_time, compile_baseline):
     flops = 2 * B * (M + 1) * C * D
     for name in usable_backends("region_score", device):
         fn = lambda name=name: region_score(images, regions, valid, text, 100.0, backend=name)
-        rows.append(dict(op="region_score", variant=name, ms=timed_ms(fn, min_run_time), flops=flops))
+        measure(rows, "region_score", name, fn, min_run_time, flops=flops)
     if compile_baseline:
         compiled = torch.compile(reference.region_score)
         fn = lambda: compiled(images, regions, valid, text, 100.0)
-        rows.append(dict(op="region_score", variant="torch.compile(reference)", ms=timed_ms(fn, min_run_time),
-                         flops=flops))
+        measure(rows, "region_score", "torch.compile(reference)", fn, min_run_time, flops=flops)
 
 
 def sort_topk(scores, labels, num_labels, k):
@@ -125,12 +135,11 @@ def bench_region_topk(size, device, rows, min_run_time):
     want = region_topk(scores, labels, L, k, backend="cpu" if device == "cpu" else "reference")
     assert torch.equal(sort_topk(scores, labels, L, k)[1], want.indices), "sort baseline disagrees with the op"
     moved = N * (4 + 8)
-    rows.append(dict(op="region_topk", variant="torch.sort baseline", ms=timed_ms(
-        lambda: sort_topk(scores, labels, L, k), min_run_time), bytes=moved))
     for name in usable_backends("region_topk", device):
         fn = lambda name=name: region_topk(scores, labels, L, k, backend=name)
-        rows.append(dict(op="region_topk", variant=name, ms=timed_ms(fn, min_run_time if name != "reference" else 0.1),
-                         bytes=moved))
+        measure(rows, "region_topk", name, fn, min_run_time if name != "reference" else 0.1, bytes=moved)
+    measure(rows, "region_topk", "torch.sort baseline", lambda: sort_topk(scores, labels, L, k), min_run_time,
+            bytes=moved)
 
 
 SIZE_KEYS = {"mask_crop": "crop", "mask_pool": "pool", "region_score": "score", "region_topk": "topk"}
@@ -145,7 +154,37 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
     bandwidth, tflops = copy_bandwidth(device), matrix_rate(device)
     print(f"copy bandwidth {bandwidth:.0f} GB/s, bf16 matmul {tflops:.1f} TFLOP/s", flush=True)
 
-    rows: list[dict] = []
+    table = open_rows(getattr(args, "results", None), "ops", FIELDS, device, mode)
+    reference_ms: dict[str, float] = {}
+
+    class Measured:
+        """What the bench_* functions append to: each measurement becomes a table row (and a CSV row) at once."""
+
+        @staticmethod
+        def append(row: dict) -> None:
+            sizes = " ".join(f"{k}={v}" for k, v in size[SIZE_KEYS[row["op"]]].items())
+            if "error" in row:  # a failed variant: its message in the unit column
+                table.append(dict(op=row["op"], variant=row["variant"], sizes=sizes, dtype="bf16", ms="nan",
+                                  speedup_vs_reference="", achieved="nan", unit=f"FAILED: {row['error']}",
+                                  roofline="", fraction_of_roofline="nan"))
+                print(f"  {row['op']} {row['variant']}: FAILED: {row['error']}", flush=True)
+                return
+            if row["variant"] == "reference":
+                reference_ms[row["op"]] = row["ms"]
+            if "flops" in row:
+                achieved, unit, roof = row["flops"] / (row["ms"] * 1e-3) / 1e12, "TFLOP/s", tflops
+            else:
+                achieved, unit, roof = row["bytes"] / (row["ms"] * 1e-3) / 1e9, "GB/s", bandwidth
+            ref = reference_ms.get(row["op"])
+            table.append(dict(
+                op=row["op"], variant=row["variant"], sizes=sizes, dtype="bf16",
+                ms=f"{row['ms']:.3f}", speedup_vs_reference=f"{ref / row['ms']:.2f}" if ref else "",
+                achieved=f"{achieved:.2f}", unit=unit, roofline=f"{roof:.1f}",
+                fraction_of_roofline=f"{achieved / roof:.3f}"))
+            printed = table[-1]
+            print(f"  {printed['op']} {printed['variant']}: {float(printed['ms']):.3f} ms", flush=True)
+
+    rows = Measured()
     runners = {"mask_crop": lambda: bench_mask_crop(size["crop"], device, rows, args.min_run_time),
                "mask_pool": lambda: bench_mask_pool(size["pool"], device, rows, args.min_run_time),
                "region_score": lambda: bench_region_score(size["score"], device, rows, args.min_run_time,
@@ -153,24 +192,13 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
                "region_topk": lambda: bench_region_topk(size["topk"], device, rows, args.min_run_time)}
     for op in args.ops:
         print(f"{op} ...", flush=True)
-        runners[op]()
-
-    stamp = run_stamp(device, mode)
-    reference_ms = {row["op"]: row["ms"] for row in rows if row["variant"] == "reference"}
-    table = []
-    for row in rows:
-        if "flops" in row:
-            achieved, unit, roof = row["flops"] / (row["ms"] * 1e-3) / 1e12, "TFLOP/s", tflops
-        else:
-            achieved, unit, roof = row["bytes"] / (row["ms"] * 1e-3) / 1e9, "GB/s", bandwidth
-        ref = reference_ms.get(row["op"])
-        table.append(stamp | dict(
-            op=row["op"], variant=row["variant"], sizes=" ".join(f"{k}={v}" for k, v in size[SIZE_KEYS[row["op"]]].items()),
-            dtype="bf16", ms=f"{row['ms']:.3f}", speedup_vs_reference=f"{ref / row['ms']:.2f}" if ref else "",
-            achieved=f"{achieved:.2f}", unit=unit, roofline=f"{roof:.1f}", fraction_of_roofline=f"{achieved / roof:.3f}"))
+        try:
+            runners[op]()
+        except Exception as error:  # noqa: BLE001 - inputs or a baseline failed: a row, then the next op
+            rows.append(dict(op=op, variant="(inputs)", error=f"{type(error).__name__}: {error}".splitlines()[0][:200]))
 
     print(f"\n{'op':13s} {'variant':26s} {'ms':>10s} {'x ref':>7s} {'achieved':>16s} {'of roofline':>11s}")
     for row in table:
         print(f"{row['op']:13s} {row['variant']:26s} {float(row['ms']):10.3f} {row['speedup_vs_reference'] or '-':>7s} "
-              f"{float(row['achieved']):9.2f} {row['unit']:7s}{float(row['fraction_of_roofline']):11.1%}")
+              f"{float(row['achieved']):9.2f} {row['unit'][:7]:7s}{float(row['fraction_of_roofline']):11.1%}")
     return table

@@ -9,7 +9,8 @@ Stages (--stages):
   loop (autocast, fused AdamW, torch.compile on a GPU), on CleanCLIP's objective with a frozen text tower.
 - defend: end-to-end scan -> curate -> repair wall time, reference vs fast, with CA/ASR after; and
   the CleanCLIP-style baseline's wall time to reach the fast defence's ASR on the same poisoned model.
-- capacity (GPU): scan and one repair epoch of big models (random weights) on one GPU, peak memory.
+- capacity: scan and one repair epoch of big models (random weights) on one GPU, peak memory; only
+  when asked for (--stages capacity), each model's outcome a row (out of memory or any other failure too).
 
 quick (a small CPU): the demo world's poisoned tiny model (trained into the cache on first use,
 ~3 min). full (GPU): ViT-B-16 / ViT-L-14 with random weights on 224 px images and a fixed oracle
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import tempfile
 import time
@@ -47,12 +49,13 @@ from clipfast.recipes import cached_world_model, evaluation_world
 from clipfast.train import TrainConfig, train
 from clipfast.train.cleanclip import CleanCLIPObjective
 
-from .common import run_stamp
+from .common import open_rows
 from .ops import blob_masks
 
 FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "stage", "model", "variant", "sizes", "seconds",
           "throughput", "unit", "speedup_vs_reference", "mfu", "agreement"]
 STAGES = ("scan", "repair", "defend", "capacity")
+SCAN_VARIANTS = ("reference", "fast crop", "fast crop fp32", "fast crop prefetch=0", "fast packed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -63,21 +66,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pipeline suite, full mode: open_clip architectures (default: ViT-B-16 ViT-L-14)")
     parser.add_argument("--regions", nargs="+", type=int, default=[16, 32],
                         help="pipeline suite, full mode: oracle regions per image")
+    parser.add_argument("--scan-variants", nargs="+", choices=SCAN_VARIANTS, default=list(SCAN_VARIANTS),
+                        help="pipeline suite: scan variants (the reference is always run)")
+    parser.add_argument("--repair-steps", type=int, default=30, help="pipeline suite: steps per repair measurement")
     parser.add_argument("--capacity-models", nargs="+", default=["ViT-L-14", "ViT-H-14", "ViT-bigG-14"])
 
 
 class FixedOracle(Segmenter):
-    """`regions` disc masks per image (seeded by the batch's first pixels): an oracle of known cost
-    zero, so the scan benchmark measures clipfast's work, not a segmenter's."""
+    """`regions` disc masks per image, generated once and handed out for every batch: an oracle of
+    known cost (about zero), so the scan benchmark measures clipfast's work, not a segmenter's.
+    (Generating them per batch cost ~10 s per 256 images at 32 regions on one CPU thread: the fast
+    scans would have timed the mask generator.)"""
 
     def __init__(self, regions: int):
         self.regions = regions
+        self._bank: Segmentation | None = None
 
     def segment(self, images: torch.Tensor) -> Segmentation:
         n, _, height, width = images.shape
-        masks = blob_masks(n, self.regions + 1, height, width, "cpu", seed=int(images[0, 0, 0, :8].sum()))[:, :-1]
-        masks[..., 0, 0] = True  # never empty
-        return Segmentation(masks, torch.full((n,), self.regions), torch.ones(n, self.regions))
+        bank = self._bank
+        if bank is None or len(bank) < n or tuple(bank.masks.shape[-2:]) != (height, width):
+            masks = blob_masks(n, self.regions + 1, height, width, "cpu", seed=n)[:, :-1]
+            masks[..., 0, 0] = True  # never empty
+            bank = self._bank = Segmentation(masks, torch.full((n,), self.regions), torch.ones(n, self.regions))
+        return Segmentation(bank.masks[:n], bank.counts[:n], bank.scores[:n])
 
 
 def _world_images(n: int, size: int) -> torch.Tensor:
@@ -127,7 +139,7 @@ def _encoder_flops(bundle: ClipBundle, images: torch.Tensor, oracle: Segmenter, 
 
 
 def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segmenter, sizes: str, device: str,
-               rows: list[dict]) -> None:
+               rows: list[dict], variants=SCAN_VARIANTS) -> None:
     kwargs = dict(prompts=zero_shot_prompts)
     scan(bundle, list(CLASSES), images[:8], oracle, config=ScanConfig(progress=False), **kwargs)  # warm-up
     results, seconds = {}, {}
@@ -136,7 +148,8 @@ def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segm
                "fast crop fp32": ScanConfig(progress=False, precision="fp32"),
                "fast crop prefetch=0": ScanConfig(progress=False, prefetch=0),
                "fast packed": ScanConfig(progress=False, regions="packed")}
-    for variant, config in configs.items():
+    for variant in ["reference"] + [v for v in variants if v != "reference"]:
+        config = configs[variant]
         synchronize(device)
         results[variant], seconds[variant] = _timed(lambda: scan(bundle, list(CLASSES), images, oracle, config=config,
                                                                  **kwargs))
@@ -175,7 +188,8 @@ def bench_repair(bundle: ClipBundle, name: str, images: torch.Tensor, captions: 
         model = copy.deepcopy(bundle)
         freeze_text_tower(model.model)
         config = TrainConfig(steps=steps, batch_size=batch_size, lr=1e-5, warmup_steps=1, eval_every=0,
-                             checkpoint_every=10**9, log_every=max(1, steps // 3), progress=False, **speed)
+                             checkpoint_every=10**9, save_checkpoints=False, log_every=max(1, steps // 3),
+                             progress=False, **speed)
         objective = CleanCLIPObjective(captions, model.tokenizer, 0.0, text_view=False)
         with tempfile.TemporaryDirectory() as out_dir:
             result = train(model, images, captions, config, out_dir, objective=objective)
@@ -232,10 +246,15 @@ def bench_defend(device: str, probe_size: int, rows: list[dict]) -> None:
 
 def bench_capacity(models: list[str], device: str, rows: list[dict]) -> None:
     """Big models on one GPU: scan 64 images x 16 regions, then one repair epoch (256 samples, batch 32,
-    activation checkpointing, bf16, frozen text). OOM is a row, not a crash."""
+    activation checkpointing, bf16, frozen text), no checkpoint written. Any failure of one model (out
+    of memory, a full disk, anything) is that model's row, and the next model runs."""
+    cuda = device == "cuda"
     for name in models:
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
+        bundle = None
+        gc.collect()
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         try:
             bundle = load_model(name, device=device)
@@ -245,32 +264,36 @@ def bench_capacity(models: list[str], device: str, rows: list[dict]) -> None:
             captions = generate_world(256, seed=11).captions
             freeze_text_tower(bundle.model)
             config = TrainConfig(steps=256 // 32, batch_size=32, lr=1e-5, warmup_steps=1, eval_every=0,
-                                 checkpoint_every=10**9, grad_checkpointing=True, progress=False)
+                                 checkpoint_every=10**9, save_checkpoints=False, grad_checkpointing=True,
+                                 progress=False)
             with tempfile.TemporaryDirectory() as out_dir:
                 result = train(bundle, images, captions, config, out_dir,
                                objective=CleanCLIPObjective(captions, bundle.tokenizer, 0.0, text_view=False))
-            outcome = f"ok, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB"
+            outcome = f"ok, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if cuda else "ok"
             rows.append(_row("capacity", name, "scan + 1 repair epoch", "64 images x 16 regions; 256 samples",
                              time.perf_counter() - start, result.samples_per_s, "samples/s", mfu=result.mfu,
                              agreement=outcome))
-            del bundle
-        except torch.cuda.OutOfMemoryError:
+        except Exception as error:  # noqa: BLE001 - one model's failure is its row; the next model still runs
+            what = "OUT OF MEMORY" if isinstance(error, torch.cuda.OutOfMemoryError) else "FAILED"
+            message = (str(error).splitlines() or [""])[0][:200]
             rows.append(_row("capacity", name, "scan + 1 repair epoch", "", time.perf_counter() - start, 0.0, "-",
-                             agreement="OUT OF MEMORY"))
+                             agreement=f"{what}: {type(error).__name__}: {message}"))
+        finally:
+            del bundle
 
 
 def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
-    stages = args.stages or (["scan", "repair", "defend"] + (["capacity"] if mode == "full" and device == "cuda" else []))
+    stages = args.stages or ["scan", "repair", "defend"]  # capacity: only when asked for (--stages capacity)
     if distributed.current().distributed and set(stages) - {"scan", "repair"}:
         raise SystemExit("under torchrun, the pipeline suite runs the scan and repair stages (--stages scan repair)")
-    rows: list[dict] = []
+    rows = open_rows(getattr(args, "results", None), "pipeline", FIELDS, device, mode)  # on disk as measured
     if "scan" in stages:
         if mode == "quick":
             bundle, pairs = _demo_model(device)
             probe = args.probe or 2000
             print(f"scan: demo model, {probe} probe images ...", flush=True)
             bench_scan(bundle, "demo tiny", pairs.images[:probe], ClassicalSegmenter(), f"probe={probe} builtin oracle",
-                       device, rows)
+                       device, rows, args.scan_variants)
         else:
             for name in args.models or ["ViT-B-16", "ViT-L-14"]:
                 bundle = load_model(name, device=device)
@@ -278,11 +301,12 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
                 for regions in args.regions:
                     print(f"scan: {name}, {len(images)} images x {regions} regions ...", flush=True)
                     bench_scan(bundle, name, images, FixedOracle(regions), f"images={len(images)} regions={regions}",
-                               device, rows)
+                               device, rows, args.scan_variants)
                 del bundle
     if "repair" in stages:
-        plan = ([("demo tiny", 64, 30)] if mode == "quick" else
-                [(name, 64 if name == "ViT-B-16" else 32, 30) for name in args.models or ["ViT-B-16", "ViT-L-14"]])
+        steps = args.repair_steps
+        plan = ([("demo tiny", 64, steps)] if mode == "quick" else
+                [(name, 64 if name == "ViT-B-16" else 32, steps) for name in args.models or ["ViT-B-16", "ViT-L-14"]])
         for name, batch_size, steps in plan:
             print(f"repair: {name}, batch {batch_size} ...", flush=True)
             bundle = _demo_model(device)[0] if name == "demo tiny" else load_model(name, device=device)
@@ -294,12 +318,9 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
         print("defend: demo world, reference vs fast, then the CleanCLIP-style baseline ...", flush=True)
         bench_defend(device, args.probe or 5000, rows)
     if "capacity" in stages:
-        if device != "cuda":
-            raise SystemExit("the capacity stage needs a GPU")
         bench_capacity(args.capacity_models, device, rows)
 
-    stamp = run_stamp(device, mode)
-    table = [stamp | row for row in rows]
+    table = list(rows)  # stamped as they were measured
     print(f"\n{'stage':12s} {'model':11s} {'variant':24s} {'seconds':>9s} {'throughput':>22s} {'x ref':>7s} {'mfu':>6s}  agreement")
     for row in table:
         print(f"{row['stage']:12s} {row['model']:11s} {row['variant']:24s} {float(row['seconds']):9.3f} "

@@ -53,7 +53,7 @@ class TrainConfig:
     synthetic world). Fields marked untied() never change the trained weights, so a run resumes
     across them and cached models are shared."""
 
-    steps: int = 2000
+    steps: int = 1800
     batch_size: int = 128
     lr: float = 2e-3
     weight_decay: float = 0.1
@@ -64,6 +64,8 @@ class TrainConfig:
     augment: bool = False
     eval_every: int = untied(500)  # 0: evaluate only at the end (when an eval_fn is given)
     checkpoint_every: int = untied(100)
+    # False: write no checkpoint at all (benchmarks: a ViT-bigG checkpoint is ~25 GB); the run cannot resume.
+    save_checkpoints: bool = untied(True)
     log_every: int = untied(10)
     fused_optimizer: bool = untied(True)  # False: torch's standard AdamW (the reference loop); same update
     compile: bool = untied(False)  # torch.compile the towers' forward
@@ -258,7 +260,8 @@ def train(
     (default: CLIP's contrastive loss).
 
     Writes out_dir/train_log.jsonl and out_dir/checkpoint.pt (a loadable model checkpoint plus
-    the optimizer and RNG state); if that checkpoint exists, training resumes from it.
+    the optimizer and RNG state; none with config.save_checkpoints=False); if that checkpoint
+    exists, training resumes from it.
     eval_fn(bundle) -> metrics runs every config.eval_every steps and at the end; its metrics
     are logged. stop_when(metrics) -> True ends training early at that evaluation; the checkpoint
     records it, so a rerun in the same out_dir does not train further.
@@ -315,13 +318,14 @@ def train(
             run.loss_sum.zero_()
             run.loss_count, interval_start, paused = 0, now, 0.0
         pause_start = time.perf_counter()
-        if done % config.checkpoint_every == 0 or done == config.steps:
+        if config.save_checkpoints and (done % config.checkpoint_every == 0 or done == config.steps):
             run.checkpoint(checkpoint_path, TrainingState(done, False))
         if eval_fn is not None and (done == config.steps or (config.eval_every and done % config.eval_every == 0)):
             last_eval = run.evaluate(eval_fn)
             log.append({"kind": "eval", "step": done, **last_eval})
             if stop_when is not None and done < config.steps and stop_when(last_eval):
-                run.checkpoint(checkpoint_path, TrainingState(done, True))
+                if config.save_checkpoints:
+                    run.checkpoint(checkpoint_path, TrainingState(done, True))
                 end_step = done
                 state.stopped_early = True
                 break
