@@ -3,10 +3,11 @@
 CPU kernels are always built. CUDA kernels are built whenever torch has CUDA and nvcc is found
 (no GPU needed): set CLIPFAST_CUDA=0 to skip them, CLIPFAST_CUDA=1 to fail if they cannot be built.
 TORCH_CUDA_ARCH_LIST picks the GPU architectures (default "8.0;9.0": A100, H100/H200) and MAX_JOBS
-the parallel compile jobs. The build is recorded in clipfast/_build_info.json for `clipfast info`.
+the parallel compile jobs. The CUDA toolkit root is CUDA_HOME when set, else the one the nvcc on PATH
+reports itself (`nvcc --dryrun`, TOP=); the root chosen and why are printed and recorded. The build is
+recorded in clipfast/_build_info.json for `clipfast info`.
 """
 
-import glob
 import json
 import os
 import shutil
@@ -23,21 +24,40 @@ from clipfast.provenance import git_commit  # noqa: E402  (dependency-free)
 DEFAULT_CUDA_ARCH_LIST = "8.0;9.0"
 
 
-def find_cuda_home() -> str | None:
-    """The CUDA toolkit root that holds both nvcc and the headers (an nvcc on PATH may be a wrapper)."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(nvcc).resolve().parent.parent))
-    candidates += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
-    for root in filter(None, candidates):
-        if (Path(root) / "bin" / "nvcc").exists() and (Path(root) / "include" / "cuda_runtime.h").exists():
-            return root
+def nvcc_top(nvcc: str) -> str | None:
+    """The toolkit root nvcc itself uses: the TOP= line of `nvcc --dryrun` (nvcc prints its settings
+    without compiling), which sees through wrapper scripts and symlinks on PATH."""
+    try:
+        out = subprocess.run([nvcc, "--dryrun", "-x", "cu", "-c", os.devnull, "-o", os.devnull],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in (out.stdout + out.stderr).splitlines():
+        key, _, value = line.removeprefix("#$ ").strip().partition("=")
+        if key == "TOP" and value:
+            return str(Path(value).resolve())
     return None
 
 
+def find_cuda_home() -> tuple[str | None, str]:
+    """(the CUDA toolkit root that holds both nvcc and the headers, how it was found). CUDA_HOME or
+    CUDA_PATH when set; else the root the nvcc on PATH reports (an nvcc on PATH may be a wrapper);
+    else the one holding the resolved nvcc; else /usr/local/cuda."""
+    candidates = [(os.environ.get("CUDA_HOME"), "CUDA_HOME"), (os.environ.get("CUDA_PATH"), "CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append((nvcc_top(nvcc), f"`{nvcc} --dryrun` TOP="))
+        candidates.append((str(Path(nvcc).resolve().parent.parent), f"the directory above {Path(nvcc).resolve()}"))
+    candidates.append(("/usr/local/cuda", "the default /usr/local/cuda"))
+    for root, how in candidates:
+        if root and (Path(root) / "bin" / "nvcc").exists() and (Path(root) / "include" / "cuda_runtime.h").exists():
+            return root, how
+    return None, "no nvcc with CUDA headers found (PATH, CUDA_HOME, /usr/local/cuda)"
+
+
 # torch.utils.cpp_extension reads CUDA_HOME at import time, so settle it first.
-_cuda_home = find_cuda_home()
+_cuda_home, _cuda_home_source = find_cuda_home()
+print(f"clipfast: CUDA root {_cuda_home or '(none)'} ({_cuda_home_source})", file=sys.stderr)
 if _cuda_home and not os.environ.get("CUDA_HOME"):
     os.environ["CUDA_HOME"] = _cuda_home
 os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCH_LIST)
@@ -59,7 +79,7 @@ def want_cuda() -> tuple[bool, str]:
         if setting == "1":
             sys.exit("clipfast: CLIPFAST_CUDA=1 but CUDA kernels cannot be built: " + "; ".join(reasons))
         return False, "; ".join(reasons)
-    return True, f"nvcc from {_cuda_home}"
+    return True, f"nvcc from {_cuda_home} ({_cuda_home_source})"
 
 
 def nvcc_version() -> str | None:
@@ -95,6 +115,7 @@ build_info = {
     "cuda_reason": cuda_reason,
     "cuda_arch_list": os.environ["TORCH_CUDA_ARCH_LIST"] if with_cuda else None,
     "nvcc": nvcc_version() if with_cuda else None,
+    "cuda_home": _cuda_home,
     "commit": git_commit(ROOT) or "unknown",
 }
 (ROOT / "clipfast" / "_build_info.json").write_text(json.dumps(build_info, indent=2) + "\n")
