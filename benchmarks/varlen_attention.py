@@ -2,10 +2,11 @@
 varlen_attention, plus a per-sequence loop, on the sequences a real batch packs.
 
 Sequences: `--images` whole 224 px images (197 tokens each) and their regions from the pipeline
-benchmark's fixed oracle (`--regions` discs per image, one measurement each, ops.region_patches' default rule), ViT-B-16's
-12 heads of 64, fp32, random q/k/v. Reports each method's time per call (the median of `--repeats`)
-and its largest difference from the loop, then one whole packed ViT-B-16 forward per method
-(random weights). Writes benchmarks/results/varlen_attention.json.
+benchmark's fixed oracle (each of `--regions` discs per image, ops.region_patches' default rule),
+ViT-B-16's 12 heads of 64, fp32, random q/k/v. Reports each method's time per call (the median of
+`--repeats` interleaved rounds) and its largest difference from the loop, then whole packed
+ViT-B-16 forwards (random weights) with the two fastest methods. Writes
+benchmarks/results/varlen_attention.json.
 
     python benchmarks/varlen_attention.py --images 4 --regions 16 32
 """
@@ -44,12 +45,14 @@ def _interleaved(fns: dict, repeats: int) -> dict:
     return {name: statistics.median(values) for name, values in times.items()}
 
 
-def _loop(q, k, v, sequences: Sequences) -> torch.Tensor:
+def _loop(qkv, heads: int, sequences: Sequences) -> torch.Tensor:
     """One dense SDPA call per sequence: the obvious exact method, and the oracle here."""
-    out = torch.empty_like(q)
+    width = qkv.shape[1] // 3
+    out = qkv.new_empty(len(qkv), width)
     bounds = sequences.offsets.tolist()
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        out[lo:hi] = F.scaled_dot_product_attention(*(t[lo:hi].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+        q, k, v = qkv[lo:hi].view(hi - lo, 3, heads, -1).permute(1, 2, 0, 3)
+        out[lo:hi] = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(hi - lo, width)
     return out
 
 
@@ -60,17 +63,17 @@ def _measure(bundle, visual, images, num_regions: int, args) -> dict:
     lengths = torch.cat([torch.full((len(images),), 197), 1 + region_lengths[region_lengths > 0]])
     sequences = Sequences(F.pad(lengths.cumsum(0), (1, 0)), lengths)
     tokens = int(lengths.sum())
-    q, k, v = (torch.randn(tokens, 12, 64) for _ in range(3))
-    want = _loop(q, k, v, sequences)
-    plans = {method: AttentionPlan(sequences, method, q.device) for method in METHODS}
+    qkv = torch.randn(tokens, 3 * 768)
+    want = _loop(qkv, 12, sequences)
+    plans = {method: AttentionPlan(sequences, method, qkv.device) for method in METHODS}
     result = {"images": len(images), "regions_per_image": num_regions, "sequences": len(lengths), "tokens": tokens,
               "longest": int(lengths.max()), "buckets": [[b.length, b.count] for b in plans["bucketed"].buckets],
-              "max_abs_difference_from_loop": {m: float((varlen_attention(q, k, v, plan) - want).abs().max())
+              "max_abs_difference_from_loop": {m: float((varlen_attention(qkv, 12, plan) - want).abs().max())
                                                for m, plan in plans.items()}}
     # The CPU jagged fallback is ~10x slower than the rest: timed once, outside the rounds.
-    nested = _interleaved({"nested": lambda: varlen_attention(q, k, v, plans["nested"])}, 1)
-    fns = {"loop": lambda: _loop(q, k, v, sequences)}
-    fns |= {m: (lambda plan=plan: varlen_attention(q, k, v, plan)) for m, plan in plans.items() if m != "nested"}
+    nested = _interleaved({"nested": lambda: varlen_attention(qkv, 12, plans["nested"])}, 1)
+    fns = {"loop": lambda: _loop(qkv, 12, sequences)}
+    fns |= {m: (lambda plan=plan: varlen_attention(qkv, 12, plan)) for m, plan in plans.items() if m != "nested"}
     result["attention_ms"] = {m: 1e3 * t for m, t in (_interleaved(fns, args.repeats) | nested).items()}
     if args.forward:
         pixels = bundle.preprocess(images)
@@ -89,7 +92,9 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--forward", action=argparse.BooleanOptionalAction, default=True,
                         help="also time one whole packed ViT-B-16 forward per method")
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "varlen_attention.json")
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "varlen_attention.json",
+                        help="the JSON written")
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)

@@ -112,7 +112,8 @@ def test_pixels_outside_a_region_do_not_reach_it(tiny):
     masks[0, 2, 4:14, 4:14] = True
     triggered = images.clone()
     triggered[0, :, 14:20, 14:20] = torch.tensor([255, 0, 255], dtype=torch.uint8)[:, None, None]
-    before, after = (encode_regions_packed(tiny, tiny.preprocess(x), x, masks, background=0.35) for x in (images, triggered))
+    before, after = (encode_regions_packed(tiny, tiny.preprocess(x), x, masks, background=0.35)
+                     for x in (images, triggered))
     assert not torch.allclose(before[0], after[0])
     torch.testing.assert_close(before[1][0, 2], after[1][0, 2], atol=1e-6, rtol=0)
 
@@ -129,13 +130,15 @@ def test_token_budget_splits_the_batch_without_changing_results(tiny):
 
 @pytest.mark.parametrize("attention", METHODS)
 def test_varlen_attention_stays_within_sequences(attention):
+    # Lengths that make padded buckets, unpadded ones, and a run of whole consecutive sequences.
     gen = torch.Generator().manual_seed(7)
-    lengths = torch.tensor([5, 1, 17, 3, 3, 8, 2, 197])
+    lengths = torch.tensor([197, 197, 5, 1, 17, 3, 3, 8, 2, 12, 12])
     offsets = F.pad(lengths.cumsum(0), (1, 0))
-    q, k, v = (torch.randn(int(lengths.sum()), 3, 8, generator=gen) for _ in range(3))
-    got = varlen_attention(q, k, v, AttentionPlan(Sequences(offsets, lengths), attention, q.device))
+    qkv = torch.randn(int(lengths.sum()), 3 * 24, generator=gen)
+    got = varlen_attention(qkv, 3, AttentionPlan(Sequences(offsets, lengths), attention, qkv.device))
     for lo, hi in zip(offsets[:-1].tolist(), offsets[1:].tolist()):
-        want = F.scaled_dot_product_attention(*(t[lo:hi].transpose(0, 1) for t in (q, k, v))).transpose(0, 1)
+        q, k, v = qkv[lo:hi].view(hi - lo, 3, 3, 8).permute(1, 2, 0, 3)  # [heads, L, 8] each
+        want = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(hi - lo, 24)
         torch.testing.assert_close(got[lo:hi], want, atol=1e-6, rtol=1e-5)
 
 

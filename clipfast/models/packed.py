@@ -94,18 +94,24 @@ def _bucket_sizes(longest: int) -> list[int]:
 
 
 class _Bucket:
-    """Sequences padded to one length L: gather [n, L] rows of the token matrix, the key mask
-    [n, 1, 1, L] (None when none is padded) and the valid positions (to scatter results back)."""
+    """Sequences padded to one length L, as rows of the packed token matrix: `span` (lo, hi) when they
+    are consecutive rows and none is padded (the whole images: a view, no copy); else the [n * L]
+    rows to gather (a padded position repeats its sequence's first row), the key mask [n, 1, 1, L]
+    (None when none is padded) and the real positions with their rows, to write results back."""
 
     def __init__(self, sequences: Sequences, members: torch.Tensor, length: int, device: torch.device):
         lengths = sequences.lengths[members]
         position = torch.arange(length)
         inside = position[None] < lengths[:, None]  # [n, L]
-        rows = sequences.offsets.cpu()[members][:, None] + torch.where(inside, position[None], 0)
+        rows = (sequences.offsets.cpu()[members][:, None] + torch.where(inside, position[None], 0)).flatten()
         self.length, self.count = length, len(members)
+        padded = not bool(inside.all())
+        consecutive = not padded and bool((rows.diff() == 1).all()) if len(rows) > 1 else not padded
+        self.span = (int(rows[0]), int(rows[0]) + len(rows)) if consecutive and len(rows) else None
         self.rows = rows.to(device)
-        self.keys = None if bool(inside.all()) else inside[:, None, None, :].to(device)
-        self.inside = None if self.keys is None else inside.flatten().to(device)
+        self.keys = inside[:, None, None, :].to(device) if padded else None
+        real = torch.nonzero(inside.flatten()).flatten()
+        self.real, self.real_rows = real.to(device), rows[real].to(device)
 
 
 class AttentionPlan:
@@ -136,23 +142,27 @@ class AttentionPlan:
                         for k in torch.unique(which).tolist()]
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
-    """Softmax attention of q, k, v [N, heads, head_dim] (packed rows) within each sequence of the
-    plan: row i attends exactly to the rows of its own sequence. Returns [N, heads, head_dim]."""
+def varlen_attention(qkv: torch.Tensor, heads: int, plan: AttentionPlan) -> torch.Tensor:
+    """Softmax attention within each sequence of the plan: row i attends exactly to the rows of its
+    own sequence. qkv: [N, 3 * width] packed rows (queries, keys, values: an attention in-projection's
+    output); returns [N, width], the heads' outputs side by side."""
+    count, width = len(qkv), qkv.shape[1] // 3
     if plan.method == "nested":
-        nested = [torch.nested.nested_tensor_from_jagged(t.contiguous(), plan.offsets).transpose(1, 2)
-                  for t in (q, k, v)]
-        return F.scaled_dot_product_attention(*nested).transpose(1, 2).values()
-    out = torch.empty_like(q)
-    heads, head_dim = q.shape[1:]
+        q, k, v = (t.contiguous() for t in qkv.view(count, 3, heads, width // heads).unbind(1))
+        nested = [torch.nested.nested_tensor_from_jagged(t, plan.offsets).transpose(1, 2) for t in (q, k, v)]
+        return F.scaled_dot_product_attention(*nested).transpose(1, 2).values().reshape(count, width)
+    out = qkv.new_empty(count, width)
     for bucket in plan.buckets:
-        rows = bucket.rows.flatten()
-        q_b, k_b, v_b = (t[rows].view(bucket.count, bucket.length, heads, head_dim).transpose(1, 2) for t in (q, k, v))
-        o = F.scaled_dot_product_attention(q_b, k_b, v_b, attn_mask=bucket.keys).transpose(1, 2).flatten(0, 1)
-        if bucket.inside is None:
-            out[rows] = o
-        else:  # padded positions repeat row 0 of their sequence: write only the real ones
-            out[rows[bucket.inside]] = o[bucket.inside]
+        # Whole rows of qkv, copied once per bucket (index_select on the contiguous 2-d matrix).
+        rows = qkv[bucket.span[0]: bucket.span[1]] if bucket.span else qkv.index_select(0, bucket.rows)
+        q, k, v = rows.view(bucket.count, bucket.length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bucket.keys).transpose(1, 2).reshape(-1, width)
+        if bucket.span:
+            out[bucket.span[0]: bucket.span[1]] = o
+        elif bucket.keys is None:
+            out.index_copy_(0, bucket.rows, o)
+        else:  # padded positions repeat their sequence's first row: write back only the real ones
+            out.index_copy_(0, bucket.real_rows, o.index_select(0, bucket.real))
     return out
 
 
@@ -163,9 +173,7 @@ def _block_forward(block: nn.Module, x: torch.Tensor, plan: AttentionPlan) -> to
     attention: nn.MultiheadAttention = block.attn
     heads = attention.num_heads
     qkv = F.linear(block.ln_1(x), attention.in_proj_weight, attention.in_proj_bias)
-    q, k, v = qkv.view(len(x), 3, heads, -1).unbind(1)
-    mixed = varlen_attention(q, k, v, plan).flatten(1)
-    x = x + block.ls_1(attention.out_proj(mixed))
+    x = x + block.ls_1(attention.out_proj(varlen_attention(qkv, heads, plan)))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
@@ -218,7 +226,8 @@ def encode_packed(visual: nn.Module, pixels: torch.Tensor, regions: RegionPatche
     region_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
     base = batch * (1 + patches)
     token_rows = base + torch.arange(len(tokens), device=device) + rank[region_of_token] + 1
-    class_rows = torch.cat([torch.arange(batch, device=device) * (1 + patches), base + regions.offsets[kept] + rank[kept]])
+    image_starts = torch.arange(batch, device=device) * (1 + patches)
+    class_rows = torch.cat([image_starts, base + regions.offsets[kept] + rank[kept]])
 
     position = visual.positional_embedding.to(dtype)
     x = torch.empty(base + len(kept) + len(tokens), images.shape[-1], dtype=dtype, device=device)
