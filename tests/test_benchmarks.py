@@ -48,7 +48,7 @@ def test_pipeline_rows_report_throughput_speedup_and_agreement(tiny, tmp_path):
     scans = [r for r in rows if r["stage"] == "scan"]
     assert {r["variant"] for r in scans} == {"reference", "fast crop", "fast crop fp32", "fast crop prefetch=0",
                                              "fast packed"}
-    assert {r["unit"] for r in scans} == {"images/s", "regions/s", "encoder GFLOP/image"}
+    assert {r["unit"] for r in scans} == {"images/s", "regions/s", "encoder GFLOP/image", "images/s region stage"}
     flops = {r["variant"]: float(r["throughput"]) for r in scans if r["unit"] == "encoder GFLOP/image"}
     assert flops["fast packed"] < flops["fast crop"] == flops["reference"]  # 5 discs: fewer tokens than 5 crops
     packed = next(r for r in scans if r["variant"] == "fast packed" and r["unit"] == "images/s")
