@@ -60,17 +60,19 @@ def inputs(bundle, batch, num_masks, seed):
 
 def assert_matches_reference_loop(bundle, images, masks, attention, autocast_dtype=None, min_coverage=0.0):
     visual = check_vision_tower(bundle.model)
+    device = bundle.device
+    images, masks = images.to(device), masks.to(device)
     pixels = bundle.preprocess(images)
     dtype = autocast_dtype or torch.float32
     regions = region_patches(images, masks, visual.grid_size, background=0.35, mean=bundle.mean, std=bundle.std,
                              min_coverage=min_coverage, out_dtype=dtype)
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=autocast_dtype is not None):
+    with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=autocast_dtype is not None):
         image, region, valid = encode_packed(visual, pixels, regions, masks.shape[1], attention=attention)
         want_image = visual(pixels)
         bounds = regions.offsets.tolist()
         want = [encode_sequence(visual, regions.pixels[lo:hi], regions.patch[lo:hi]) if hi > lo else None
                 for lo, hi in zip(bounds[:-1], bounds[1:])]
-    assert torch.equal(valid.flatten(), torch.tensor([w is not None for w in want]))
+    assert torch.equal(valid.flatten().cpu(), torch.tensor([w is not None for w in want]))
     scale = want_image.abs().max()
     close = dict(atol=TOLERANCE[dtype] * float(scale), rtol=0)
     torch.testing.assert_close(image.float(), want_image.float(), **close)
@@ -167,3 +169,19 @@ def test_tower_flops_counts_what_the_model_runs(model, request):
         visual(torch.zeros(2, 3, size, size, requires_grad=True))
     attention = 2 * len(visual.transformer.resblocks) * 4 * tokens**2 * visual.conv1.out_channels
     assert tower_flops(visual, torch.tensor([tokens, tokens])) == counter.get_total_flops() + attention
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16])
+def test_gpu_nested_attention(vit_b16, autocast_dtype):
+    # On a GPU, auto attention is SDPA over jagged nested tensors (the varlen flash / memory-
+    # efficient kernels): the same embeddings as the per-region loop, and as the CPU's buckets.
+    import copy
+
+    bundle = copy.deepcopy(vit_b16)
+    bundle.model.cuda()
+    images, masks = inputs(bundle, 3, 2, seed=8)
+    masks = torch.cat([masks, FixedOracle(14).segment(images).masks], 1)
+    _, region, _ = assert_matches_reference_loop(bundle, images, masks, "auto", autocast_dtype)
+    _, bucketed, _ = assert_matches_reference_loop(bundle, images, masks, "bucketed", autocast_dtype)
+    torch.testing.assert_close(region, bucketed, atol=TOLERANCE[autocast_dtype or torch.float32], rtol=0)
