@@ -1,7 +1,9 @@
 """Tiny CLIP architectures for the synthetic world (built with open_clip's own CLIP class).
 
-"clipfast-tiny" has about 0.9 M parameters: trained from scratch on the synthetic world with
-TrainConfig's defaults it reaches CA >= 90 % and BadNet ASR >= 95 % (README, "Poisoning the tiny CLIP").
+"clipfast-tiny" has about 0.43 M parameters: trained from scratch on the synthetic world with
+TrainConfig's defaults (1800 steps, about 100 s on two CPU cores) it reaches CA >= 90 % and BadNet
+ASR >= 95 % (README, "Poisoning the tiny CLIP"). The text side is easy (a vocabulary of about 50
+words), so its tower is one narrow layer; the image tower does the work.
 """
 
 from __future__ import annotations
@@ -19,9 +21,10 @@ from .tokenizer import CompactTokenizer
 TINY_ARCHITECTURES: dict[str, dict] = {
     "clipfast-tiny": {
         "embed_dim": 128,
-        # Patch 8 keeps the 4x4 BadNet patch inside one grid-aligned token (note: patch 4 -> ASR 4 %).
-        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 3, "head_width": 32},
-        "text_cfg": {"context_length": 16, "width": 96, "heads": 3, "layers": 2},
+        # Patch 8 keeps the 4x4 BadNet patch inside one grid-aligned token (with patch 4, 1 % poisoning
+        # was not learned: ASR 4 %).
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 96, "layers": 3, "head_width": 32},
+        "text_cfg": {"context_length": 16, "width": 64, "heads": 2, "layers": 1},
     },
 }
 
