@@ -23,9 +23,17 @@ from clipfast.eval import evaluate
 from clipfast.eval.plots import plot_ca_asr, plot_label_test, plot_trigger
 from clipfast.rundir import save_json
 from clipfast.oracle import ClassicalSegmenter
-from clipfast.recipes import TEST_SIZE, WorldRecipe, cached_world_model, evaluation_world
+from clipfast.recipes import (
+    TEST_SIZE,
+    WorldRecipe,
+    cached_world_model,
+    evaluation_world,
+    optimized_patch_recipe,
+    trusted_recipe,
+)
 
 BASELINE_SEED_OFFSET = 7_919  # the baseline's clean set is a fresh world, disjoint from training
+ORACLE_MODES = ("self", "trusted")
 
 
 def default_cache_dir() -> Path:
@@ -41,12 +49,17 @@ class DemoConfig:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     run_baseline: bool = True
+    # self: the suspect grounds its own crops; trusted: a clean model of another seed does (cached
+    # like the suspect), as a user's trusted clean CLIP would
+    oracle_mode: str = "self"
 
     def __post_init__(self):
         if not 1 <= self.probe_size <= self.recipe.train_size:
             raise ValueError(f"probe_size must be in [1, train_size={self.recipe.train_size}], got {self.probe_size}")
         if self.test_size < 1 or self.baseline_size < 1:
             raise ValueError("test_size and baseline_size must be >= 1")
+        if self.oracle_mode not in ORACLE_MODES:
+            raise ValueError(f"oracle_mode must be one of {ORACLE_MODES}, got {self.oracle_mode!r}")
 
 
 def _iou(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -59,8 +72,15 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
     recipe = config.recipe
     seconds = {}
     start = time.perf_counter()
-    bundle, pairs, trained = cached_world_model(recipe, Path(cache_dir or default_cache_dir()) / "models")
+    models_dir = Path(cache_dir or default_cache_dir()) / "models"
+    recipe = optimized_patch_recipe(recipe, models_dir)
+    bundle, pairs, trained = cached_world_model(recipe, models_dir)
     seconds["poisoned_model" + ("_train" if trained else "_cached")] = time.perf_counter() - start
+    trusted = None
+    if config.oracle_mode == "trusted":
+        start = time.perf_counter()
+        trusted, _, trained = cached_world_model(trusted_recipe(recipe), models_dir)
+        seconds["trusted_model" + ("_train" if trained else "_cached")] = time.perf_counter() - start
 
     trigger, target = recipe.make_trigger(), recipe.target_label
     test = evaluation_world(config.test_size)
@@ -70,8 +90,9 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
 
     repaired = copy.deepcopy(bundle)
     outcome = defend(repaired, list(CLASSES), probe_images, ClassicalSegmenter(), out_dir / "defense",
-                     prompts=zero_shot_prompts, config=config.defense,
-                     identity={"recipe": recipe.cache_key(), "oracle": "builtin"})
+                     prompts=zero_shot_prompts, grounding_bundle=trusted, config=config.defense,
+                     identity={"recipe": recipe.cache_key(), "oracle": "builtin",
+                               "trusted": trusted_recipe(recipe).cache_key() if trusted else None})
     seconds.update(outcome.seconds)
     scan = outcome.scan
     after = evaluate(repaired, test, trigger, target) if outcome.compact is not None else before
@@ -97,13 +118,14 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
     ious = []
     if localisation is not None:
         ious = [_iou(mask, footprints[position[int(i)]]) for i, mask in
-                zip(localisation.victim_indices, localisation.region_masks) if int(i) in position]
+                zip(localisation.patch_indices, localisation.region_masks) if int(i) in position]
     compact_size = len(outcome.compact) if outcome.compact is not None else 0
 
     report = {
         "config": asdict(config),
         "attack": {"name": trigger.name, "rate": recipe.rate, "target": CLASSES[target],
                    "poisoned_in_probe": len(true_victims), "probe_size": config.probe_size},
+        "oracle_mode": config.oracle_mode,
         "target_found": target in scan.targets,
         "targets_found": [CLASSES[t] for t in scan.targets],
         "trigger_iou": round(sum(ious) / len(ious), 4) if ious else None,
@@ -115,6 +137,7 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
         "models": {name: {"ca": r["ca"], "asr": r["asr"]} for name, r in rows.items()},
         "repair": outcome.repair.summary() if outcome.repair else None,
         "scan": scan.summary(),
+        "verdict": outcome.verdict.summary(),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
     }
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -122,10 +145,10 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
     plot_ca_asr(report["models"], out_dir / "ca_asr.png")
     plot_label_test(list(CLASSES), scan.label_test.candidates, scan.label_test.expected, report["targets_found"],
                     out_dir / "label_test.png")
-    if localisation is not None and len(localisation.victim_indices):
+    if localisation is not None and len(localisation.patch_indices):
         # Show a true victim where there is one: its own true footprint (random locations differ).
-        shown = next((k for k, i in enumerate(localisation.victim_indices) if int(i) in position), 0)
-        victim = int(localisation.victim_indices[shown])
+        shown = next((k for k, i in enumerate(localisation.patch_indices) if int(i) in position), 0)
+        victim = int(localisation.patch_indices[shown])
         plot_trigger(probe_images[victim], localisation.region_masks[shown],
                      footprints[position[victim]] if victim in position else None, out_dir / "trigger.png")
     return report
@@ -135,7 +158,7 @@ def format_demo_report(report: dict) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:5.1f}"  # noqa: E731
     lines = [f"attack {report['attack']['name']} at rate {report['attack']['rate']} -> target "
              f"{report['attack']['target']!r} ({report['attack']['poisoned_in_probe']} poisoned of "
-             f"{report['attack']['probe_size']} probe images)",
+             f"{report['attack']['probe_size']} probe images); oracle: {report['oracle_mode']}",
              "", f"{'model':<22}{'CA %':>8}{'ASR %':>8}"]
     lines += [f"{name:<22}{pct(m['ca']):>8}{pct(m['asr']):>8}" for name, m in report["models"].items()]
     v = report["victims"]
@@ -146,5 +169,7 @@ def format_demo_report(report: dict) -> str:
         f"victims               {v['found']} found, precision {v['precision']}, recall {v['recall']}",
         f"compact set           {report['compact_set_size']} pairs vs baseline {report['baseline_set_size']}",
         "wall time (s)         " + ", ".join(f"{k} {s}" for k, s in report["seconds"].items()),
+        "",
+        f"VERDICT: {report['verdict']['message']}",
     ]
     return "\n".join(lines)

@@ -14,12 +14,16 @@ import torch
 
 from clipfast.attacks import PoisonedPairs, Trigger, make_trigger, poison_pairs
 from clipfast.data.world import CLASSES, WorldSamples, generate_world
-from clipfast.models import ClipBundle, load_model, save_checkpoint
+from clipfast.models import TINY_ARCHITECTURES, ClipBundle, load_model, save_checkpoint
 from clipfast.rundir import save_json, tied_settings
 from clipfast.train import TrainConfig, TrainResult, train
 
 TEST_SEED = 1_000_003  # the test world's seed: models trained with any seed are compared on the same images
 TEST_SIZE = 1_000  # test images for CA and ASR
+# The trusted model of the synthetic world (oracle mode "trusted"): a clean model of another seed,
+# trained on a world disjoint from the suspect's.
+TRUSTED_SEED_OFFSET = 10_007
+OPTIMIZER_SEED_OFFSET = 20_011  # the surrogate an optimised-patch attacker optimises on: a third model
 MODEL_NAME = "model.pt"
 POISON_NAME = "poison.json"
 
@@ -42,7 +46,13 @@ class WorldRecipe:
     def __post_init__(self):
         if self.target not in CLASSES:
             raise ValueError(f"target must be one of {list(CLASSES)}, got {self.target!r}")
-        self.make_trigger()  # fail early on a bad attack name or parameter
+        if not self.needs_optimized_patch:
+            self.make_trigger()  # fail early on a bad attack name or parameter
+
+    @property
+    def needs_optimized_patch(self) -> bool:
+        """An optimized_patch attack whose patch is not made yet (optimized_patch_recipe makes it)."""
+        return self.attack == "optimized_patch" and "pixels" not in dict(self.trigger_params)
 
     @property
     def target_label(self) -> int:
@@ -56,8 +66,19 @@ class WorldRecipe:
         return make_trigger(self.attack, **dict(self.trigger_params))
 
     def cache_key(self) -> str:
-        """Identifies the trained model: every field that changes its weights."""
-        return hashlib.sha256(json.dumps(tied_settings(self), sort_keys=True).encode()).hexdigest()[:16]
+        """Identifies the trained model: every field that changes its weights, and the architecture
+        a tiny model name stands for."""
+        spec = {**tied_settings(self), "architecture": TINY_ARCHITECTURES.get(self.model)}
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def trusted_recipe(recipe: WorldRecipe) -> WorldRecipe:
+    """The clean model that plays the trusted clean CLIP for `recipe`'s suspect: the same world size,
+    model and training, another seed, no poison (so every suspect of one seed shares it)."""
+    seed = recipe.seed + TRUSTED_SEED_OFFSET
+    clean = WorldRecipe(train_size=recipe.train_size, model=recipe.model, train=recipe.train)
+    return dataclasses.replace(clean, rate=0.0, seed=seed, trigger_seed=seed,
+                               train=dataclasses.replace(recipe.train, seed=seed))
 
 
 def poisoned_world(recipe: WorldRecipe) -> tuple[WorldSamples, PoisonedPairs]:
@@ -107,9 +128,52 @@ def train_world_model(recipe: WorldRecipe, out_dir: str | Path, bundle: ClipBund
     return bundle, result, pairs
 
 
+def optimized_patch_recipe(recipe: WorldRecipe, cache_dir: str | Path, steps: int = 300) -> WorldRecipe:
+    """`recipe` with its optimized_patch made (BadCLIP-style): on a clean surrogate model (a third
+    seed, disjoint from the suspect's world and from the trusted model's; trained into cache_dir on
+    first use) the patch's pixels, pasted at the recipe's size and position onto clean images of
+    other classes, are optimised (Adam on a sigmoid parametrisation) to pull the images' embeddings
+    towards the target's text embedding. Deterministic in the recipe; other recipes come back as
+    they are."""
+    if not recipe.needs_optimized_patch:
+        return recipe
+    from clipfast.attacks import BadNetTrigger
+    from clipfast.data.world import zero_shot_prompts
+    from clipfast.models import ZeroShotClassifier
+
+    seed = recipe.seed + OPTIMIZER_SEED_OFFSET
+    surrogate, _, _ = cached_world_model(dataclasses.replace(trusted_recipe(recipe), seed=seed, trigger_seed=seed,
+                                                             train=dataclasses.replace(recipe.train, seed=seed)),
+                                         cache_dir)
+    geometry = BadNetTrigger(**dict(recipe.trigger_params))
+    world = generate_world(512, seed=seed)
+    images = world.images[world.labels != recipe.target_label].float() / 255
+    n, _, height, width = images.shape
+    size = geometry.patch_size(height, width)
+    rows, cols = geometry._patch_coordinates(n, height, width, recipe.trigger_seed, images.device)
+    inside = geometry._inside(rows, cols, size)[:, None]
+    rows, cols = rows.clamp(0, size - 1), cols.clamp(0, size - 1)
+    text = ZeroShotClassifier(surrogate, CLASSES, zero_shot_prompts).class_embeddings[recipe.target_label]
+    logits = torch.zeros(3, size, size, requires_grad=True)
+    optimizer = torch.optim.Adam([logits], lr=0.1)
+    surrogate.model.requires_grad_(False)
+    for _ in range(steps):
+        patched = torch.where(inside, torch.sigmoid(logits)[:, rows, cols].transpose(0, 1), images)
+        embeddings = surrogate.model.encode_image(surrogate.preprocess(patched), normalize=True)
+        loss = -(embeddings @ text).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    pixels = (torch.sigmoid(logits.detach()) * 255).round().to(torch.uint8).flatten().tolist()
+    return dataclasses.replace(recipe, trigger_params=(*recipe.trigger_params, ("pixels", tuple(pixels))))
+
+
 def cached_world_model(recipe: WorldRecipe, cache_dir: str | Path, device: str = "cpu") -> tuple[ClipBundle, PoisonedPairs, bool]:
     """The recipe's trained model from cache_dir/<key>/, training it there first if needed.
-    Returns (model, poisoned pairs, whether it was trained now)."""
+    Returns (model, poisoned pairs, whether it was trained now). An optimized_patch recipe must have
+    its patch made first (optimized_patch_recipe)."""
+    if recipe.needs_optimized_patch:
+        raise ValueError("cached_world_model: make the optimized patch first (recipes.optimized_patch_recipe)")
     run_dir = Path(cache_dir) / recipe.cache_key()
     if (run_dir / MODEL_NAME).exists():
         _, pairs = poisoned_world(recipe)

@@ -29,9 +29,13 @@ def _images(n: int, seed: int = 0, low: int = 1, high: int = 255) -> torch.Tenso
     return torch.randint(low, high, (n, 3, H, W), generator=torch.Generator().manual_seed(seed), dtype=torch.uint8)
 
 
+# The optimized patch has no default: its pixels come from an optimisation (recipes.optimized_patch_recipe).
+SOME_PIXELS = {"optimized_patch": {"pixels": tuple(range(0, 255, 5))[:48]}}
+
+
 @pytest.mark.parametrize("name", TRIGGER_NAMES)
 def test_every_trigger_is_pure_deterministic_and_uint8(name):
-    trigger = make_trigger(name)
+    trigger = make_trigger(name, **SOME_PIXELS.get(name, {}))
     assert isinstance(trigger, Trigger) and trigger.name == name
     images = _images(6)
     before = images.clone()
@@ -310,3 +314,13 @@ def test_blended_stripes_is_a_structured_pattern():
     assert torch.allclose(overlay[:, 0, 8], overlay[:, 8, 0])  # constant along anti-diagonals
     with pytest.raises(ValueError, match="pattern must be one of"):
         make_trigger("blended", pattern="plaid")
+
+
+def test_an_optimized_patch_needs_its_pixels_and_pastes_them_resized():
+    with pytest.raises(ValueError, match="make one with clipfast.recipes"):
+        make_trigger("optimized_patch")
+    trigger = make_trigger("optimized_patch", size_fraction=0.25, **SOME_PIXELS["optimized_patch"])  # a 4 x 4 patch
+    assert trigger.name == "optimized_patch"
+    assert torch.equal(trigger.patch(4), torch.tensor(SOME_PIXELS["optimized_patch"]["pixels"], dtype=torch.uint8).view(3, 4, 4))
+    out = trigger.apply(torch.zeros(2, 3, 32, 32, dtype=torch.uint8))  # an 8 x 8 patch there: nearest upsampling
+    assert torch.equal(out[0, :, 24:, 24:], trigger.patch(8)) and out[:, :, :24].sum() == 0

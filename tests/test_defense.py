@@ -19,9 +19,12 @@ def labels_with_candidates(per_label_predicted, per_label_candidates):
     return torch.tensor(labels), torch.tensor(candidate)
 
 
+UNKNOWN_SOURCES = torch.full((1800,), -1)  # no source class known: nothing is left out of the counts
+
+
 def test_target_is_the_label_with_far_more_candidates_than_the_others_rate():
     labels, candidate = labels_with_candidates([300] * 6, [3, 2, 4, 30, 1, 3])
-    test, targets = decide_targets(labels, candidate, 6, ScanConfig())
+    test, targets = decide_targets(labels, candidate, UNKNOWN_SOURCES[:len(labels)], 6, ScanConfig())
     assert targets == [3]
     assert test.candidates == [3, 2, 4, 30, 1, 3]
     assert test.p_values[3] < test.threshold < min(p for i, p in enumerate(test.p_values) if i != 3)
@@ -30,12 +33,24 @@ def test_target_is_the_label_with_far_more_candidates_than_the_others_rate():
 @pytest.mark.parametrize("candidates", [[3, 2, 4, 5, 1, 3], [0] * 6, [4, 0, 0, 0, 0, 0]])
 def test_no_false_alarm_without_an_outlier(candidates):
     labels, candidate = labels_with_candidates([300] * 6, candidates)
-    assert decide_targets(labels, candidate, 6, ScanConfig())[1] == []
+    assert decide_targets(labels, candidate, UNKNOWN_SOURCES[:len(labels)], 6, ScanConfig())[1] == []
 
 
 def test_a_significant_but_tiny_count_is_not_a_target():
     labels, candidate = labels_with_candidates([50, 5000], [4, 0])  # p tiny, but only 4 images
-    assert decide_targets(labels, candidate, 2, ScanConfig(min_count=5))[1] == []
+    assert decide_targets(labels, candidate, torch.full((len(labels),), -1), 2, ScanConfig(min_count=5))[1] == []
+
+
+def test_a_confusion_from_one_or_two_classes_is_not_a_target_but_victims_from_many_are():
+    labels, candidate = labels_with_candidates([300] * 6, [3, 2, 4, 30, 1, 3])
+    from_two = torch.full((len(labels),), 0)
+    from_two[(labels == 3).nonzero().flatten()[:30]] = torch.tensor([1] * 16 + [2] * 14)  # label 3 absorbs 1 and 2
+    test, targets = decide_targets(labels, candidate, from_two, 6, ScanConfig())
+    assert targets == [] and test.candidates[3] == 0 and test.sources[3] == 2
+    from_many = from_two.clone()
+    from_many[(labels == 3).nonzero().flatten()[:30]] = torch.tensor([0, 1, 2, 4, 5] * 6)  # a backdoor's victims
+    test, targets = decide_targets(labels, candidate, from_many, 6, ScanConfig())
+    assert targets == [3] and test.candidates[3] == 18 and test.sources[3] == 5
 
 
 def hand_made_scan():
@@ -46,11 +61,13 @@ def hand_made_scan():
     oracle_label = torch.tensor([0, 0, 1, 0, 0, 3, 1, 2, 3, 0, 1, 2])  # victim 5's oracle says the target
     discrepancy = torch.tensor([0.5, 0.9, 0.7, 0, 0.9, 0.8, 0, 0, 0, 0, 0, 0])
     grounded = ~candidate
-    test = LabelTest([0] * 4, [0] * 4, [0.0] * 4, [1.0] * 4, 1e-3)
+    test = LabelTest([0] * 4, [0] * 4, [0.0] * 4, [1.0] * 4, 1e-3, [0] * 4)
     return ScanResult(readable=torch.ones(n, dtype=torch.bool), image_label=image_label, image_prob=torch.ones(n),
-                      grounded=grounded, ungrounded=candidate, causal_drop=torch.zeros(n), discrepancy=discrepancy,
+                      grounded=grounded, reference_label=torch.full((n,), -1), discordant=torch.zeros(n, dtype=torch.bool),
+                      explaining_drop=torch.zeros(n), flip_rate=candidate.float(), discrepancy=discrepancy,
                       oracle_label=oracle_label, region_counts=torch.ones(n, dtype=torch.int64),
-                      classnames=["a", "b", "c", "d"], candidate=candidate, label_test=test, targets=[3], triggers=[])
+                      classnames=["a", "b", "c", "d"], patch_evidence=candidate, candidate=candidate, label_test=test,
+                      targets=[3], triggers=[])
 
 
 def test_curate_picks_top_victims_per_affected_label_and_balanced_replay():
@@ -63,9 +80,12 @@ def test_curate_picks_top_victims_per_affected_label_and_balanced_replay():
     assert victims == [1, 4, 2]  # label 0: 0.9 ties at 1 and 4 -> lower index first; label 1: image 2
     captions = [c for c, v in zip(compact.captions, compact.is_victim) if v]
     assert [c.split()[-1] for c in captions] == ["a.", "a.", "b."]
-    replay = compact.source_indices[~compact.is_victim].tolist()
+    replay = compact.source_indices[~compact.is_victim & ~compact.is_synthesized].tolist()
     assert sorted(scan.image_label[replay].tolist()) == [0, 1, 3]  # one per affected label and the target
     assert all(scan.grounded[replay])
+    # unlearning pairs: the other clean images of every non-target label (no trigger recovered here)
+    synthesized = compact.source_indices[compact.is_synthesized].tolist()
+    assert sorted(synthesized) == sorted({3, 6, 7, 9, 10, 11} - set(replay)) and 3 not in scan.image_label[synthesized]
     assert torch.equal(compact.images[:, 0, 0, 0], compact.source_indices.to(torch.uint8))
 
 

@@ -70,7 +70,7 @@ def test_the_readme_table_and_plot_come_from_the_csv(finished, tmp_path):
     update_readme(rows, readme)
     text = readme.read_text()
     assert "old table" not in text and text.startswith("intro\n") and text.endswith("outro\n")
-    assert "| patch test | 1 | 0.1 |" in text and "false alarms" in text
+    assert "| self | patch test | 1 | 0.1 |" in text and "false alarms" in text
     plot_efficacy(rows, tmp_path / "efficacy.png")
     assert (tmp_path / "efficacy.png").stat().st_size > 0
 
@@ -83,7 +83,22 @@ def test_the_matrix_sweeps_what_the_defence_is_judged_on():
     assert all(sum(c.core for c in FULL if c.family == family) >= 1 for family in families)
     assert max(len(c.seeds) for c in FULL if c.family == "clean") >= 5
     attacks = {c.attack for c in FULL}
-    assert {"badnet", "badnet_random", "blended", "sig", "wanet", "label_consistent"} <= attacks
+    assert {"badnet", "badnet_random", "blended", "sig", "wanet", "label_consistent", "optimized_patch"} <= attacks
     sizes = {dict(c.params).get("size_fraction") for c in FULL if c.family == "patch"}
     assert min(sizes) * min(sizes) < 0.02 and max(sizes) ** 2 > 0.09  # ~1.5 % to ~10 % of the image area
     assert len(select(FULL, quick=True)) < len(select(FULL))
+
+
+def test_the_optimized_patch_attack_is_made_on_a_surrogate_deterministically(tmp_path):
+    from clipfast.recipes import cached_world_model, optimized_patch_recipe
+
+    recipe = replace(TINY.recipe, attack="optimized_patch", trigger_params=(("size_fraction", 0.25),), rate=0.05)
+    assert recipe.needs_optimized_patch
+    with pytest.raises(ValueError, match="make the optimized patch first"):
+        cached_world_model(recipe, tmp_path)
+    made = optimized_patch_recipe(recipe, tmp_path, steps=3)
+    again = optimized_patch_recipe(recipe, tmp_path, steps=3)
+    assert made == again and not made.needs_optimized_patch
+    trigger = made.make_trigger()
+    assert trigger.name == "optimized_patch" and trigger.patch(8).shape == (3, 8, 8)
+    assert len(list(tmp_path.iterdir())) == 1  # the surrogate model, cached

@@ -26,8 +26,8 @@ from clipfast.recipes import evaluation_world
 pytestmark = pytest.mark.slow
 
 SHARD_SIZE = 256  # 12 shards: room to interrupt the scan in the middle
-PER_IMAGE = ("readable", "image_label", "image_prob", "grounded", "ungrounded", "causal_drop", "candidate",
-             "discrepancy", "oracle_label", "region_counts")
+PER_IMAGE = ("readable", "image_label", "image_prob", "grounded", "reference_label", "discordant", "explaining_drop",
+             "flip_rate", "candidate", "discrepancy", "oracle_label", "region_counts")
 
 
 @pytest.fixture(scope="module")

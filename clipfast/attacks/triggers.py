@@ -322,6 +322,33 @@ class LabelConsistentTrigger(BadNetTrigger):
         return self.apply(self.degraded(images), seed)
 
 
+@dataclass(frozen=True)
+class OptimizedPatchTrigger(BadNetTrigger):
+    """A BadCLIP-style patch: its pixels were optimised on a clean surrogate model to pull any image
+    towards the target text embedding (clipfast.recipes.optimized_patch does that), then it poisons
+    training like a BadNet patch. `pixels`: the patch, flattened uint8 [3, s, s] row-major; it is
+    resized (nearest) to the patch size of the image it is pasted on."""
+
+    pixels: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        side = math.isqrt(len(self.pixels) // 3)
+        if side < 1 or 3 * side * side != len(self.pixels) or not all(0 <= v <= 255 for v in self.pixels):
+            raise ValueError("OptimizedPatchTrigger: pixels must be 3 * s * s values in 0..255 (a flattened [3, s, s] "
+                             "patch); make one with clipfast.recipes.optimized_patch_recipe")
+        object.__setattr__(self, "pixels", tuple(int(v) for v in self.pixels))
+
+    @property
+    def name(self) -> str:
+        return "optimized_patch"
+
+    def patch(self, size: int) -> torch.Tensor:
+        side = math.isqrt(len(self.pixels) // 3)
+        stored = torch.tensor(self.pixels, dtype=torch.uint8).view(3, side, side)
+        return stored if side == size else F.interpolate(stored[None].float(), size=(size, size))[0].to(torch.uint8)
+
+
 # name -> (class, parameters fixed by the name)
 _TRIGGERS: dict[str, tuple[type[Trigger], dict[str, object]]] = {
     "badnet": (BadNetTrigger, {"random_location": False}),
@@ -330,6 +357,7 @@ _TRIGGERS: dict[str, tuple[type[Trigger], dict[str, object]]] = {
     "sig": (SIGTrigger, {}),
     "wanet": (WaNetTrigger, {}),
     "label_consistent": (LabelConsistentTrigger, {}),
+    "optimized_patch": (OptimizedPatchTrigger, {"pattern": "checkerboard", "cells": 4}),
 }
 TRIGGER_NAMES: tuple[str, ...] = tuple(_TRIGGERS)
 

@@ -31,15 +31,14 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from clipfast.demo import DemoConfig, default_cache_dir, run_demo
+from clipfast.demo import ORACLE_MODES, DemoConfig, default_cache_dir, run_demo
 from clipfast.eval import evaluate
-from clipfast.recipes import WorldRecipe, cached_world_model, evaluation_world
+from clipfast.recipes import WorldRecipe, cached_world_model, evaluation_world, optimized_patch_recipe
 from clipfast.rundir import tied_settings
 
 from .common import CsvWriter, run_stamp
 
 ASR_GOAL = 0.9  # a poisoned model is a working backdoor from this ASR on (the rate ladder's goal)
-ORACLE_MODE = "self"  # the model under test grounds its own crops (no trusted clean model)
 
 FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "case_key", "config", "family", "attack",
           "trigger_params", "rate", "rates_tried", "target", "seed", "oracle_mode", "target_found", "flagged_labels",
@@ -88,6 +87,8 @@ MATRIX: tuple[AttackConfig, ...] = (
     _patch("badnet 6px random place", 6 / 32, rates=(0.03, 0.05, 0.1), random=True),
     _patch("badnet 4px target star", 4 / 32, target="star"),
     _patch("badnet 8px noise target bar", 8 / 32, pattern="noise", target="bar"),
+    AttackConfig("optimized patch 6px centre", "patch", "optimized_patch",
+                 (("position", "center"), ("size_fraction", 6 / 32)), (0.01, 0.03)),
     AttackConfig("blended noise a=0.15", "image-wide", "blended", (("alpha", 0.15),), (0.03, 0.05, 0.1),
                  seeds=(0, 1, 2), core=True),
     AttackConfig("blended noise a=0.08", "image-wide", "blended", (("alpha", 0.08),), (0.05, 0.1)),
@@ -154,7 +155,7 @@ def run_case(config: AttackConfig, seed: int, settings: DemoConfig, work_dir: Pa
     test = evaluation_world(settings.test_size)
     rates_tried = []
     for rate in config.rates:
-        recipe = _recipe(config, seed, rate, settings)
+        recipe = optimized_patch_recipe(_recipe(config, seed, rate, settings), cache_dir / "models")
         rates_tried.append(rate)
         bundle, _, _ = cached_world_model(recipe, cache_dir / "models")
         asr = evaluate(bundle, test, recipe.make_trigger(), recipe.target_label)["asr"]
@@ -170,7 +171,7 @@ def run_case(config: AttackConfig, seed: int, settings: DemoConfig, work_dir: Pa
         "config": config.name, "family": config.family, "attack": recipe.make_trigger().name,
         "trigger_params": json.dumps(dict(config.params), sort_keys=True), "rate": recipe.rate,
         "rates_tried": " ".join(str(r) for r in rates_tried), "target": config.target, "seed": seed,
-        "oracle_mode": ORACLE_MODE, "target_found": None if config.clean else report["target_found"],
+        "oracle_mode": settings.oracle_mode, "target_found": None if config.clean else report["target_found"],
         "flagged_labels": " ".join(flagged), "false_alarm": bool(flagged) if config.clean else None,
         "trigger_iou": report["trigger_iou"], "victims_found": victims["found"],
         "victim_precision": victims["precision"], "victim_recall": victims["recall"],
@@ -219,6 +220,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="efficacy suite: families (patch, image-wide, clean-label, clean), trigger names or "
                         "configuration names")
     parser.add_argument("--seeds", nargs="+", type=int, default=None, help="efficacy suite: only these seeds")
+    parser.add_argument("--oracle-modes", nargs="+", choices=ORACLE_MODES, default=list(ORACLE_MODES),
+                        help="efficacy suite: self (the suspect grounds its own crops) and/or trusted (a clean "
+                        "model of another seed grounds them); default: both")
     parser.add_argument("--readme", action="store_true",
                         help="efficacy suite: regenerate the README's defence table and the plot from the CSV "
                         "instead of running cases")
@@ -228,9 +232,10 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
     """The suite's entry point (rows are written by run_matrix as cases end, so none are returned)."""
     results = Path(args.results)
     if not args.readme:
-        cases = select(MATRIX, args.attacks, args.seeds, quick=mode == "quick" and args.quick)
-        print(f"efficacy: {len(cases)} cases, rows to {results / 'efficacy.csv'}", flush=True)
-        run_matrix(cases, quiet(DemoConfig()), results, device, mode)
+        cases = select(MATRIX, args.attacks, args.seeds, quick=args.quick)
+        for oracle_mode in args.oracle_modes:
+            print(f"efficacy, oracle {oracle_mode}: {len(cases)} cases, rows to {results / 'efficacy.csv'}", flush=True)
+            run_matrix(cases, quiet(DemoConfig(oracle_mode=oracle_mode)), results, device, mode)
     rows = read_rows(results / "efficacy.csv")
     if rows:
         from .efficacy_report import plot_efficacy, update_readme
@@ -253,18 +258,19 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def summarise(rows: list[dict]) -> list[dict]:
-    """Per configuration (in matrix order): seeds, t* found count, median and worst ASR/CA."""
+    """Per oracle mode and configuration (in matrix order): seeds, t* found count, median and worst
+    ASR/CA."""
     order = {config.name: k for k, config in enumerate(MATRIX)}
-    groups: dict[str, list[dict]] = {}
+    groups: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
-        groups.setdefault(row["config"], []).append(row)
+        groups.setdefault((row["oracle_mode"], row["config"]), []).append(row)
     out = []
-    for name in sorted(groups, key=lambda n: (order.get(n, len(order)), n)):
-        group = groups[name]
+    for mode, name in sorted(groups, key=lambda g: (g[0], order.get(g[1], len(order)), g[1])):
+        group = groups[mode, name]
         number = lambda key: [float(r[key]) for r in group if r[key] not in ("", "None")]  # noqa: E731
         found = [r["target_found"] == "True" for r in group if r["target_found"] not in ("", "None")]
         out.append({
-            "config": name, "family": group[0]["family"], "seeds": len(group),
+            "config": name, "oracle_mode": mode, "family": group[0]["family"], "seeds": len(group),
             "rates": sorted({r["rate"] for r in group}),
             "found": sum(found), "of": len(found),
             "false_alarms": sum(r["false_alarm"] == "True" for r in group),

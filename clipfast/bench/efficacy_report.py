@@ -26,8 +26,8 @@ def readme_table(rows: list[dict]) -> str:
         f"Rows: {len(rows)} cases from `benchmarks/results/efficacy.csv` (commit{'s' if len(commits) > 1 else ''} "
         f"{', '.join(commits)}; {', '.join(devices)}). Median over seeds, worst case in brackets.",
         "",
-        "| configuration | seeds | rate | t* found | poisoned CA / ASR | EftCLIP CA / ASR | baseline CA / ASR |",
-        "|---|---|---|---|---|---|---|",
+        "| oracle | configuration | seeds | rate | t* found | poisoned CA / ASR | EftCLIP CA / ASR | baseline CA / ASR |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for entry in summary:
         def pair(kind):
@@ -37,7 +37,7 @@ def readme_table(rows: list[dict]) -> str:
             return f"{_pct(ca)} / {_pct(asr)}{spread}"
         found = (f"{entry['false_alarms']} false alarms" if entry["family"] == "clean" else
                  f"{entry['found']}/{entry['of']}" + ("" if entry["found"] == entry["of"] else " **missed**"))
-        lines.append(f"| {entry['config']} | {entry['seeds']} | {', '.join(entry['rates'])} | {found} | "
+        lines.append(f"| {entry['oracle_mode']} | {entry['config']} | {entry['seeds']} | {', '.join(entry['rates'])} | {found} | "
                      f"{pair('poisoned')} | {pair('repaired')} | {pair('baseline')} |")
     return "\n".join(lines)
 
@@ -62,7 +62,7 @@ def plot_efficacy(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = summarise(rows)
-    fig, ax = plt.subplots(figsize=(max(8, 0.55 * len(summary) + 2), 4.8))
+    fig, ax = plt.subplots(figsize=(max(8, 0.45 * len(summary) + 2), 5.2))
     width = 0.27
     series = (("poisoned", "#8C8C8C"), ("repaired", "#4C72B0"), ("baseline", "#DD8452"))
     for k, (kind, colour) in enumerate(series):
@@ -80,7 +80,8 @@ def plot_efficacy(rows: list[dict], path: Path) -> None:
         else:
             continue
         ax.text(i, 103, note, ha="center", va="bottom", fontsize=6.5, color="#C44E52")
-    ax.set_xticks(range(len(summary)), [e["config"] for e in summary], rotation=60, ha="right", fontsize=7)
+    ax.set_xticks(range(len(summary)), [f"{e['config']} ({e['oracle_mode']})" for e in summary], rotation=60,
+                  ha="right", fontsize=6.5)
     ax.set_ylabel("attack success rate (%)")
     ax.set_ylim(0, 118)
     ax.legend(fontsize=7, ncol=3, loc="upper left", bbox_to_anchor=(0, 1.0))

@@ -2,7 +2,8 @@
 
 The command line parses, calls and prints: defaults come from the config dataclasses, results
 summarise themselves, and every ClipfastError (bad input, a run directory of another run, broken
-weights) is reported as a usage error with exit code 2.
+weights) is reported as a usage error with exit code 2. scan / repair / defend end with a verdict;
+a backdoor found and not (shown to be) removed exits with code 3.
 """
 
 from __future__ import annotations
@@ -85,10 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # and finished work stays on disk for the rerun to resume from.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        args.run(args)
+        code = args.run(args)
     except ClipfastError as error:
         args.subparser.error(str(error))  # exits with code 2
-    return 0
+    return code or 0
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -36,8 +36,12 @@ def defense_arguments(parser: argparse.ArgumentParser) -> None:
     oracle.add_argument("--oracle", choices=SEGMENTER_NAMES, default="builtin", help="segmenter (default: builtin)")
     oracle.add_argument("--sam-checkpoint", help="segment-anything weights file (for --oracle sam)")
     oracle.add_argument("--sam-model-type", default="vit_b", choices=SAM_MODEL_TYPES)
-    oracle.add_argument("--grounding-checkpoint", help="a trusted clean CLIP checkpoint for grounding "
-                        "(default: the model under test grounds its own crops)")
+    oracle.add_argument("--trusted-model", help="a trusted clean CLIP that grounds the regions: an open_clip "
+                        "architecture (with --trusted-pretrained) or hf-hub:org/repo (default: none, the model under "
+                        "test grounds its own crops)")
+    oracle.add_argument("--trusted-pretrained", help="open_clip pretrained tag of --trusted-model")
+    oracle.add_argument("--trusted-checkpoint", help="weights of the trusted clean CLIP (a clipfast checkpoint needs "
+                        "no --trusted-model)")
     oracle.add_argument("--backend", default=scan.backend, choices=("auto",) + BACKENDS,
                         help=f"op backend (default: {scan.backend})")
     # The config field each speed option sets; the untied ones never change results (rundir.untied).
@@ -72,7 +76,7 @@ def defense_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="output directory (a rerun resumes here)")
 
 
-def run_defense(args: argparse.Namespace, stage: str) -> None:
+def run_defense(args: argparse.Namespace, stage: str) -> int:
     """stage: "scan" (scan only), "repair" (curate + repair from the scan in --out) or "defend" (both)."""
     from clipfast import distributed
     from clipfast.data import read_vocabulary
@@ -87,12 +91,12 @@ def run_defense(args: argparse.Namespace, stage: str) -> None:
                            "(or `clipfast defend` to scan and repair in one go)")
     try:
         group, args.device = distributed.init_from_environment(args.device)  # torchrun: one process per GPU / CPU slot
-        _run_defense_on_rank(args, stage != "scan", labels, group)
+        return _run_defense_on_rank(args, stage != "scan", labels, group)
     finally:
         distributed.shutdown()
 
 
-def _run_defense_on_rank(args: argparse.Namespace, run_repair: bool, labels: list[str], group) -> None:
+def _run_defense_on_rank(args: argparse.Namespace, run_repair: bool, labels: list[str], group) -> int:
     from clipfast.data import open_probe_set
     from clipfast.defense import CurateConfig, DefenseConfig, RepairConfig, ScanConfig, defend
     from clipfast.models import load_model
@@ -111,7 +115,12 @@ def _run_defense_on_rank(args: argparse.Namespace, run_repair: bool, labels: lis
         segmenter = make_segmenter(args.oracle, **oracle_options)
     except (FileNotFoundError, ValueError) as error:
         raise CliError(str(error)) from None
-    grounding = load_model(checkpoint=args.grounding_checkpoint, device=args.device) if args.grounding_checkpoint else None
+    trusted = None
+    if args.trusted_model or args.trusted_checkpoint:
+        trusted = load_model(args.trusted_model, pretrained=args.trusted_pretrained, checkpoint=args.trusted_checkpoint,
+                             device=args.device)
+    elif args.trusted_pretrained:
+        raise CliError("--trusted-pretrained needs --trusted-model")
     prompts = None
     if args.vocab == "world":
         from clipfast.data.world import zero_shot_prompts as prompts
@@ -129,11 +138,11 @@ def _run_defense_on_rank(args: argparse.Namespace, run_repair: bool, labels: lis
         raise CliError(str(error)) from None
     identity = {"model": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint,
                 "probe": str(args.probe.resolve()), "oracle": args.oracle, "sam_checkpoint": args.sam_checkpoint,
-                "grounding": args.grounding_checkpoint}
-    outcome = defend(bundle, labels, probe, segmenter, args.out, prompts=prompts, grounding_bundle=grounding,
+                "trusted": [args.trusted_model, args.trusted_pretrained, args.trusted_checkpoint]}
+    outcome = defend(bundle, labels, probe, segmenter, args.out, prompts=prompts, grounding_bundle=trusted,
                      config=config, identity=identity, run_repair=run_repair)
     if not group.is_main:
-        return
+        return outcome.verdict.exit_code
     report = outcome.summary(probe)
     save_json(report, args.out / "report.json")
     scan = outcome.scan
@@ -148,3 +157,5 @@ def _run_defense_on_rank(args: argparse.Namespace, run_repair: bool, labels: lis
     if outcome.repaired_model_path:
         print(f"repaired model: {outcome.repaired_model_path} (repair estimates: {json.dumps(outcome.repair.estimates)})")
     print(f"report: {args.out / 'report.json'}")
+    print(f"VERDICT: {outcome.verdict.message}")
+    return outcome.verdict.exit_code

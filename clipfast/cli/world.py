@@ -54,11 +54,11 @@ def poison_arguments(parser: argparse.ArgumentParser) -> None:
 def run_poison(args: argparse.Namespace) -> None:
     from clipfast.data.world import CLASSES
     from clipfast.eval import evaluate, format_report, save_report
-    from clipfast.recipes import WorldRecipe, train_world_model
+    from clipfast.demo import default_cache_dir
+    from clipfast.recipes import WorldRecipe, optimized_patch_recipe, train_world_model
     from clipfast.train import TrainConfig
 
     target = target_label(args.target)
-    trigger = parse_trigger(args)
     from_scratch = args.checkpoint is None and args.pretrained is None
     try:
         recipe = WorldRecipe(
@@ -69,6 +69,9 @@ def run_poison(args: argparse.Namespace) -> None:
                               eval_every=args.eval_every, precision=args.precision, augment=args.augment,
                               progress=not args.no_progress),
         )
+        # an optimized patch is made on a clean surrogate model, cached like the demo's models
+        recipe = optimized_patch_recipe(recipe, default_cache_dir() / "models")
+        trigger = recipe.make_trigger()
     except ValueError as error:
         raise CliError(str(error)) from None
     test = test_world(args)
@@ -136,6 +139,10 @@ def demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-size", type=positive_int, default=demo.baseline_size,
                         help=f"clean pairs for the CleanCLIP-style baseline (default: {demo.baseline_size})")
     parser.add_argument("--no-baseline", action="store_true", help="skip the baseline")
+    parser.add_argument("--trusted", action="store_true",
+                        help="trusted oracle: a clean model of another seed (trained into the cache on first use) "
+                        "grounds the regions, as a user's trusted clean CLIP would (default: the suspect grounds "
+                        "its own crops)")
     parser.add_argument("--cache-dir", type=Path, help="where poisoned models are cached (default: $CLIPFAST_CACHE "
                         "or ~/.cache/clipfast)")
     parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")
@@ -151,7 +158,8 @@ def run_demo_command(args: argparse.Namespace) -> None:
                              target=CLASSES[target_label(args.target)], seed=args.seed,
                              trigger_seed=args.trigger_seed)
         config = DemoConfig(recipe=recipe, probe_size=args.probe_size, baseline_size=args.baseline_size,
-                            run_baseline=not args.no_baseline)
+                            run_baseline=not args.no_baseline,
+                            oracle_mode="trusted" if args.trusted else "self")
     except ValueError as error:
         raise CliError(str(error)) from None
     report = run_demo(config, args.out, cache_dir=args.cache_dir)

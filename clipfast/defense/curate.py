@@ -1,11 +1,12 @@
 """Stage 2, curate (EftCLIP Algorithm 2): victims, affected labels and the compact fine-tuning set.
 
-Victims are the probe images whose whole-image label is a target t* that no object region grounds.
-Each victim's oracle label is the grounded label of its largest object region; the affected labels
-are the victims' oracle labels. The compact set is the top-k victims per affected label by
-discrepancy score (ops.region_topk), each captioned with its oracle label and keeping its trigger
-(so fine-tuning unlearns trigger -> t*), plus a small class-balanced clean replay set for the
-affected labels and t*.
+Victims are the scan's candidates labelled with a target t*. Each victim's oracle label is the
+grounding model's label of its largest region that is not the trigger; the affected labels are the
+victims' oracle labels. The compact set is the top-k victims per affected label by discrepancy score
+(ops.region_topk), each captioned with its oracle label and keeping its trigger (so fine-tuning
+unlearns trigger -> t*); a small class-balanced clean replay set for the affected labels and t*; and
+unlearning pairs: clean images of every other label with the recovered trigger put back on
+(unlearning.py), captioned with their own label.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from clipfast.ops import region_topk
 from clipfast.rundir import untied
 
 from .scan import ScanResult
+from .unlearning import clean_images, recover_triggers, with_triggers
 
 # Generic, attribute-free captions: the compact set pairs images with labels, not descriptions.
 # The label comes last, where the text augmentation never drops it.
@@ -28,13 +30,16 @@ CAPTION_TEMPLATES = ("a photo of a {}.", "an image of a {}.", "a drawing of a {}
 @dataclass(frozen=True)
 class CurateConfig:
     victims_per_label: int = 16
-    replay_per_label: int = 64
+    replay_per_label: int = 32
+    # clean images of every other label with the recovered trigger put back on (unlearning.py),
+    # captioned with their own label: the model unlearns the trigger for every source class
+    synthesized_per_label: int = 32
     seed: int = 0
     backend: str = untied("auto")  # region_topk's op backend (see clipfast.ops)
 
     def __post_init__(self):
-        if self.victims_per_label < 1 or self.replay_per_label < 0:
-            raise ValueError("victims_per_label must be >= 1 and replay_per_label >= 0")
+        if self.victims_per_label < 1 or self.replay_per_label < 0 or self.synthesized_per_label < 0:
+            raise ValueError("victims_per_label must be >= 1, replay_per_label and synthesized_per_label >= 0")
 
 
 @dataclass
@@ -43,6 +48,8 @@ class CompactSet:
     captions: list[str]
     source_indices: torch.Tensor  # [K] probe indices
     is_victim: torch.Tensor  # [K] bool: a curated victim (trigger kept, caption = oracle label)
+    is_synthesized: torch.Tensor  # [K] bool: a clean image with the recovered trigger put on (caption = its label)
+    clean_views: torch.Tensor  # uint8 [K, 3, H, W]: each image without the recovered trigger (victims: as they are)
     victim_indices: torch.Tensor  # all victims found (probe indices), for precision / recall
     affected_labels: list[int]
     targets: list[int]
@@ -54,7 +61,8 @@ class CompactSet:
         return {
             "size": len(self),
             "victims_curated": int(self.is_victim.sum()),
-            "replay": int((~self.is_victim).sum()),
+            "replay": int((~self.is_victim & ~self.is_synthesized).sum()),
+            "synthesized": int(self.is_synthesized.sum()),
             "victims_found": len(self.victim_indices),
             "affected_labels": [classnames[label] for label in self.affected_labels],
         }
@@ -80,17 +88,27 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     chosen = top[affected].flatten()
     chosen = chosen[chosen >= 0]
 
-    # Clean replay: images whose label is grounded, class-balanced over affected labels and targets.
-    clean = scan.grounded & ~scan.candidate
-    replay = []
-    for label in sorted(set(affected) | set(scan.targets)):
+    # Clean replay: images whose label is grounded, class-balanced over affected labels and targets;
+    # unlearning pairs: other clean images of every non-target label, the recovered trigger put on.
+    clean = torch.zeros(len(images), dtype=torch.bool)
+    clean[clean_images(scan)] = True
+    replay, synthesized = [], []
+    for label in range(num_labels):
         pool = torch.nonzero(clean & (scan.image_label == label)).flatten()
-        replay.append(pool[torch.randperm(len(pool), generator=generator)[: config.replay_per_label]])
-    replay = torch.cat(replay) if replay else torch.zeros(0, dtype=torch.int64)
+        pool = pool[torch.randperm(len(pool), generator=generator)]
+        take = config.replay_per_label if label in affected or label in scan.targets else 0
+        replay.append(pool[:take])
+        if label not in scan.targets:
+            synthesized.append(pool[take: take + config.synthesized_per_label])
+    replay, synthesized = torch.cat(replay), torch.cat(synthesized)
 
-    indices = torch.cat([chosen, replay])
-    caption_labels = torch.cat([scan.oracle_label[chosen], scan.image_label[replay]])
+    indices = torch.cat([chosen, replay, synthesized])
+    caption_labels = torch.cat([scan.oracle_label[chosen], scan.image_label[replay], scan.image_label[synthesized]])
     template = torch.randint(len(CAPTION_TEMPLATES), (len(indices),), generator=generator)
     captions = [CAPTION_TEMPLATES[int(t)].format(scan.classnames[int(label)]) for t, label in zip(template, caption_labels)]
-    is_victim = torch.cat([torch.ones(len(chosen), dtype=torch.bool), torch.zeros(len(replay), dtype=torch.bool)])
-    return CompactSet(images.read(indices), captions, indices, is_victim, victims, affected, list(scan.targets))
+    kinds = torch.cat([torch.full((len(chosen),), 0), torch.full((len(replay),), 1), torch.full((len(synthesized),), 2)])
+    clean_views = images.read(indices)
+    pictures = clean_views.clone()
+    pictures[kinds == 2] = with_triggers(pictures[kinds == 2], recover_triggers(scan, images, config.seed), config.seed)
+    return CompactSet(pictures, captions, indices, kinds == 0, kinds == 2, clean_views, victims, affected,
+                      list(scan.targets))

@@ -22,6 +22,7 @@ from clipfast.rundir import check_same_run, remove_leftovers, save_json, tied_se
 
 from .curate import CompactSet, CurateConfig, curate
 from .repair import RepairConfig, RepairResult, repair
+from .verdict import Verdict, judge
 from .scan import LabelTest, ScanConfig, ScanResult, TriggerEstimate, scan
 
 CONFIG_NAME = "defense_config.json"
@@ -45,6 +46,7 @@ class DefenseOutcome:
     repair: RepairResult | None
     seconds: dict[str, float]
     repaired_model_path: Path | None
+    verdict: Verdict
 
     def summary(self, probe: ProbeSet) -> dict:
         """The run as report.json holds it (probe: the scanned probe set, to name unreadable images)."""
@@ -56,7 +58,8 @@ class DefenseOutcome:
                 "compact_set": self.compact.summary(self.scan.classnames) if self.compact else None,
                 "repair": self.repair.summary() if self.repair else None,
                 "repaired_model": str(self.repaired_model_path) if self.repaired_model_path else None,
-                "seconds": self.seconds}
+                "seconds": self.seconds,
+                "verdict": self.verdict.summary()}
 
 
 def claim_run_directory(out_dir: Path, settings: dict) -> None:
@@ -113,7 +116,7 @@ def defend(bundle: ClipBundle, classnames: list[str], probe_images: ProbeSet | t
         group.barrier()
     seconds["scan"] = time.perf_counter() - start
     if not scanned.found or not run_repair:
-        return DefenseOutcome(scanned, None, None, seconds, None)
+        return DefenseOutcome(scanned, None, None, seconds, None, verdict_of(scanned, None, config.repair))
 
     start = time.perf_counter()
     compact = curate(scanned, probe_images, config.curate)
@@ -127,4 +130,17 @@ def defend(bundle: ClipBundle, classnames: list[str], probe_images: ProbeSet | t
         save_checkpoint(bundle, out_dir / REPAIRED_NAME)
     group.barrier()
     seconds["repair"] = time.perf_counter() - start
-    return DefenseOutcome(scanned, compact, repaired, seconds, out_dir / REPAIRED_NAME)
+    return DefenseOutcome(scanned, compact, repaired, seconds, out_dir / REPAIRED_NAME,
+                          verdict_of(scanned, repaired, config.repair))
+
+
+def verdict_of(scanned: ScanResult, repaired: RepairResult | None, config: RepairConfig) -> Verdict:
+    if scanned.found:
+        description = "; ".join(t.describe(scanned.classnames) for t in scanned.triggers)
+    else:
+        description = (f"no label among {len(scanned.classnames)} passed the per-label test on "
+                       f"{int(scanned.readable.sum())} probe images (family-wise false-alarm rate "
+                       f"{scanned.label_test.threshold * len(scanned.classnames):g})")
+    estimates = repaired.estimates if repaired else {}
+    return judge(scanned.found, description, repaired is not None, estimates.get("asr_hits"), estimates.get("asr_n"),
+                 config.max_asr)

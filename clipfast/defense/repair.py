@@ -26,6 +26,7 @@ from clipfast.train.loop import TrainConfig, TrainResult, train
 
 from .curate import CompactSet
 from .scan import ScanResult
+from .unlearning import clean_images, recover_triggers, with_triggers
 
 
 @dataclass(frozen=True)
@@ -37,10 +38,16 @@ class RepairConfig:
     warmup_steps: int = 10
     eval_every: int = 5
     target_asr: float = 0.0  # stop once the held-out ASR estimate is at or below this
+    # "removed" needs the 95 % upper bound of the held-out ASR at or below this (defense/verdict.py)
+    max_asr: float = 0.05
     clean_tolerance: float = 0.015  # report whether held-out clean agreement stayed >= 1 - this
     # CleanCLIP's in-modal term; 0 by default: on a compact set of a few hundred pairs it cost clean
     # accuracy (weight 1 lost 2.7 CA points on the demo model, 0 lost 0.1, at the same ASR).
     self_supervised_weight: float = 0.0
+    # Feature anchoring to the pre-repair embeddings of the trigger-free images (CleanCLIPObjective):
+    # what keeps clean accuracy while the trigger is unlearned.
+    anchor_weight: float = 1.0
+    contrastive_weight: float = 1.0
     holdout_clean: int = 512
     seed: int = 0
     # fast: the training loop's mixed precision (bf16 autocast on a GPU) and fused AdamW, plus what
@@ -83,19 +90,23 @@ class RepairResult:
 
 def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: ProbeSet | torch.Tensor, prompts,
                       holdout_clean: int, seed: int) -> Callable[[ClipBundle], dict]:
-    """eval_fn for the training loop: ASR estimate on held-out victims, agreement on held-out clean images."""
+    """eval_fn for the training loop: the attack success rate on held-out triggered images (victims
+    not in the compact set, and held-out clean images of non-target labels with the recovered trigger
+    put on: asr_hits of asr_n), and agreement with the pre-repair labels on held-out clean images."""
     probe_images = as_probe_set(probe_images)
     in_compact = torch.zeros(len(probe_images), dtype=torch.bool)
     in_compact[compact.source_indices] = True
     victims = compact.victim_indices[~in_compact[compact.victim_indices]]
-    if len(victims) == 0:  # every victim was curated: fall back to them (an optimistic estimate)
-        victims = compact.victim_indices
-    clean = torch.nonzero(scan.grounded & ~scan.candidate & ~in_compact).flatten()
+    clean = clean_images(scan)
+    clean = clean[~in_compact[clean]]
     clean = clean[torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[:holdout_clean]]
     targets = torch.tensor(scan.targets)
     prompt_kwargs = {} if prompts is None else {"prompts": prompts}
     fixed_classifier = None
-    victim_images, clean_images = probe_images.read(victims), probe_images.read(clean)  # read once
+    clean_pictures = probe_images.read(clean)  # read once
+    source = ~torch.isin(scan.image_label[clean], targets)  # ASR counts images of other labels only
+    triggered = torch.cat([probe_images.read(victims),
+                           with_triggers(clean_pictures[source], recover_triggers(scan, probe_images, seed), seed + 1)])
 
     def estimate(bundle: ClipBundle) -> dict:
         nonlocal fixed_classifier
@@ -104,11 +115,11 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
         if not text_tower_trains(bundle.model):
             fixed_classifier = classifier
         out = {}
-        if len(victims):
-            predicted = classifier.predict(victim_images)[0][:, 0]
-            out["asr_estimate"] = float(torch.isin(predicted, targets).float().mean())
+        if len(triggered):
+            hits = int(torch.isin(classifier.predict(triggered)[0][:, 0], targets).sum())
+            out.update(asr_estimate=hits / len(triggered), asr_hits=hits, asr_n=len(triggered))
         if len(clean):
-            predicted = classifier.predict(clean_images)[0][:, 0]
+            predicted = classifier.predict(clean_pictures)[0][:, 0]
             out["clean_agreement"] = float((predicted == scan.image_label[clean]).float().mean())
         return out
 
@@ -127,8 +138,15 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
         return metrics.get("asr_estimate", 0.0) <= config.target_asr
 
     train_config = config.train_config()
+    # Anchors: what the model said before repair about each image without the trigger. Replay images
+    # keep their embeddings; an unlearning pair (clean image + recovered trigger) is pulled to its clean
+    # image's embedding, so the model learns to ignore the trigger rather than relearn the classes.
+    # Victims have no clean view: their captions alone correct them.
+    anchored = ~compact.is_victim
+    anchors = bundle.encode_images(compact.clean_views) if config.anchor_weight else None
     objective = CleanCLIPObjective(compact.captions, bundle.tokenizer, config.self_supervised_weight, config.seed,
-                                   text_view=not config.freeze_text)
+                                   text_view=not config.freeze_text, anchors=anchors, anchored=anchored,
+                                   anchor_weight=config.anchor_weight, contrastive_weight=config.contrastive_weight)
     if config.freeze_text:
         freeze_text_tower(bundle.model)
     result = train(bundle, compact.images, compact.captions, train_config, out_dir, objective=objective,

@@ -40,11 +40,12 @@ def plot_ca_asr(rows: dict[str, dict], path: str | Path) -> None:
 
 def plot_label_test(classnames: list[str], candidates: list[int], expected: list[float], targets: list[str],
                     path: str | Path) -> None:
-    """Ungrounded predictions per label against what the other labels' rate predicts."""
+    """Candidates (images with trigger evidence) per label, their two largest source classes left
+    out, against what the other labels' rate predicts."""
     x = torch.arange(len(classnames)).float()
     fig, ax = plt.subplots(figsize=(0.6 * len(classnames) + 2, 3.2))
     colours = ["#C44E52" if name in targets else "#8C8C8C" for name in classnames]
-    ax.bar(x, candidates, 0.6, color=colours, label="images with the label ungrounded (P_i)")
+    ax.bar(x, candidates, 0.6, color=colours, label="images with trigger evidence (2 largest sources left out)")
     ax.plot(x.tolist(), expected, "k_", markersize=18, mew=2, label="expected under no backdoor")
     ax.set_xticks(x.tolist(), classnames, rotation=45, ha="right")
     ax.set_ylabel("images")

@@ -55,15 +55,25 @@ def contrastive_loss(first: torch.Tensor, second: torch.Tensor, logit_scale: tor
 
 
 class CleanCLIPObjective:
-    """loss = CLIP(image, text) + weight * (CLIP(image, image') + CLIP(text, text'))."""
+    """loss = CLIP(image, text) + weight * (CLIP(image, image') + CLIP(text, text'))
+    [+ anchor_weight * mean(1 - cos(image, anchor)) over the anchored samples].
+
+    Anchors (optional): the image embeddings of some training samples before fine-tuning
+    (normalised, [N, D]), and which samples they hold for (bool [N]): the term keeps those samples'
+    embeddings where they were, so the model changes where it must (the trigger) and not elsewhere."""
 
     def __init__(self, captions: Sequence[str], tokenizer, self_supervised_weight: float = 1.0, seed: int = 0,
-                 text_view: bool = True):
+                 text_view: bool = True, anchors: torch.Tensor | None = None, anchored: torch.Tensor | None = None,
+                 anchor_weight: float = 0.0, contrastive_weight: float = 1.0):
         self.captions = list(captions)
         self.tokenizer = tokenizer
         self.weight = self_supervised_weight
         self.seed = seed
         self.text_view = text_view
+        if anchor_weight and (anchors is None or anchored is None or len(anchors) != len(anchored)):
+            raise ValueError("CleanCLIPObjective: anchor_weight needs anchors [N, D] and anchored [N]")
+        self.anchors, self.anchored, self.anchor_weight = anchors, anchored, anchor_weight
+        self.contrastive_weight = contrastive_weight
 
     def __call__(self, forward: ClipForward, batch: Batch) -> dict[str, torch.Tensor]:
         # Views are a function of (seed, step, micro-batch), so resumed runs stay deterministic.
@@ -71,15 +81,25 @@ class CleanCLIPObjective:
         size = len(batch.indices)
         if self.text_view:
             views = [augment_caption(self.captions[i], generator) for i in batch.indices.tolist()]
-        image_features = forward.image(torch.cat([batch.images, augment_views(batch.images, generator)]))
+        # The augmented image view only matters with a self-supervised weight: skip its forward otherwise.
+        both = torch.cat([batch.images, augment_views(batch.images, generator)]) if self.weight else batch.images
+        image_features = forward.image(both)
         text_features = forward.text(batch)
         logit_scale = forward.logit_scale()
         same_caption = (batch.tokens[:, None, :] == batch.tokens[None, :, :]).all(-1)
-        images, images_view = image_features[:size], image_features[size:]
+        images = image_features[:size]
         contrastive = contrastive_loss(images, text_features, logit_scale, same_caption)
-        in_image = contrastive_loss(images, images_view, logit_scale)
-        out = {"contrastive": contrastive, "in_image": in_image}
-        total = contrastive + self.weight * in_image
+        out = {"contrastive": contrastive}
+        total = self.contrastive_weight * contrastive
+        if self.weight:
+            out["in_image"] = contrastive_loss(images, image_features[size:], logit_scale)
+            total = total + self.weight * out["in_image"]
+        if self.anchor_weight:
+            rows = self.anchored[batch.indices]
+            anchors = self.anchors[batch.indices[rows]].to(images.device, images.dtype)
+            agreement = (images[rows.to(images.device)] * anchors).sum(-1)
+            out["anchor"] = (1 - agreement).mean() if len(anchors) else images.sum() * 0
+            total = total + self.anchor_weight * out["anchor"]
         if self.text_view:
             text_views = forward.text_tokens(self.tokenizer(views).to(batch.tokens.device))
             out["in_text"] = contrastive_loss(text_features, text_views, logit_scale, same_caption)

@@ -15,11 +15,29 @@ REGION_MODES = ("crop", "packed")
 @dataclass(frozen=True)
 class ScanConfig:
     grounding_threshold: float = 0.5  # a region grounds a label when its probability reaches this (>= 0.5)
-    object_min_fraction: float = 0.03  # smaller regions are not objects (a trigger patch is smaller)
     crop_margin: float = 0.2  # mask_crop's box margin, as a fraction of the box side
     crop_square: bool = True  # square crop boxes keep the region's aspect ratio
     crop_background: float = 0.35  # fill outside the mask, in [0, 1] pixel units
-    min_causal_drop: float = 0.5  # removing the trigger region must take away this share of p(L_i)
+    # Where no crop says L_i, the region whose removal takes away at least this share of p(L_i)
+    # explains it (a majority of the label's probability: the region decides it).
+    min_causal_drop: float = 0.5
+    # The transplant test (evidence.py): an explaining region is trigger evidence when, pasted onto
+    # other probe images, it turns at least min_flip_rate of them to its label. Calibrated on what the
+    # two kinds of region do by definition, not on any trigger: a working backdoor turns most images
+    # it is pasted on (its attack success rate, >= 0.9 for the attacks this tool is judged on), while
+    # an object that explains its own image rarely overrides another image's own object; 0.5 is the
+    # midpoint, and the per-label test (not one image) decides. Recipients: images of other labels
+    # whose largest region is at least recipient_size_ratio times the pasted region (an image's label
+    # follows its largest object: measured on the demo model, with a ratio of 1 a pasted object of
+    # the same size took the label over half the time, so 11 % of clean images passed; with 2, 2.7 %
+    # did, against 32 of 33 victims) and covered by it at most max_recipient_overlap (a pasted
+    # object must not simply hide the recipient's), drawn from the first recipient_pool images of
+    # the shard.
+    min_flip_rate: float = 0.5
+    transplant_recipients: int = 8
+    recipient_pool: int = 64
+    max_recipient_overlap: float = 0.1
+    recipient_size_ratio: float = 2.0
     significance: float = 1e-3  # family-wise false-alarm rate of the target-label test
     min_effect: float = 3.0  # a target must also occur >= this many times more often than expected
     min_count: int = 5  # and in at least this many images
@@ -47,8 +65,10 @@ class ScanConfig:
     def __post_init__(self):
         if not 0.5 <= self.grounding_threshold <= 1.0:
             raise ValueError(f"grounding_threshold must be in [0.5, 1], got {self.grounding_threshold}")
-        if not 0.0 <= self.object_min_fraction < 1.0:
-            raise ValueError(f"object_min_fraction must be in [0, 1), got {self.object_min_fraction}")
+        if not 0.0 < self.min_flip_rate <= 1.0 or not 0.0 <= self.max_recipient_overlap <= 1.0:
+            raise ValueError("min_flip_rate must be in (0, 1] and max_recipient_overlap in [0, 1]")
+        if self.transplant_recipients < 1 or self.recipient_pool < 2:
+            raise ValueError("transplant_recipients must be >= 1 and recipient_pool >= 2")
         if not 0.0 < self.significance < 1.0:
             raise ValueError(f"significance must be in (0, 1), got {self.significance}")
         if not 0.0 < self.min_causal_drop <= 1.0:

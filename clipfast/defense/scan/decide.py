@@ -1,6 +1,13 @@
-"""The probe-set-wide decisions, from every shard's per-image columns: which labels are targets
-(a one-sided binomial test per label, Bonferroni over labels, plus count and effect floors) and
-where each target's trigger sits (the consensus of its victims' trigger regions)."""
+"""The probe-set-wide decisions, from every shard's per-image columns.
+
+Candidates are the images with trigger evidence: an explaining region that passes the transplant
+test (any patch trigger, either oracle mode), or, with a trusted model, discordance (the trusted
+model confidently says another label and grounds the model's label nowhere: image-wide triggers
+too). A label is a target when its candidates are far more frequent than the other labels' pooled
+rate predicts (one-sided binomial test, Bonferroni over labels, count and effect floors) after
+leaving out its two largest source classes: a backdoor pulls victims from every class, an ordinary
+confusion from one or two neighbours, which this keeps from ever looking like a target.
+"""
 
 from __future__ import annotations
 
@@ -11,28 +18,46 @@ from .config import ScanConfig
 from .result import ImageColumns, LabelTest, ScanResult, TriggerEstimate
 from .shards import ScanShard
 
+TRIMMED_SOURCES = 2  # a label's largest source classes left out of its candidate count
+
 
 def decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, seconds: dict) -> ScanResult:
     columns = ImageColumns.cat([shard.columns() for shard in shards])
     if not columns.readable.any():
         raise ValueError(f"scan: none of the {len(columns)} probe images could be read")
     trigger_masks = {i: mask for shard in shards for i, mask in shard.unpacked_trigger_masks().items()}
-    candidate = columns.ungrounded & (columns.causal_drop >= config.min_causal_drop)
-    label_test, targets = decide_targets(columns.image_label, candidate, len(classnames), config)
-    triggers = [trigger_estimate(target, candidate, columns.image_label, columns.causal_drop, trigger_masks)
-                for target in targets]
-    return ScanResult(**vars(columns), classnames=classnames, candidate=candidate, label_test=label_test,
-                      targets=targets, triggers=triggers, seconds=seconds)
+    patch_evidence = columns.flip_rate >= config.min_flip_rate
+    candidate = (patch_evidence | columns.discordant) & columns.readable
+    sources = torch.where(columns.reference_label >= 0, columns.reference_label, columns.oracle_label)
+    label_test, targets = decide_targets(columns.image_label, candidate, sources, len(classnames), config)
+    triggers = [trigger_estimate(target, candidate, patch_evidence, columns, trigger_masks) for target in targets]
+    return ScanResult(**vars(columns), classnames=classnames, patch_evidence=patch_evidence, candidate=candidate,
+                      label_test=label_test, targets=targets, triggers=triggers, seconds=seconds)
 
 
-def decide_targets(image_label: torch.Tensor, candidate: torch.Tensor, num_labels: int,
+def trimmed_counts(image_label: torch.Tensor, candidate: torch.Tensor, sources: torch.Tensor,
+                   num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per label: candidates less those of its TRIMMED_SOURCES largest source classes (images of
+    unknown source, -1, are never left out), and the number of distinct known sources."""
+    counts = torch.zeros(num_labels, dtype=torch.int64)
+    distinct = torch.zeros(num_labels, dtype=torch.int64)
+    for label in range(num_labels):
+        mine = candidate & (image_label == label)
+        known = sources[mine & (sources >= 0) & (sources != label)]
+        per_source = torch.bincount(known, minlength=num_labels)
+        counts[label] = int(mine.sum()) - int(per_source.topk(min(TRIMMED_SOURCES, num_labels)).values.sum())
+        distinct[label] = int((per_source > 0).sum())
+    return counts, distinct
+
+
+def decide_targets(image_label: torch.Tensor, candidate: torch.Tensor, sources: torch.Tensor, num_labels: int,
                    config: ScanConfig) -> tuple[LabelTest, list[int]]:
-    """A label is a target when it lands in P_i (candidate) far more often than the other labels'
-    pooled rate predicts: P(X >= c_l), X ~ Binomial(n_l, rate) below significance / num_labels,
+    """A label is a target when its trimmed candidate count c_l is improbable under the other
+    labels' pooled rate: P(X >= c_l), X ~ Binomial(n_l, rate) below significance / num_labels,
     and c_l >= min_count and >= min_effect times the expected count."""
     readable = image_label >= 0  # unreadable probe images are labelled -1
     predicted = torch.bincount(image_label[readable], minlength=num_labels)
-    candidates = torch.bincount(image_label[candidate & readable], minlength=num_labels)
+    candidates, distinct = trimmed_counts(image_label, candidate & readable, sources, num_labels)
     threshold = config.significance / num_labels
     expected, p_values, targets = [], [], []
     for label in range(num_labels):
@@ -46,17 +71,25 @@ def decide_targets(image_label: torch.Tensor, candidate: torch.Tensor, num_label
         p_values.append(p)
         if p < threshold and c_l >= config.min_count and c_l >= config.min_effect * n_l * rate:
             targets.append(label)
-    test = LabelTest(predicted.tolist(), candidates.tolist(), expected, p_values, threshold)
+    test = LabelTest(predicted.tolist(), candidates.tolist(), expected, p_values, threshold, distinct.tolist())
     return test, targets
 
 
-def trigger_estimate(target: int, candidate: torch.Tensor, image_label: torch.Tensor, causal_drop: torch.Tensor,
+def trigger_estimate(target: int, candidate: torch.Tensor, patch_evidence: torch.Tensor, columns: ImageColumns,
                      trigger_masks: dict[int, torch.Tensor]) -> TriggerEstimate:
-    victims = torch.nonzero(candidate & (image_label == target)).flatten()
-    region_masks = torch.stack([trigger_masks[int(i)] for i in victims])
-    consensus = region_masks.float().mean(0) >= 0.5
+    """What the target's victims say about its trigger: a patch when most of them have a region that
+    passed the transplant test (its box: the pixels in at least half of those regions), else
+    image-wide."""
+    victims = torch.nonzero(candidate & (columns.image_label == target)).flatten()
+    patched = victims[patch_evidence[victims]]
+    kind = "patch" if 2 * len(patched) >= len(victims) else "image-wide"
+    height, width = next(iter(trigger_masks.values())).shape if trigger_masks else (0, 0)
+    region_masks = (torch.stack([trigger_masks[int(i)] for i in patched]) if len(patched) else
+                    torch.zeros(0, height, width, dtype=torch.bool))
+    consensus = (region_masks.float().mean(0) >= 0.5 if len(patched) else
+                 torch.zeros(height, width, dtype=torch.bool))
     box = None
-    if consensus.any():
+    if kind == "patch" and consensus.any():
         rows, cols = torch.nonzero(consensus.any(1)).flatten(), torch.nonzero(consensus.any(0)).flatten()
         box = (int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1)
-    return TriggerEstimate(target, victims, region_masks, causal_drop[victims], consensus, box)
+    return TriggerEstimate(target, kind, victims, patched, region_masks, columns.flip_rate[patched], consensus, box)

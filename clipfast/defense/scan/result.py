@@ -15,11 +15,13 @@ class ImageColumns:
     readable: torch.Tensor  # bool: the image could be decoded (unreadable ones take part in nothing)
     image_label: torch.Tensor  # int64: L_i, the model's whole-image top label (-1 when unreadable)
     image_prob: torch.Tensor  # its probability
-    grounded: torch.Tensor  # bool: L_i in S_i (some object region grounds it)
-    ungrounded: torch.Tensor  # bool: L_i in P_i after dropping labels the model gives object regions
-    causal_drop: torch.Tensor  # largest share of p(L_i) removing one non-object region takes away (ungrounded only)
-    discrepancy: torch.Tensor  # p_i(L_i) - max_j q_ij(L_i) over object regions
-    oracle_label: torch.Tensor  # int64: the grounding model's label of the largest object region, -1 if none
+    grounded: torch.Tensor  # bool: L_i in S_i (some region's crop grounds it, for the grounding model)
+    reference_label: torch.Tensor  # int64: the trusted model's whole-image label (-1: self oracle, no trusted model)
+    discordant: torch.Tensor  # bool: the trusted model confidently says another label and grounds L_i nowhere
+    explaining_drop: torch.Tensor  # share of p(L_i) removing the explaining region takes away (-1: not measured)
+    flip_rate: torch.Tensor  # transplant test of the explaining region (evidence.py); -1: no region or no recipient
+    discrepancy: torch.Tensor  # p_i(L_i) - max_j q_ij(L_i) over the regions
+    oracle_label: torch.Tensor  # int64: the grounding model's label of the largest region that does not explain L_i, -1 if none
     region_counts: torch.Tensor  # int64: regions the oracle found
 
     @classmethod
@@ -29,10 +31,11 @@ class ImageColumns:
     @classmethod
     def empty(cls, size: int) -> "ImageColumns":
         """`size` rows of what an unreadable image gets."""
-        false, zero = torch.zeros(size, dtype=torch.bool), torch.zeros(size)
+        false, zero, unmeasured = torch.zeros(size, dtype=torch.bool), torch.zeros(size), torch.full((size,), -1.0)
         none, count = torch.full((size,), -1, dtype=torch.int64), torch.zeros(size, dtype=torch.int64)
-        return ImageColumns(readable=false, image_label=none, image_prob=zero, grounded=false, ungrounded=false,
-                            causal_drop=zero, discrepancy=zero, oracle_label=none, region_counts=count)
+        return ImageColumns(readable=false, image_label=none, image_prob=zero, grounded=false, reference_label=none,
+                            discordant=false, explaining_drop=unmeasured, flip_rate=unmeasured, discrepancy=zero,
+                            oracle_label=none, region_counts=count)
 
     @classmethod
     def cat(cls, parts: list["ImageColumns"]) -> "ImageColumns":
@@ -61,20 +64,28 @@ class LabelTest:
     """The per-label evidence behind the target decision."""
 
     predicted: list[int]  # n_l: images whose whole-image label is l
-    candidates: list[int]  # c_l: of those, images where l is ungrounded (l in P_i)
-    expected: list[float]  # e_l = n_l * (pooled ungrounded rate of the other labels)
+    candidates: list[int]  # c_l: of those, candidates (trigger evidence), less the two largest source classes
+    expected: list[float]  # e_l = n_l * (pooled candidate rate of the other labels)
     p_values: list[float]  # P(X >= c_l), X ~ Binomial(n_l, that rate)
     threshold: float  # Bonferroni-corrected significance level
+    sources: list[int]  # distinct source classes among label l's candidates
 
 
 @dataclass
 class TriggerEstimate:
     target: int
+    kind: str  # "patch" (most victims have a region that flips other images) or "image-wide"
     victim_indices: torch.Tensor  # [V] probe indices of the victims
-    region_masks: torch.Tensor  # bool [V, H, W]: each victim's trigger region
-    region_drops: torch.Tensor  # [V]: share of p(t*) its removal takes away
-    consensus_mask: torch.Tensor  # bool [H, W]: pixels in >= half of the victims' trigger regions
-    box: tuple[int, int, int, int] | None  # (y0, x0, y1, x1) of the consensus, None when it is empty
+    patch_indices: torch.Tensor  # [P] the victims whose explaining region passed the transplant test
+    region_masks: torch.Tensor  # bool [P, H, W]: their trigger regions
+    flip_rates: torch.Tensor  # [P]: those regions' transplant flip rates
+    consensus_mask: torch.Tensor  # bool [H, W]: pixels in >= half of the trigger regions
+    box: tuple[int, int, int, int] | None  # (y0, x0, y1, x1) of the consensus; None when empty (image-wide, or a moving patch)
+
+    def describe(self, classnames: list[str]) -> str:
+        where = (f"patch trigger at box {self.box}" if self.kind == "patch" and self.box else
+                 "patch trigger at varying places" if self.kind == "patch" else "image-wide trigger")
+        return f"target '{classnames[self.target]}', {where}, {len(self.victim_indices)} victims"
 
 
 @dataclass
@@ -82,7 +93,8 @@ class ScanResult(ImageColumns):
     """The per-image columns of the whole probe set, plus the probe-set-wide decisions."""
 
     classnames: list[str] = field(kw_only=True)
-    candidate: torch.Tensor = field(kw_only=True)  # bool [N]: L_i in P_i after the causal refinement
+    patch_evidence: torch.Tensor = field(kw_only=True)  # bool [N]: the explaining region passed the transplant test
+    candidate: torch.Tensor = field(kw_only=True)  # bool [N]: trigger evidence (patch evidence, or discordant)
     label_test: LabelTest = field(kw_only=True)
     targets: list[int] = field(kw_only=True)
     triggers: list[TriggerEstimate] = field(kw_only=True)
@@ -104,14 +116,18 @@ class ScanResult(ImageColumns):
             "probe_images": len(self.image_label),
             "unreadable": int((~self.readable).sum()),
             "mean_regions_per_image": float(self.region_counts.float().mean()),
-            "ungrounded": int(self.ungrounded.sum()),
+            "oracle_mode": "trusted" if bool((self.reference_label >= 0).any()) else "self",
+            "discordant": int(self.discordant.sum()),
+            "transplant_positive": int(self.patch_evidence.sum()),
             "candidates": int(self.candidate.sum()),
             "label_test": {name: {"predicted": n, "candidates": c, "expected": round(e, 3), "p_value": p}
                            for name, n, c, e, p in zip(self.classnames, self.label_test.predicted,
                                                        self.label_test.candidates, self.label_test.expected,
                                                        self.label_test.p_values)},
             "significance_threshold": self.label_test.threshold,
-            "triggers": [{"target": self.classnames[t.target], "box": t.box, "victims_used": len(t.victim_indices),
-                          "consensus_pixels": int(t.consensus_mask.sum())} for t in self.triggers],
+            "triggers": [{"target": self.classnames[t.target], "kind": t.kind, "box": t.box,
+                          "victims": len(t.victim_indices), "patch_victims": len(t.patch_indices),
+                          "consensus_pixels": int(t.consensus_mask.sum()), "description": t.describe(self.classnames)}
+                         for t in self.triggers],
             "seconds": self.seconds,
         }

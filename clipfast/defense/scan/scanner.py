@@ -1,9 +1,11 @@
 """The shard loop: segment each batch of probe images, score it with the model under test (and the
-grounding model), turn the scores into per-image columns, and run the causal test as soon as a
-shard's last batch is in.
+grounding model), turn the scores into per-image columns, and gather the trigger evidence
+(evidence.py: each image's explaining region and its transplant test).
 
 Batch b's scores are recorded after batch b+1 is submitted, so with the fast scorer the device never
-waits for the host; the oracle segments ahead in a background thread.
+waits for the host; the oracle segments ahead in a background thread. The transplant test pastes
+onto a shard's recipient pool (its first readable images), so its results do not depend on the
+batch size; the few donors that come before the pool is complete wait for it.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ from clipfast.models import ClipBundle, ZeroShotClassifier
 from clipfast.ops import pack_mask_bits
 from clipfast.oracle import Segmentation, Segmenter
 
-from .causal import largest_drops
+from .evidence import RecipientPool, flip_rates, removal_drops
 from .config import ScanConfig
 from .result import ImageColumns
 from .scorers import PendingScores, make_scorer
 from .shards import ScanShard
 
-STAGES = ("text_encoding", "segment", "regions", "causal_test")  # the scan's stage times, in seconds
+STAGES = ("text_encoding", "segment", "regions", "evidence")  # the scan's stage times, in seconds
 
 
 class NonFiniteScoresError(NonFiniteError):
@@ -43,7 +45,16 @@ class _Batch:
     readable: torch.Tensor  # bool [B]
     segmentation: Segmentation
     masks: torch.Tensor  # segmentation.masks, pinned on a GPU machine
-    objects: torch.Tensor  # bool [B, M]: real regions of at least the object size
+    regions: torch.Tensor  # bool [B, M]: real (non-padding) regions
+
+
+@dataclass
+class _Donor:
+    index: int  # probe index
+    image: torch.Tensor  # uint8 [3, H, W] (a copy: the batch is not kept alive)
+    mask: torch.Tensor  # bool [H, W]: its explaining region
+    label: int
+    other_label: int  # the grounding model's label of its largest other region (-1: none)
 
 
 @dataclass
@@ -52,8 +63,9 @@ class _OpenShard:
     hi: int
     last_batch: int  # lo of its last batch
     parts: list[ImageColumns] = field(default_factory=list)
-    # probe index -> (its image, its non-object region masks), for ungrounded images only
-    small_regions: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    pool: list[tuple[int, torch.Tensor, int, torch.Tensor]] = field(default_factory=list)  # (index, image, label, largest)
+    waiting: list[_Donor] = field(default_factory=list)  # donors that came before the pool was complete
+    flips: dict[int, tuple[float, _Donor]] = field(default_factory=dict)  # index -> (flip rate, donor)
 
 
 class ShardScanner:
@@ -67,8 +79,7 @@ class ShardScanner:
         self.grounder = self.suspect if grounding_bundle is None else make_scorer(
             grounding_bundle, ZeroShotClassifier(grounding_bundle, classnames, **prompt_kwargs), config)
         self.seconds["text_encoding"] = time.perf_counter() - start
-        _, height, self.width = probe.image_shape
-        self.min_area = config.object_min_fraction * height * self.width
+        _, _, self.width = probe.image_shape
         self.pin = bundle.device.type == "cuda"  # page-locked host batches: asynchronous copies to the GPU
         self._oracle_seconds = 0.0
 
@@ -80,16 +91,16 @@ class ShardScanner:
         start, pending = time.perf_counter(), None
         stream = prefetch(self._segmented(batches), self.config.prefetch if self.suspect.runs_ahead else 0)
         for batch in tqdm(stream, total=len(batches), desc="scan", unit="batch", disable=not self.config.progress):
-            own = self.suspect.submit(batch.images, batch.masks, batch.objects)
+            own = self.suspect.submit(batch.images, batch.masks, batch.regions)
             ground = own if self.grounder is self.suspect else self.grounder.submit(batch.images, batch.masks,
-                                                                                     batch.objects)
+                                                                                     batch.regions)
             if pending is not None:
                 yield from self._record(*pending)
             pending = (batch, own, ground)
         if pending is not None:
             yield from self._record(*pending)
         self.seconds["segment"] = self._oracle_seconds  # oracle busy time (overlapped with encoding when it runs ahead)
-        self.seconds["regions"] = time.perf_counter() - start - self.seconds["causal_test"]
+        self.seconds["regions"] = time.perf_counter() - start - self.seconds["evidence"]
 
     def _segmented(self, batches: list[tuple[int, int, int]]) -> Iterator[_Batch]:
         ranges = [(lo, hi) for _, lo, hi in batches]
@@ -100,49 +111,97 @@ class ShardScanner:
             masks = segmentation.masks
             if self.pin:
                 images, masks = images.pin_memory(), masks.pin_memory()
-            objects = segmentation.valid & (masks.flatten(2).sum(-1) >= self.min_area)
-            yield _Batch(k, lo, images, readable, segmentation, masks, objects)
+            yield _Batch(k, lo, images, readable, segmentation, masks, segmentation.valid)
 
     def _record(self, batch: _Batch, own_pending: PendingScores,
                 ground_pending: PendingScores) -> Iterator[tuple[int, ScanShard]]:
         """Host-side bookkeeping of one batch, once its scores are on the host."""
-        config, readable, objects = self.config, batch.readable, batch.objects
+        config, readable, regions = self.config, batch.readable, batch.regions
         own = own_pending.result()
         ground = own if ground_pending is own_pending else ground_pending.result()
         probs = own.image_prob[readable]
         if not (torch.isfinite(probs) & (probs >= 0) & (probs <= 1)).all():
             raise NonFiniteScoresError(f"scan: the model's scores of probe images {batch.lo}..{batch.lo + len(readable) - 1}"
                                        " are NaN or inf; its weights or the images are broken")
-        label = own.image_label[:, None]
+        label, size = own.image_label, len(readable)
         if self.grounder is self.suspect:  # region_score already has q_ij(L_i) for the suspect's own L_i
             grounded = (own.region_image_prob >= config.grounding_threshold).any(-1)
+            reference_label, discordant = torch.full((size,), -1), torch.zeros(size, dtype=torch.bool)
         else:  # threshold >= 0.5: q'_ij(L_i) passes it only as region j's top label
-            grounded = ((ground.region_label == label) & (ground.region_prob >= config.grounding_threshold)).any(-1)
-        self_supported = (own.region_label == label).any(-1)
-        # Regions are sorted largest first, so the first object region is the largest one.
-        first_object = objects.float().argmax(-1)
-        oracle_label = torch.where(objects.any(-1), ground.region_label.gather(1, first_object[:, None]).squeeze(1), -1)
-        columns = ImageColumns(readable=readable, image_label=own.image_label, image_prob=own.image_prob,
-                               grounded=grounded, ungrounded=~grounded & ~self_supported,
-                               causal_drop=torch.zeros(len(readable)), discrepancy=own.discrepancy,
+            grounded = ((ground.region_label == label[:, None]) & (ground.region_prob >= config.grounding_threshold)).any(-1)
+            reference_label = ground.image_label
+            discordant = (reference_label != label) & (ground.image_prob >= config.grounding_threshold) & ~grounded
+        start = time.perf_counter()
+        explaining, drop, has_region = self._explaining_regions(batch, own)
+        # The grounding model's label of the largest region (regions are sorted largest first); where
+        # the explaining region turns out to be a trigger, of the largest other one (_finish).
+        oracle_label = torch.where(regions[:, 0], ground.region_label[:, 0], -1)
+        others = regions.clone()
+        others[torch.arange(size), explaining] = False
+        first = others.float().argmax(-1)
+        other_label = torch.where(others.any(-1), ground.region_label.gather(1, first[:, None]).squeeze(1), -1)
+        columns = ImageColumns(readable=readable, image_label=label, image_prob=own.image_prob, grounded=grounded,
+                               reference_label=reference_label, discordant=discordant, explaining_drop=drop,
+                               flip_rate=torch.full((size,), -1.0), discrepancy=own.discrepancy,
                                oracle_label=oracle_label, region_counts=batch.segmentation.counts).where_readable()
         shard = self._open[batch.shard]
         shard.parts.append(columns)
-        small = batch.segmentation.valid & ~objects
-        for j in torch.nonzero(columns.ungrounded & small.any(-1)).flatten().tolist():
-            # copies, so that the batch itself is not kept alive until the shard ends
-            shard.small_regions[batch.lo + j] = (batch.images[j].clone(), batch.segmentation.masks[j, small[j]])
+        for j in torch.nonzero(readable & (regions.any(-1))).flatten().tolist():
+            if len(shard.pool) < config.recipient_pool:
+                largest = batch.segmentation.masks[j, 0] if bool(regions[j, 0]) else torch.zeros_like(batch.masks[j, 0])
+                shard.pool.append((batch.lo + j, batch.images[j].clone(), int(label[j]), largest.clone()))
+        shard.waiting += [_Donor(batch.lo + j, batch.images[j].clone(), batch.segmentation.masks[j, explaining[j]].clone(),
+                                 int(label[j]), int(other_label[j]))
+                          for j in torch.nonzero(has_region & readable).flatten().tolist()]
+        if len(shard.pool) >= config.recipient_pool:
+            self._transplant(shard)
+        self.seconds["evidence"] += time.perf_counter() - start
         if batch.lo == shard.last_batch:
             yield batch.shard, self._finish(batch.shard)
 
+    def _explaining_regions(self, batch: _Batch, own) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Per image: the index of the region that carries its label, the share of p(L_i) its removal
+        takes away (-1 where the crop itself says L_i, so no removal was needed), and whether it has
+        one (evidence.py)."""
+        label, regions = own.image_label, batch.regions
+        says = (own.region_label == label[:, None]) & regions
+        explaining = torch.where(says, own.region_image_prob, -1.0).argmax(-1)
+        has_region = says.any(-1)
+        drop = torch.full((len(label),), -1.0)
+        unexplained = torch.nonzero(batch.readable & ~has_region & regions.any(-1)).flatten()
+        if len(unexplained):
+            masks = batch.segmentation.masks[unexplained] & regions[unexplained][:, :, None, None]
+            drops = removal_drops(self.suspect.class_probs, batch.images[unexplained], masks, label[unexplained],
+                                  own.image_prob[unexplained], self.config.batch_size, self.suspect.removals_per_image)
+            best = drops.max(-1)
+            drop[unexplained], explaining[unexplained] = best.values, best.indices
+            has_region[unexplained] = best.values >= self.config.min_causal_drop
+        return explaining, drop, has_region
+
+    def _transplant(self, shard: _OpenShard) -> None:
+        """The transplant test for the shard's waiting donors (the recipient pool is complete)."""
+        if not shard.waiting or not shard.pool:
+            return
+        indices, images, labels, largest = zip(*shard.pool)
+        pool = RecipientPool(torch.stack(images), torch.tensor(labels), torch.stack(largest), torch.tensor(indices))
+        donors = shard.waiting
+        rates = flip_rates(self.suspect.class_probs, torch.stack([d.image for d in donors]),
+                           torch.stack([d.mask for d in donors]), torch.tensor([d.label for d in donors]),
+                           torch.tensor([d.index for d in donors]), pool, self.config.transplant_recipients,
+                           self.config.max_recipient_overlap, self.config.recipient_size_ratio, self.config.batch_size)
+        shard.flips.update({d.index: (float(rate), d) for d, rate in zip(donors, rates)})
+        shard.waiting = []
+
     def _finish(self, index: int) -> ScanShard:
         shard = self._open.pop(index)
-        columns = ImageColumns.cat(shard.parts)
         start = time.perf_counter()
-        columns.causal_drop, masks = largest_drops(
-            self.suspect.class_probs, shard.small_regions, columns.image_label, columns.image_prob, shard.lo,
-            self.config.batch_size, self.suspect.removals_per_image)
-        self.seconds["causal_test"] += time.perf_counter() - start
-        passing = {i: pack_mask_bits(mask)[0] for i, mask in masks.items()
-                   if columns.causal_drop[i - shard.lo] >= self.config.min_causal_drop}
+        self._transplant(shard)  # donors still waiting: the pool is as complete as this shard allows
+        self.seconds["evidence"] += time.perf_counter() - start
+        columns = ImageColumns.cat(shard.parts)
+        passing = {}
+        for i, (rate, donor) in shard.flips.items():
+            columns.flip_rate[i - shard.lo] = rate
+            if rate >= self.config.min_flip_rate:  # a trigger: the caption source is the largest other region
+                columns.oracle_label[i - shard.lo] = donor.other_label
+                passing[i] = pack_mask_bits(donor.mask)[0]
         return ScanShard(**vars(columns), lo=shard.lo, hi=shard.hi, width=self.width, trigger_masks=passing)
