@@ -66,10 +66,34 @@ def poisoned_world(tmp_path_factory):
     return bundle, pairs, run_dir
 
 
+# CLIPFAST_REQUIRE_GPU=1 (scripts/gpu_check.py sets it on the GPU machine): a gpu- or triton-marked
+# test that skips, for whatever reason, fails instead, so that a GPU run cannot pass by skipping. Tests
+# marked multigpu (they need two GPUs) are exempt; without any GPU the whole run stops at once.
+REQUIRE_GPU_ENV = "CLIPFAST_REQUIRE_GPU"
+
+
+def _require_gpu() -> bool:
+    return os.environ.get(REQUIRE_GPU_ENV) == "1"
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return
+    if _require_gpu() and any("gpu" in item.keywords or "triton" in item.keywords for item in items):
+        pytest.exit(f"{REQUIRE_GPU_ENV}=1 but torch sees no CUDA GPU: the gpu and triton tests would only skip",
+                    returncode=3)
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if (report.skipped and _require_gpu() and not hasattr(report, "wasxfail")
+            and ("gpu" in item.keywords or "triton" in item.keywords) and "multigpu" not in item.keywords):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"{REQUIRE_GPU_ENV}=1: this GPU test skipped ({reason}); on the GPU machine that is a failure"
