@@ -68,3 +68,37 @@ def test_the_fixed_oracle_gives_the_asked_number_of_regions():
     segmentation = FixedOracle(7).segment(images)
     assert segmentation.masks.shape == (3, 7, 32, 32) and segmentation.valid.all()
     assert segmentation.masks.flatten(2).any(-1).all()
+
+
+def test_the_fixed_oracle_makes_its_masks_once(monkeypatch):
+    import clipfast.bench.pipeline as pipeline
+
+    calls = []
+    real = pipeline.blob_masks
+    monkeypatch.setattr(pipeline, "blob_masks", lambda *args, **kwargs: calls.append(args) or real(*args, **kwargs))
+    oracle, images = FixedOracle(4), generate_world(6, seed=1).images
+    first, again, fewer = oracle.segment(images), oracle.segment(images), oracle.segment(images[:2])
+    assert len(calls) == 1 and torch.equal(first.masks, again.masks) and torch.equal(fewer.masks, first.masks[:2])
+
+
+def test_rows_are_on_disk_as_they_are_measured(tmp_path):
+    import csv
+
+    from clipfast.bench.common import open_rows
+
+    fields = ["timestamp", "device", "torch", "triton", "commit", "mode", "op", "ms"]
+    rows = open_rows(tmp_path, "ops", fields, "cpu", "quick")
+    for n in (1, 2):
+        rows.append(dict(op=f"op{n}", ms=str(n)))
+        with (tmp_path / "ops.csv").open() as handle:
+            assert [r["op"] for r in csv.DictReader(handle)] == [f"op{k}" for k in range(1, n + 1)]
+    assert rows[0]["device"] and rows[0]["commit"]  # stamped
+
+
+def test_a_capacity_model_that_fails_is_a_row_and_the_next_one_runs():
+    from clipfast.bench.pipeline import bench_capacity
+
+    rows = []
+    bench_capacity(["no-such-architecture", "nor-this-one"], "cpu", rows)
+    assert [r["model"] for r in rows] == ["no-such-architecture", "nor-this-one"]
+    assert all(r["agreement"].startswith("FAILED: ") for r in rows)
