@@ -567,8 +567,14 @@ def run_command(command: list[str], env: dict, cwd: Path, timeout: float, out: O
     # Its own process group (killable as a whole) in the same session: if the device tool ends this
     # call, it ends the children too (a new session would outlive the call).
     group = dict(process_group=0) if sys.version_info >= (3, 11) else dict(preexec_fn=os.setpgrp)
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, **group)
+    try:
+        process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, **group)
+    except OSError as error:  # e.g. compute-sanitizer missing: the stage fails, the check goes on
+        message = f"cannot start {command[0]}: {error}\n"
+        stage_log.write(message)
+        out.log(message)
+        return 127, False
 
     def pump():
         for raw in iter(process.stdout.readline, b""):
@@ -763,7 +769,12 @@ class Check:
         for index in range(len(self.plan)):
             stage = self.plan[index]
             if stage.name in self.wanted:
-                self._run_stage(stage)
+                try:
+                    self._run_stage(stage)
+                except Exception as error:  # noqa: BLE001 - a bug here must not cost the other stages
+                    result = self.results[stage.name]
+                    result.result, result.detail = "failed", f"gpu_check error: {type(error).__name__}: {error}"
+                    self.say(f"{stage.name}: {result.detail}")
                 self.write_table()
                 self._save_state()
                 if stage.name == "env":  # the facts (GPU arch, versions, xdist) shape the later commands

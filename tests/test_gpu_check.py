@@ -67,18 +67,20 @@ def test_stages_run_in_order_with_skip_rules_boxes_and_streamed_results(tmp_path
                                                                 "time.sleep(30)")]),
         Stage("e", "too long for the budget", 1000, 2000, "-", commands=[py("print('never')")]),
         Stage("f", "after all that", 1, 10, "-", needs=("a",), commands=[py("print('f ran')")]),
+        Stage("g", "a tool that is not there", 1, 10, "-", commands=[["/nonexistent/compute-sanitizer"]]),
     ]
     start = time.monotonic()
     results, lines = run_plan(ctx, plan)
     assert time.monotonic() - start < 20  # d was killed at its 1 s box
     assert {name: r.result for name, r in results.items()} == dict(
-        a="passed", b="failed", c="skipped", d="timeout", e="skipped", f="passed")
+        a="passed", b="failed", c="skipped", d="timeout", e="skipped", f="passed", g="failed")
+    assert results["g"].detail == "exit codes [127]"
     assert results["c"].detail == "needs b (failed)"
     assert results["d"].detail == "killed at its time box of 1 s"
     assert results["e"].detail.startswith("no time: needs ~1000 s")
     assert results["b"].detail == "exit codes [3]"
     rows = stage_rows(ctx.out)
-    assert list(rows) == list("abcdef") and rows["d"]["result"] == "timeout" and rows["d"]["box_s"] == "1"
+    assert list(rows) == list("abcdefg") and rows["d"]["result"] == "timeout" and rows["d"]["box_s"] == "1"
     log = (ctx.out / "gpu_check.log").read_text()
     assert log.index("hello from a") < log.index("b is sad") < log.index("d starts") < log.index("f ran")
     assert "never" not in log.replace("print('never')", "")
