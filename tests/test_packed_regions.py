@@ -128,6 +128,8 @@ def test_token_budget_splits_the_batch_without_changing_results(tiny):
     for a, b in zip(whole, split):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
     assert torch.equal(whole[2], masks.flatten(2).any(-1))
+    none = encode_regions_packed(tiny, pixels[:0], images[:0], masks[:0], background=0.35)
+    assert [tuple(t.shape) for t in none] == [(0, 128), (0, 4, 128), (0, 4)]
 
 
 @pytest.mark.parametrize("attention", METHODS)

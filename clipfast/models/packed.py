@@ -185,7 +185,7 @@ def _project(visual: nn.Module, class_tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _class_row(visual: nn.Module, dtype: torch.dtype) -> torch.Tensor:
-    return (visual.class_embedding.to(dtype) + visual.positional_embedding[0].to(dtype))
+    return visual.class_embedding.to(dtype) + visual.positional_embedding[0].to(dtype)
 
 
 def _patch_embed(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
@@ -305,6 +305,10 @@ def encode_regions_packed(bundle: ClipBundle, pixels: torch.Tensor, images: torc
         part = RegionPatches(regions.pixels[first:last], regions.image[first:last] - lo, regions.patch[first:last],
                              regions.offsets[lo * num_masks: hi * num_masks + 1] - first)
         outputs.append(encode_packed(visual, pixels[lo:hi], part, num_masks, attention=attention))
+    if not outputs:  # no images
+        dim = visual.proj.shape[1] if visual.proj is not None else visual.conv1.out_channels
+        image = pixels.new_zeros(0, dim)
+        return image, image.new_zeros(0, num_masks, dim), masks.new_zeros(0, num_masks, dtype=torch.bool)
     image, region, valid = (torch.cat(parts) for parts in zip(*outputs))
     if normalize:
         image, region = F.normalize(image.float(), dim=-1), F.normalize(region.float(), dim=-1)
