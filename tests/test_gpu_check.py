@@ -307,7 +307,7 @@ def test_the_conftest_makes_a_skipped_gpu_test_fail_when_a_gpu_is_required(tmp_p
     assert lenient.startswith(" 1") and "3 skipped" in lenient and "LENIENT EXIT 0" in lenient, out
 
 
-@pytest.mark.slow
+@pytest.mark.dryrun
 def test_the_dry_run_goes_through_every_stage(tmp_path):
     # The same script on this CPU: a copy of the tree, CPU build, interpreter tests, quick benchmarks, the
     # stand-in sanitizer; every stage but defend (its demo model, when not cached, trains for most of an hour
