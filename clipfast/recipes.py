@@ -19,7 +19,7 @@ from clipfast.rundir import save_json, tied_settings
 from clipfast.train import TrainConfig, TrainResult, train
 
 TEST_SEED = 1_000_003  # the test world's seed: models trained with any seed are compared on the same images
-TEST_SIZE = 1_000  # test images for CA and ASR
+TEST_SIZE = 5_000  # test images for CA and ASR (5000: a CA standard error of ~0.4 points)
 # The trusted model of the synthetic world (oracle mode "trusted"): a clean model of another seed,
 # trained on a world disjoint from the suspect's.
 TRUSTED_SEED_OFFSET = 10_007

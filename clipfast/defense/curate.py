@@ -30,9 +30,13 @@ CAPTION_TEMPLATES = ("a photo of a {}.", "an image of a {}.", "a drawing of a {}
 @dataclass(frozen=True)
 class CurateConfig:
     victims_per_label: int = 16
-    replay_per_label: int = 32
-    # clean images of every other label with the recovered trigger put back on (unlearning.py),
-    # captioned with their own label: the model unlearns the trigger for every source class
+    # Clean replay per label: probe images whose label a region grounds, captioned with the model's
+    # own label (self-labelled: no outside data) and anchored to their pre-repair embeddings. Measured
+    # on the demo model (5000 test images): 32 per label lost 2.1 CA points in repair, 150 lost 0.3, at
+    # the same ASR; replay only as anchors without their captions lost 0.8-1.0.
+    replay_per_label: int = 150
+    # clean images of every label with the recovered trigger put back on (unlearning.py), captioned
+    # with their own label: the model unlearns the trigger for every source class
     synthesized_per_label: int = 32
     seed: int = 0
     backend: str = untied("auto")  # region_topk's op backend (see clipfast.ops)
@@ -88,25 +92,25 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     chosen = top[affected].flatten()
     chosen = chosen[chosen >= 0]
 
-    # Clean replay: images whose label is grounded, class-balanced over affected labels and targets;
-    # unlearning pairs: other clean images of every non-target label, the recovered trigger put on.
+    # Clean replay: images whose label is grounded, class-balanced over all labels; unlearning pairs:
+    # other clean images of every label, the recovered trigger put on (captioned with their own label:
+    # on a target-class image the trigger must not matter either).
     clean = torch.zeros(len(images), dtype=torch.bool)
     clean[clean_images(scan)] = True
-    replay, synthesized = [], []
-    for label in range(num_labels):
+    counts = (config.replay_per_label, config.synthesized_per_label)
+    parts: list[list[torch.Tensor]] = [[], []]  # replay, unlearning pairs
+    for label in range(num_labels):  # every label, the targets too: a class-balanced set keeps every class
         pool = torch.nonzero(clean & (scan.image_label == label)).flatten()
         pool = pool[torch.randperm(len(pool), generator=generator)]
-        take = config.replay_per_label if label in affected or label in scan.targets else 0
-        replay.append(pool[:take])
-        if label not in scan.targets:
-            synthesized.append(pool[take: take + config.synthesized_per_label])
-    replay, synthesized = torch.cat(replay), torch.cat(synthesized)
+        for part, piece in zip(parts, pool.split(list(counts) + [max(0, len(pool) - sum(counts))])):
+            part.append(piece)
+    replay, synthesized = (torch.cat(part) for part in parts)
 
     indices = torch.cat([chosen, replay, synthesized])
-    caption_labels = torch.cat([scan.oracle_label[chosen], scan.image_label[replay], scan.image_label[synthesized]])
+    caption_labels = torch.cat([scan.oracle_label[chosen], scan.image_label[indices[len(chosen):]]])
     template = torch.randint(len(CAPTION_TEMPLATES), (len(indices),), generator=generator)
     captions = [CAPTION_TEMPLATES[int(t)].format(scan.classnames[int(label)]) for t, label in zip(template, caption_labels)]
-    kinds = torch.cat([torch.full((len(chosen),), 0), torch.full((len(replay),), 1), torch.full((len(synthesized),), 2)])
+    kinds = torch.cat([torch.full((len(part),), kind) for kind, part in enumerate((chosen, replay, synthesized))])
     clean_views = images.read(indices)
     pictures = clean_views.clone()
     pictures[kinds == 2] = with_triggers(pictures[kinds == 2], recover_triggers(scan, images, config.seed), config.seed)

@@ -64,7 +64,7 @@ class CleanCLIPObjective:
 
     def __init__(self, captions: Sequence[str], tokenizer, self_supervised_weight: float = 1.0, seed: int = 0,
                  text_view: bool = True, anchors: torch.Tensor | None = None, anchored: torch.Tensor | None = None,
-                 anchor_weight: float = 0.0, contrastive_weight: float = 1.0):
+                 anchor_weight: float = 0.0):
         self.captions = list(captions)
         self.tokenizer = tokenizer
         self.weight = self_supervised_weight
@@ -73,7 +73,6 @@ class CleanCLIPObjective:
         if anchor_weight and (anchors is None or anchored is None or len(anchors) != len(anchored)):
             raise ValueError("CleanCLIPObjective: anchor_weight needs anchors [N, D] and anchored [N]")
         self.anchors, self.anchored, self.anchor_weight = anchors, anchored, anchor_weight
-        self.contrastive_weight = contrastive_weight
 
     def __call__(self, forward: ClipForward, batch: Batch) -> dict[str, torch.Tensor]:
         # Views are a function of (seed, step, micro-batch), so resumed runs stay deterministic.
@@ -90,7 +89,7 @@ class CleanCLIPObjective:
         images = image_features[:size]
         contrastive = contrastive_loss(images, text_features, logit_scale, same_caption)
         out = {"contrastive": contrastive}
-        total = self.contrastive_weight * contrastive
+        total = contrastive
         if self.weight:
             out["in_image"] = contrastive_loss(images, image_features[size:], logit_scale)
             total = total + self.weight * out["in_image"]
