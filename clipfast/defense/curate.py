@@ -102,8 +102,10 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     for label in range(num_labels):  # every label, the targets too: a class-balanced set keeps every class
         pool = torch.nonzero(clean & (scan.image_label == label)).flatten()
         pool = pool[torch.randperm(len(pool), generator=generator)]
-        for part, piece in zip(parts, pool.split(list(counts) + [max(0, len(pool) - sum(counts))])):
-            part.append(piece)
+        start = 0
+        for part, count in zip(parts, counts):  # as many as the label has, in this order
+            part.append(pool[start: start + count])
+            start += count
     replay, synthesized = (torch.cat(part) for part in parts)
 
     indices = torch.cat([chosen, replay, synthesized])
