@@ -45,8 +45,8 @@ FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "case_key"
           "false_alarm", "trigger_iou", "victims_found", "victim_precision", "victim_recall", "poisoned_in_probe",
           "compact_set_size", "baseline_set_size", "ca_poisoned", "asr_poisoned", "ca_repaired", "asr_repaired",
           "ca_baseline", "asr_baseline", "repair_steps", "repair_stopped_early", "repair_asr_estimate",
-          "repair_clean_agreement", "seconds_model", "seconds_scan", "seconds_curate", "seconds_repair",
-          "seconds_baseline", "seconds_case"]
+          "repair_clean_agreement", "verdict", "verdict_asr_upper_bound", "trigger_kind", "seconds_model",
+          "seconds_scan", "seconds_curate", "seconds_repair", "seconds_baseline", "seconds_case"]
 
 
 @dataclass(frozen=True)
@@ -179,9 +179,12 @@ def run_case(config: AttackConfig, seed: int, settings: DemoConfig, work_dir: Pa
         "baseline_set_size": report["baseline_set_size"],
         "ca_poisoned": models["poisoned"]["ca"], "asr_poisoned": models["poisoned"]["asr"],
         "ca_repaired": models["EftCLIP repair"]["ca"], "asr_repaired": models["EftCLIP repair"]["asr"],
-        "ca_baseline": models["CleanCLIP baseline"]["ca"], "asr_baseline": models["CleanCLIP baseline"]["asr"],
+        "ca_baseline": models.get("CleanCLIP baseline", {}).get("ca"),
+        "asr_baseline": models.get("CleanCLIP baseline", {}).get("asr"),
         "repair_steps": repair.get("steps", 0), "repair_stopped_early": repair.get("stopped_early"),
         "repair_asr_estimate": estimates.get("asr_estimate"), "repair_clean_agreement": estimates.get("clean_agreement"),
+        "verdict": report["verdict"]["status"], "verdict_asr_upper_bound": report["verdict"]["asr_upper_bound"],
+        "trigger_kind": " ".join(t["kind"] for t in report["scan"]["triggers"]),
         "seconds_model": round(seconds_model, 1), "seconds_scan": seconds.get("scan"),
         "seconds_curate": seconds.get("curate"), "seconds_repair": seconds.get("repair"),
         "seconds_baseline": seconds.get("baseline"), "seconds_case": round(time.perf_counter() - start, 1),
@@ -235,7 +238,9 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
         cases = select(MATRIX, args.attacks, args.seeds, quick=args.quick)
         for oracle_mode in args.oracle_modes:
             print(f"efficacy, oracle {oracle_mode}: {len(cases)} cases, rows to {results / 'efficacy.csv'}", flush=True)
-            run_matrix(cases, quiet(DemoConfig(oracle_mode=oracle_mode)), results, device, mode)
+            # The baseline does not depend on the oracle: it runs with the first mode only.
+            settings = DemoConfig(oracle_mode=oracle_mode, run_baseline=oracle_mode == args.oracle_modes[0])
+            run_matrix(cases, quiet(settings), results, device, mode)
     rows = read_rows(results / "efficacy.csv")
     if rows:
         from .efficacy_report import plot_efficacy, update_readme

@@ -33,7 +33,7 @@ from .unlearning import clean_images, recover_triggers, with_triggers
 class RepairConfig:
     max_steps: int = 150
     batch_size: int = 64
-    lr: float = 1e-4
+    lr: float = 2e-4
     freeze_text: bool = True  # keep the zero-shot head (text embeddings) fixed; only the image tower unlearns
     warmup_steps: int = 10
     eval_every: int = 5
