@@ -20,7 +20,7 @@ from clipfast.ops import region_topk
 from clipfast.rundir import untied
 
 from .scan import ScanResult
-from .unlearning import clean_images, recover_triggers, with_triggers
+from .unlearning import recover_triggers, with_triggers
 
 # Generic, attribute-free captions: the compact set pairs images with labels, not descriptions.
 # The label comes last, where the text augmentation never drops it.
@@ -96,7 +96,7 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     # other clean images of every label, the recovered trigger put on (captioned with their own label:
     # on a target-class image the trigger must not matter either).
     clean = torch.zeros(len(images), dtype=torch.bool)
-    clean[clean_images(scan)] = True
+    clean[scan.clean_indices()] = True
     counts = (config.replay_per_label, config.synthesized_per_label)
     parts: list[list[torch.Tensor]] = [[], []]  # replay, unlearning pairs
     for label in range(num_labels):  # every label, the targets too: a class-balanced set keeps every class

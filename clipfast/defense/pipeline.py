@@ -141,6 +141,11 @@ def verdict_of(scanned: ScanResult, repaired: RepairResult | None, config: Repai
         description = (f"no label among {len(scanned.classnames)} passed the per-label test on "
                        f"{int(scanned.readable.sum())} probe images (family-wise false-alarm rate "
                        f"{scanned.label_test.threshold * len(scanned.classnames):g})")
+    if scanned.unconfirmed:
+        description += "; " + "; ".join(
+            f"'{name}' passed the count but its victims' pattern turned {100 * suspect:.0f} % of clean images in the "
+            f"model and {100 * trusted:.0f} % in the trusted one: not a trigger" for name, (suspect, trusted)
+            in scanned.unconfirmed.items())
     estimates = repaired.estimates if repaired else {}
     return judge(scanned.found, description, repaired is not None, estimates.get("asr_hits"), estimates.get("asr_n"),
                  config.max_asr)

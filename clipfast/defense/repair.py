@@ -26,7 +26,7 @@ from clipfast.train.loop import TrainConfig, TrainResult, train
 
 from .curate import CompactSet
 from .scan import ScanResult
-from .unlearning import clean_images, recover_triggers, with_triggers
+from .unlearning import recover_triggers, with_triggers
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     in_compact = torch.zeros(len(probe_images), dtype=torch.bool)
     in_compact[compact.source_indices] = True
     victims = compact.victim_indices[~in_compact[compact.victim_indices]]
-    clean = clean_images(scan)
+    clean = scan.clean_indices()
     clean = clean[~in_compact[clean]]
     clean = clean[torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[:holdout_clean]]
     targets = torch.tensor(scan.targets)

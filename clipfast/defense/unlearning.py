@@ -21,6 +21,7 @@ import torch
 from clipfast.data.probe import ProbeSet
 
 from .scan import ScanResult
+from .scan.confirm import add_pattern, estimate_pattern
 from .transplant import paste_regions
 
 
@@ -40,27 +41,19 @@ class RecoveredTrigger:
             return paste_regions(images, self.donors[pick], self.masks[pick])
         if self.pattern is None:
             return images
-        return (images.float() + self.pattern).round().clamp(0, 255).to(torch.uint8)
-
-
-def clean_images(scan: ScanResult) -> torch.Tensor:
-    """Probe indices of images with no trigger evidence whose label a region grounds: the clean
-    material for replay, unlearning pairs and held-out estimates."""
-    return torch.nonzero(scan.readable & scan.grounded & ~scan.candidate).flatten()
+        return add_pattern(images, self.pattern)
 
 
 def recover_triggers(scan: ScanResult, probe: ProbeSet, seed: int = 0) -> list[RecoveredTrigger]:
     """One RecoveredTrigger per target of the scan."""
-    clean = clean_images(scan)
+    clean = scan.clean_indices()
     recovered = []
     for estimate in scan.triggers:
         if estimate.kind == "patch":
             recovered.append(RecoveredTrigger(estimate.target, "patch", probe.read(estimate.patch_indices),
                                               estimate.region_masks, None))
             continue
-        generator = torch.Generator().manual_seed(seed)
-        sample = clean[torch.randperm(len(clean), generator=generator)[: max(64, len(estimate.victim_indices))]]
-        pattern = probe.read(estimate.victim_indices).float().mean(0) - probe.read(sample).float().mean(0)
+        pattern = estimate_pattern(probe, estimate.victim_indices, clean, seed)
         height, width = pattern.shape[1:]
         recovered.append(RecoveredTrigger(estimate.target, "image-wide", torch.zeros(0, 3, height, width,
                                                                                     dtype=torch.uint8),

@@ -81,6 +81,10 @@ class TriggerEstimate:
     flip_rates: torch.Tensor  # [P]: those regions' transplant flip rates
     consensus_mask: torch.Tensor  # bool [H, W]: pixels in >= half of the trigger regions
     box: tuple[int, int, int, int] | None  # (y0, x0, y1, x1) of the consensus; None when empty (image-wide, or a moving patch)
+    # image-wide only (confirm.py): shares of clean images the victims' estimated pattern turns to the
+    # target, in the suspect and in the trusted model
+    pattern_flip: float | None = None
+    pattern_flip_trusted: float | None = None
 
     def describe(self, classnames: list[str]) -> str:
         where = (f"patch trigger at box {self.box}" if self.kind == "patch" and self.box else
@@ -99,11 +103,18 @@ class ScanResult(ImageColumns):
     targets: list[int] = field(kw_only=True)
     triggers: list[TriggerEstimate] = field(kw_only=True)
     seconds: dict[str, float] = field(default_factory=dict, kw_only=True)
+    # labels that passed the per-label test as image-wide targets but failed the pattern transplant
+    # (confirm.py): label -> (suspect flip, trusted flip)
+    unconfirmed: dict[str, tuple[float, float]] = field(default_factory=dict, kw_only=True)
 
     @property
     def found(self) -> bool:
         """Whether a backdoor (a target label) was found."""
         return bool(self.targets)
+
+    def clean_indices(self) -> torch.Tensor:
+        """Probe indices of readable images without trigger evidence whose label a region grounds."""
+        return torch.nonzero(self.readable & self.grounded & ~self.candidate).flatten()
 
     def victims(self, target: int) -> torch.Tensor:
         """Probe indices whose whole-image label is the target and a candidate (Algorithm 2)."""
@@ -125,7 +136,9 @@ class ScanResult(ImageColumns):
                                                        self.label_test.candidates, self.label_test.expected,
                                                        self.label_test.p_values)},
             "significance_threshold": self.label_test.threshold,
+            "unconfirmed": self.unconfirmed,
             "triggers": [{"target": self.classnames[t.target], "kind": t.kind, "box": t.box,
+                          "pattern_flip": t.pattern_flip, "pattern_flip_trusted": t.pattern_flip_trusted,
                           "victims": len(t.victim_indices), "patch_victims": len(t.patch_indices),
                           "consensus_pixels": int(t.consensus_mask.sum()), "description": t.describe(self.classnames)}
                          for t in self.triggers],
