@@ -145,11 +145,15 @@ def test_killed_runs_resume_to_the_uninterrupted_result(poisoned_world, probe_ta
     assert 1 <= kept < -(-PROBE // SHARD_SIZE) and not (out / SCAN_NAME).exists()
     assert not list(out.rglob("*.tmp"))
 
-    # SIGKILL during the repair, after a random number of evaluations (each follows a checkpoint).
-    stop_after = chance.randint(1, 12)
+    # SIGKILL during the repair, after a random number of evaluations (each follows a checkpoint). The
+    # repair stops early once its ASR estimate is low, so the draw is bounded by the evaluations the
+    # uninterrupted run made, leaving at least one more to come after the kill.
+    evaluations = evaluated_steps(single_process_run)
+    assert evaluations >= 2, f"the uninterrupted repair evaluated {evaluations} times: nothing to interrupt"
+    stop_after = chance.randint(1, evaluations - 1)
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_for(lambda: evaluated_steps(out) >= stop_after, process)
-    time.sleep(chance.uniform(0, 0.5))
+    time.sleep(chance.uniform(0, 0.25))
     process.send_signal(signal.SIGKILL)
     process.wait(timeout=60)
     assert (out / SCAN_NAME).exists() and not (out / REPAIRED_NAME).exists()
