@@ -2,7 +2,8 @@
 varlen_attention, plus a per-sequence loop, on the sequences a real batch packs.
 
 Sequences: `--images` whole 224 px images (197 tokens each) and their regions from the pipeline
-benchmark's fixed oracle (each of `--regions` discs per image, ops.region_patches' default rule),
+benchmark's fixed oracle (each of `--regions` discs per image, ops.region_patches' default rule), in
+the encoder's row order (models.packed.packed_layout: images, then regions sorted by length),
 ViT-B-16's 12 heads of 64, fp32, random q/k/v. Reports each method's time per call (the median of
 `--repeats` interleaved rounds) and its largest difference from the loop, then whole packed
 ViT-B-16 forwards (random weights) with the two fastest methods. Writes
@@ -25,11 +26,18 @@ import torch.nn.functional as F
 
 from clipfast.bench.pipeline import FixedOracle
 from clipfast.models import load_model
-from clipfast.models.packed import AttentionPlan, Sequences, check_vision_tower, encode_packed, varlen_attention
+from clipfast.models.packed import (
+    AttentionPlan,
+    Sequences,
+    check_vision_tower,
+    encode_packed,
+    packed_layout,
+    varlen_attention,
+)
 from clipfast.ops import region_patches
 from clipfast.perf import device_name
 
-METHODS = ("bucketed", "padded", "nested")
+METHODS = ("runs", "bucketed", "padded", "nested")
 
 
 def _interleaved(fns: dict, repeats: int) -> dict:
@@ -59,9 +67,8 @@ def _loop(qkv, heads: int, sequences: Sequences) -> torch.Tensor:
 def _measure(bundle, visual, images, num_regions: int, args) -> dict:
     masks = FixedOracle(num_regions).segment(images).masks
     regions = region_patches(images, masks, visual.grid_size, background=0.35, mean=bundle.mean, std=bundle.std)
-    region_lengths = regions.offsets.diff()
-    lengths = torch.cat([torch.full((len(images),), 197), 1 + region_lengths[region_lengths > 0]])
-    sequences = Sequences(F.pad(lengths.cumsum(0), (1, 0)), lengths)
+    _, sequences = packed_layout(regions.offsets.diff(), len(images), 196)
+    lengths = sequences.lengths
     tokens = int(lengths.sum())
     qkv = torch.randn(tokens, 3 * 768)
     want = _loop(qkv, 12, sequences)
@@ -78,7 +85,7 @@ def _measure(bundle, visual, images, num_regions: int, args) -> dict:
     if args.forward:
         pixels = bundle.preprocess(images)
         forward = {m: (lambda m=m: encode_packed(visual, pixels, regions, num_regions, attention=m))
-                   for m in ("bucketed", "padded")}
+                   for m in ("runs", "bucketed", "padded")}
         result["forward_s"] = _interleaved(forward, max(1, args.repeats // 2))
     print(json.dumps(result), flush=True)
     return result

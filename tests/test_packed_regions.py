@@ -23,6 +23,7 @@ from clipfast.models.packed import (
     encode_packed,
     encode_regions_packed,
     encode_sequence,
+    packed_layout,
     tower_flops,
     varlen_attention,
 )
@@ -144,6 +145,16 @@ def test_varlen_attention_stays_within_sequences(attention):
         q, k, v = qkv[lo:hi].view(hi - lo, 3, 3, 8).permute(1, 2, 0, 3)  # [heads, L, 8] each
         want = F.scaled_dot_product_attention(q, k, v).transpose(0, 1).reshape(hi - lo, 24)
         torch.testing.assert_close(got[lo:hi], want, atol=1e-6, rtol=1e-5)
+
+
+def test_packed_layout_sorts_regions_by_length():
+    region_lengths = torch.tensor([0, 5, 1, 16, 2, 2, 0, 9, 3, 4, 16, 7])
+    start, sequences = packed_layout(region_lengths, 2, 16)
+    kept = region_lengths > 0
+    assert sequences.lengths.tolist() == [17, 17] + sorted((1 + region_lengths[kept]).tolist())
+    assert torch.equal(sequences.offsets.diff(), sequences.lengths)
+    assert torch.equal(torch.sort(start[kept]).values, sequences.offsets[2:-1])
+    assert torch.equal(sequences.lengths[2:], 1 + region_lengths[kept][torch.argsort(start[kept])])
 
 
 def test_towers_that_do_not_fit_are_named():

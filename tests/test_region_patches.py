@@ -58,7 +58,8 @@ def assert_matches_reference(images, masks, grid, backend, packed=False, **kwarg
     assert got.pixels.dtype == out_dtype and got.pixels.shape == want.pixels.shape
     for name in ("image", "patch", "offsets"):
         assert getattr(got, name).dtype == torch.int64 and torch.equal(getattr(got, name), getattr(want, name)), name
-    torch.testing.assert_close(got.pixels.float(), want.pixels.float(), **tolerance("region_patches", out_dtype, backend))
+    close = tolerance("region_patches", out_dtype, backend)
+    torch.testing.assert_close(got.pixels.float(), want.pixels.float(), **close)
     return got
 
 

@@ -329,7 +329,7 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
     print(f"\n{'stage':12s} {'model':11s} {'variant':24s} {'seconds':>9s} {'throughput':>22s} {'x ref':>7s} {'mfu':>6s}  agreement")
     for row in table:
         print(f"{row['stage']:12s} {row['model']:11s} {row['variant']:24s} {float(row['seconds']):9.3f} "
-              f"{float(row['throughput']):12.1f} {row['unit']:9s} {row['speedup_vs_reference'] or '-':>7s} "
+              f"{float(row['throughput']):12.4g} {row['unit']:9s} {row['speedup_vs_reference'] or '-':>7s} "
               f"{row['mfu'] or '-':>6s}  {row['agreement']}")
     if distributed.current().is_main:
         plot_speedups(table, args.results / "pipeline.png")

@@ -28,7 +28,7 @@ from clipfast.ops import RegionPatches, region_patches
 
 from .bundle import ClipBundle
 
-ATTENTION = ("auto", "bucketed", "nested", "padded")
+ATTENTION = ("auto", "runs", "bucketed", "padded", "nested")
 
 
 def check_vision_tower(model: nn.Module) -> nn.Module:
@@ -77,9 +77,24 @@ class Sequences:
     offsets: torch.Tensor  # [S + 1] int64
     lengths: torch.Tensor  # [S] int64, CPU
 
-    @property
-    def starts(self) -> torch.Tensor:
-        return self.offsets[:-1]
+
+def packed_layout(region_lengths: torch.Tensor, batch: int, patches: int) -> tuple[torch.Tensor, Sequences]:
+    """Where the packed encoder puts each sequence: the B whole images (1 + patches rows each) first,
+    then every region that kept a patch (its class token, then its kept patches), sorted by length:
+    equal lengths are neighbours (one "runs" SDPA each), and a length bucket's rows are gathered in
+    order. region_lengths: [R] kept patches per region (0: no sequence). Returns each kept region's
+    first (class-token) row [R] (unspecified for the others) and the sequences in row order."""
+    device, whole = region_lengths.device, 1 + patches
+    kept = torch.nonzero(region_lengths > 0).flatten()
+    order = kept[torch.argsort(region_lengths[kept], stable=True)]
+    length = 1 + region_lengths[order]
+    base = batch * whole
+    start = torch.zeros_like(region_lengths)
+    start[order] = base + F.pad(torch.cumsum(length, 0), (1, 0))[:-1]
+    offsets = torch.cat([torch.arange(batch, device=device) * whole, start[order],
+                         torch.tensor([base + int(length.sum())], device=device)])
+    lengths = torch.cat([torch.full((batch,), whole, device=device), length]).cpu()
+    return start, Sequences(offsets, lengths)
 
 
 def _bucket_sizes(longest: int) -> list[int]:
@@ -114,24 +129,46 @@ class _Bucket:
         self.real, self.real_rows = real.to(device), rows[real].to(device)
 
 
+def _runs(sequences: Sequences) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive sequences of one length: (first row, count, length) each."""
+    runs = []
+    for first, length in zip(sequences.offsets.tolist(), sequences.lengths.tolist()):
+        if runs and runs[-1][2] == length:
+            runs[-1][1] += 1
+        else:
+            runs.append([first, 1, length])
+    return [tuple(run) for run in runs]
+
+
+def resolve_attention(attention: str, device: torch.device) -> str:
+    """The attention method `auto` stands for on `device`. CUDA: SDPA over a jagged nested tensor,
+    which dispatches to the flash / memory-efficient varlen kernels (cu_seqlens, no padding, one
+    launch per block). CPU: torch 2.13 has no varlen kernel there and runs jagged SDPA as a slow
+    per-sequence fallback; runs of length buckets, each one dense SDPA over a view of the rows, are
+    the fastest exact method measured (benchmarks/varlen_attention.py)."""
+    if attention == "auto":
+        return "nested" if device.type == "cuda" else "runs"
+    if attention not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {attention!r}")
+    return attention
+
+
 class AttentionPlan:
     """How varlen_attention runs over a fixed set of sequences, made once per batch and reused by
-    every block: the bucketed method's buckets, or the nested method's offsets."""
+    every block. runs: each run of consecutive equal-length sequences is one dense SDPA over a view
+    of the token matrix (packed_layout makes one run per distinct length). bucketed / padded: the
+    sequences gathered into padded length buckets / into one padded batch, with key masks. nested:
+    SDPA over a jagged nested tensor."""
 
     def __init__(self, sequences: Sequences, method: str, device: torch.device):
-        if method == "auto":
-            # CUDA: SDPA over a jagged nested tensor dispatches to the flash / memory-efficient
-            # varlen kernels (cu_seqlens, no padding, one launch per block). CPU: torch 2.13 has
-            # no varlen kernel there and runs jagged SDPA as a slow per-sequence fallback;
-            # length buckets of dense SDPA are the fastest exact method measured
-            # (benchmarks/varlen_attention.py).
-            method = "nested" if device.type == "cuda" else "bucketed"
-        if method not in ATTENTION[1:]:
-            raise ValueError(f"attention must be one of {ATTENTION}, got {method!r}")
+        method = resolve_attention(method, device)
         self.method, self.sequences = method, sequences
         lengths = sequences.lengths
         if method == "nested":
             self.offsets = sequences.offsets.to(device)
+            return
+        if method == "runs":
+            self.runs = _runs(sequences)
             return
         if method == "padded":  # one bucket: every sequence padded to the longest
             self.buckets = [_Bucket(sequences, torch.arange(len(lengths)), int(lengths.max()), device)]
@@ -152,6 +189,12 @@ def varlen_attention(qkv: torch.Tensor, heads: int, plan: AttentionPlan) -> torc
         nested = [torch.nested.nested_tensor_from_jagged(t, plan.offsets).transpose(1, 2) for t in (q, k, v)]
         return F.scaled_dot_product_attention(*nested).transpose(1, 2).values().reshape(count, width)
     out = qkv.new_empty(count, width)
+    if plan.method == "runs":
+        for first, sequences, length in plan.runs:
+            rows = slice(first, first + sequences * length)
+            q, k, v = qkv[rows].view(sequences, length, 3, heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+            out[rows] = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, width)
+        return out
     for bucket in plan.buckets:
         # Whole rows of qkv, copied once per bucket (index_select on the contiguous 2-d matrix).
         rows = qkv[bucket.span[0]: bucket.span[1]] if bucket.span else qkv.index_select(0, bucket.rows)
@@ -217,29 +260,24 @@ def encode_packed(visual: nn.Module, pixels: torch.Tensor, regions: RegionPatche
     dtype = images.dtype
     tokens = _patch_embed(visual, regions.pixels).to(dtype)  # [T, W]
 
-    # Rows: B image sequences (class token + P patches), then every region that kept a patch
-    # (class token + its patches, in patch order).
+    method = resolve_attention(attention, device)
     lengths = regions.offsets.diff()
     valid = lengths > 0
     kept = torch.nonzero(valid).flatten()
-    rank = torch.cumsum(valid, 0) - 1  # a region's place among the kept ones
+    start, sequences = packed_layout(lengths, batch, patches)
     region_of_token = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
-    base = batch * (1 + patches)
-    token_rows = base + torch.arange(len(tokens), device=device) + rank[region_of_token] + 1
-    image_starts = torch.arange(batch, device=device) * (1 + patches)
-    class_rows = torch.cat([image_starts, base + regions.offsets[kept] + rank[kept]])
+    within = torch.arange(len(tokens), device=device) - regions.offsets[region_of_token]  # place in its region
+    token_rows = start[region_of_token] + 1 + within
+    class_rows = torch.cat([sequences.offsets[:batch], start[kept]])  # images, then regions in (b, m) order
 
     position = visual.positional_embedding.to(dtype)
-    x = torch.empty(base + len(kept) + len(tokens), images.shape[-1], dtype=dtype, device=device)
-    x[:base].view(batch, 1 + patches, -1)[:, 1:] = images + position[1:]
+    x = torch.empty(int(sequences.offsets[-1]), images.shape[-1], dtype=dtype, device=device)
+    x[: batch * (1 + patches)].view(batch, 1 + patches, -1)[:, 1:] = images + position[1:]
     x[class_rows] = _class_row(visual, dtype)
     x[token_rows] = tokens + position[1 + regions.patch]
     x = visual.ln_pre(x)
 
-    sequence_lengths = torch.cat([torch.full((batch,), 1 + patches, device=device), 1 + lengths[kept]]).cpu()
-    starts = class_rows.cpu()
-    sequences = Sequences(torch.cat([starts, torch.tensor([len(x)])]).to(device), sequence_lengths)
-    plan = AttentionPlan(sequences, attention, device)
+    plan = AttentionPlan(sequences, method, device)
     for block in visual.transformer.resblocks:
         x = _block_forward(block, x, plan)
     pooled = _project(visual, x[class_rows])
