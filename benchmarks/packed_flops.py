@@ -1,0 +1,86 @@
+"""How many encoder FLOPs the packed region encoding saves over crop mode, and what decides it.
+
+Crop mode runs the tower once per image plus once per region (1 + M whole sequences); the packed
+encoding runs the whole image plus one short sequence per region, as long as the patches its mask
+keeps (ops.region_patches). The saving therefore depends on how much of the image the regions
+cover together, and on the token rule: with min_coverage 0 (the scan's default, any covered pixel
+keeps a patch) a region's border patches are its tokens too, so neighbouring regions share them.
+
+Counted, not timed (models.packed.tower_flops on the sequences each mode would run; the scan's
+mode-independent causal and transplant encodes are left out, as in the pipeline benchmark), for
+ViT-B-16 at 224 px, `--images` random images, per region count, oracle layout and min_coverage:
+- discs: the pipeline benchmark's fixed oracle (discs of assorted sizes that overlap, as a
+  segment-anything-style oracle's multi-granularity masks do);
+- partition: a Voronoi partition of the image into M cells (disjoint regions covering it once, the
+  premise of "about one image's tokens per image").
+Writes benchmarks/results/packed_flops.json.
+
+    python benchmarks/packed_flops.py --images 64 --regions 16 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from clipfast.bench.pipeline import FixedOracle, _encoder_flops
+from clipfast.defense.scan import ScanConfig
+from clipfast.models import load_model
+from clipfast.oracle import Segmentation
+
+
+class PartitionOracle:
+    """M Voronoi cells per image: every pixel belongs to exactly one region."""
+
+    def __init__(self, regions: int):
+        self.regions = regions
+
+    def segment(self, images: torch.Tensor) -> Segmentation:
+        n, _, height, width = images.shape
+        gen = torch.Generator().manual_seed(n)
+        centres = torch.rand(n, self.regions, 2, generator=gen) * torch.tensor([height, width])
+        yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+        pixels = torch.stack([yy, xx], -1).reshape(-1, 2).float()
+        nearest = torch.cdist(pixels[None].expand(n, -1, -1), centres).argmin(-1)  # [n, H*W]
+        masks = nearest[:, None, :] == torch.arange(self.regions)[None, :, None]
+        return Segmentation(masks.view(n, self.regions, height, width), torch.full((n,), self.regions),
+                            torch.ones(n, self.regions))
+
+
+@torch.no_grad()
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--regions", type=int, nargs="+", default=[16, 32])
+    parser.add_argument("--min-coverage", type=float, nargs="+", default=[0.0, 0.25, 0.5])
+    parser.add_argument("--out", type=Path,
+                        default=Path(__file__).resolve().parent / "results" / "packed_flops.json")
+    args = parser.parse_args(argv)
+    bundle = load_model("ViT-B-16")
+    images = torch.randint(0, 256, (args.images, 3, 224, 224), dtype=torch.uint8)
+    whole = 1 + 14 * 14
+    rows = []
+    for regions in args.regions:
+        for layout, oracle in (("discs", FixedOracle(regions)), ("partition", PartitionOracle(regions))):
+            crop = _encoder_flops(bundle, images, oracle, ScanConfig(regions="crop")) / len(images)
+            for coverage in args.min_coverage:
+                config = ScanConfig(regions="packed", packed_min_coverage=coverage)
+                packed = _encoder_flops(bundle, images, oracle, config) / len(images)
+                row = {"regions": regions, "layout": layout, "min_coverage": coverage,
+                       "crop_gflop_per_image": round(crop / 1e9, 1), "packed_gflop_per_image": round(packed / 1e9, 1),
+                       "packed_share_of_crop": round(packed / crop, 4),
+                       "packed_images_equivalent": round(packed / (crop / (1 + regions)), 2)}
+                print(json.dumps(row), flush=True)
+                rows.append(row)
+    summary = {"model": "ViT-B-16 224 px (random weights)", "images": args.images, "whole_image_tokens": whole,
+               "rows": rows}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
