@@ -117,3 +117,42 @@ def test_caption_views_keep_the_label_word():
     assert len(views) > 3
     assert all(v.endswith("heart.") for v in views)
     assert augment_caption("a heart.", generator) == "a heart."
+
+
+def test_a_flip_rate_needs_enough_recipients():
+    """The transplant test: a region pasted onto recipients whose largest object is at least twice
+    its size; a rate from fewer than min_recipients of them is no rate (-1), so one lucky flip of one
+    recipient is not trigger evidence."""
+    from clipfast.defense.scan.evidence import RecipientPool, flip_rates
+
+    size = 16
+    images = torch.zeros(6, 3, size, size, dtype=torch.uint8)
+    largest = torch.zeros(6, size, size, dtype=torch.bool)
+    largest[:, 8:, :] = True  # every recipient's object: the bottom half (128 pixels)
+    pool = RecipientPool(images, torch.tensor([1, 1, 2, 2, 3, 3]), largest, torch.arange(10, 16))
+    marker = 255  # the "model": label 0 where the marker pixel value is present, else label 1
+
+    def class_probs(batch):
+        hit = (batch == marker).flatten(1).any(1)
+        return torch.stack([hit.float(), (~hit).float()], 1)
+
+    donors = torch.zeros(2, 3, size, size, dtype=torch.uint8)
+    donors[:, :, :4, :4] = marker
+    masks = torch.zeros(2, size, size, dtype=torch.bool)
+    masks[0, :4, :4] = True  # 16 pixels: every recipient qualifies (128 >= 2 * 16)
+    masks[1, :8, :5] = True  # 40 pixels: recipients qualify (128 >= 2 * 40)
+    rates = flip_rates(class_probs, donors, masks, torch.tensor([0, 0]), torch.tensor([0, 1]), pool, 8, 0.1, 2.0,
+                       4, min_recipients=4)
+    assert rates.tolist() == [1.0, 1.0]
+    masks[1] = False
+    masks[1, :8, :9] = True  # 72 pixels: no recipient's object is twice as large
+    rates = flip_rates(class_probs, donors, masks, torch.tensor([0, 0]), torch.tensor([0, 1]), pool, 8, 0.1, 2.0,
+                       4, min_recipients=4)
+    assert rates.tolist() == [1.0, -1.0]
+    few = RecipientPool(images[:3], torch.tensor([1, 1, 0]), largest[:3], torch.arange(10, 13))  # 2 of another label
+    assert flip_rates(class_probs, donors[:1], masks[:1], torch.tensor([0]), torch.tensor([0]), few, 8, 0.1, 2.0, 4,
+                      min_recipients=4).tolist() == [-1.0]
+    assert flip_rates(class_probs, donors[:1], masks[:1], torch.tensor([0]), torch.tensor([0]), few, 8, 0.1, 2.0, 4,
+                      min_recipients=2).tolist() == [1.0]
+    with pytest.raises(ValueError, match="min_recipients"):
+        ScanConfig(min_recipients=9)

@@ -32,8 +32,13 @@ class ScanConfig:
     # the same size took the label over half the time, so 11 % of clean images passed; with 2, 2.7 %
     # did, against 32 of 33 victims) and covered by it at most max_recipient_overlap (a pasted
     # object must not simply hide the recipient's), drawn from the first recipient_pool images of
-    # the shard.
+    # the shard. A rate is evidence only when measured on at least min_recipients recipients: one or
+    # two are a coin toss, not a rate. (Measured on the efficacy models, seed 0, self mode: every
+    # poisoned candidate of the 4 and 10 px BadNet models had all 8 recipients, while the large
+    # objects that made a Blended and a SIG model flag a wrong label ('bar', 'cross': correctly
+    # classified images whose crops do not ground them) had 1 or 2 in 30 of 33 and 46 of 52 cases.)
     min_flip_rate: float = 0.5
+    min_recipients: int = 4
     transplant_recipients: int = 8
     recipient_pool: int = 64
     max_recipient_overlap: float = 0.1
@@ -69,6 +74,9 @@ class ScanConfig:
             raise ValueError("min_flip_rate must be in (0, 1] and max_recipient_overlap in [0, 1]")
         if self.transplant_recipients < 1 or self.recipient_pool < 2:
             raise ValueError("transplant_recipients must be >= 1 and recipient_pool >= 2")
+        if not 1 <= self.min_recipients <= self.transplant_recipients:
+            raise ValueError(f"min_recipients must be in [1, transplant_recipients={self.transplant_recipients}], "
+                             f"got {self.min_recipients}")
         if not 0.0 < self.significance < 1.0:
             raise ValueError(f"significance must be in (0, 1), got {self.significance}")
         if not 0.0 < self.min_causal_drop <= 1.0:

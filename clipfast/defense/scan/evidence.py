@@ -88,9 +88,9 @@ class RecipientPool:
 @torch.no_grad()
 def flip_rates(class_probs: ClassProbs, donors: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor,
                donor_indices: torch.Tensor, pool: RecipientPool, count: int, max_overlap: float, size_ratio: float,
-               chunk: int) -> torch.Tensor:
+               chunk: int, min_recipients: int = 1) -> torch.Tensor:
     """Transplant test: float [K], the share of recipients that donor k's region masks[k] (pasted
-    at its place) turns to labels[k]; -1 where no recipient qualifies."""
+    at its place) turns to labels[k]; -1 where fewer than min_recipients qualify."""
     rates = torch.full((len(donors),), -1.0)
     plans = [pool.recipients(int(i), int(label), mask, count, max_overlap, size_ratio)
              for i, label, mask in zip(donor_indices, labels, masks)]
@@ -103,6 +103,6 @@ def flip_rates(class_probs: ClassProbs, donors: torch.Tensor, masks: torch.Tenso
     flipped = (predicted == labels[owner]).float()
     tested = torch.bincount(owner, minlength=len(donors))
     rates_sum = torch.zeros(len(donors)).index_add_(0, owner, flipped)
-    has = tested > 0
+    has = tested >= max(1, min_recipients)
     rates[has] = rates_sum[has] / tested[has]
     return rates
