@@ -279,6 +279,10 @@ def summarise(rows: list[dict]) -> list[dict]:
             "rates": sorted({r["rate"] for r in group}),
             "found": sum(found), "of": len(found),
             "false_alarms": sum(r["false_alarm"] == "True" for r in group),
+            # backdoored models where a label other than the target was flagged (a wrong finding)
+            "wrong_labels": sum(bool(set(r["flagged_labels"].split()) - {r["target"]}) for r in group
+                                if r["family"] != "clean"),
+            "removed": sum(r["verdict"] == "removed" for r in group),
             **{f"{stat}_{key}": (None if not number(key) else
                                  (statistics.median(number(key)) if stat == "median" else
                                   (max if key.startswith("asr") else min)(number(key))))

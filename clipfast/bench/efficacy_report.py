@@ -17,8 +17,9 @@ def _pct(value) -> str:
 
 
 def readme_table(rows: list[dict]) -> str:
-    """Markdown: per configuration, seeds, t* found, and median (worst) CA / ASR before, after
-    EftCLIP and after the baseline; plus the clean-model false-alarm count."""
+    """Markdown: per configuration, seeds, t* found, seeds where another label was flagged, seeds
+    whose verdict was "removed", and median (worst) CA / ASR before, after EftCLIP and after the
+    baseline; for clean models the false-alarm count."""
     summary = summarise(rows)
     commits = sorted({row["commit"] for row in rows})
     devices = sorted({row["device"] for row in rows})
@@ -26,8 +27,9 @@ def readme_table(rows: list[dict]) -> str:
         f"Rows: {len(rows)} cases from `benchmarks/results/efficacy.csv` (commit{'s' if len(commits) > 1 else ''} "
         f"{', '.join(commits)}; {', '.join(devices)}). Median over seeds, worst case in brackets.",
         "",
-        "| oracle | configuration | seeds | rate | t* found | poisoned CA / ASR | EftCLIP CA / ASR | baseline CA / ASR |",
-        "|---|---|---|---|---|---|---|---|",
+        "| oracle | configuration | seeds | rate | t* found | other label flagged | verdict removed | poisoned CA / ASR "
+        "| EftCLIP CA / ASR | baseline CA / ASR |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in summary:
         def pair(kind):
@@ -37,8 +39,10 @@ def readme_table(rows: list[dict]) -> str:
             return f"{_pct(ca)} / {_pct(asr)}{spread}"
         found = (f"{entry['false_alarms']} false alarms" if entry["family"] == "clean" else
                  f"{entry['found']}/{entry['of']}" + ("" if entry["found"] == entry["of"] else " **missed**"))
+        wrong = "-" if entry["family"] == "clean" else f"{entry['wrong_labels']}/{entry['seeds']}"
         lines.append(f"| {entry['oracle_mode']} | {entry['config']} | {entry['seeds']} | {', '.join(entry['rates'])} | {found} | "
-                     f"{pair('poisoned')} | {pair('repaired')} | {pair('baseline')} |")
+                     f"{wrong} | {entry['removed']}/{entry['seeds']} | {pair('poisoned')} | {pair('repaired')} | "
+                     f"{pair('baseline')} |")
     return "\n".join(lines)
 
 
