@@ -29,6 +29,7 @@ import torch
 from clipfast.bench.pipeline import FixedOracle, _encoder_flops
 from clipfast.defense.scan import ScanConfig
 from clipfast.models import load_model
+from clipfast.models.packed import check_vision_tower
 from clipfast.oracle import Segmentation
 
 
@@ -61,7 +62,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     bundle = load_model("ViT-B-16")
     images = torch.randint(0, 256, (args.images, 3, 224, 224), dtype=torch.uint8)
-    whole = 1 + 14 * 14
+    grid = check_vision_tower(bundle.model).grid_size
+    whole = 1 + grid[0] * grid[1]
     rows = []
     for regions in args.regions:
         for layout, oracle in (("discs", FixedOracle(regions)), ("partition", PartitionOracle(regions))):
