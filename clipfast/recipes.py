@@ -72,13 +72,19 @@ class WorldRecipe:
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def trusted_recipe(recipe: WorldRecipe) -> WorldRecipe:
-    """The clean model that plays the trusted clean CLIP for `recipe`'s suspect: the same world size,
-    model and training, another seed, no poison (so every suspect of one seed shares it)."""
-    seed = recipe.seed + TRUSTED_SEED_OFFSET
+def clean_recipe(recipe: WorldRecipe, seed: int | None = None) -> WorldRecipe:
+    """The never-poisoned model of `recipe`'s world: the same world size, model and training, no
+    poison, on `seed` (default: the recipe's own, so a clean suspect of that seed shares it)."""
+    seed = recipe.seed if seed is None else seed
     clean = WorldRecipe(train_size=recipe.train_size, model=recipe.model, train=recipe.train)
     return dataclasses.replace(clean, rate=0.0, seed=seed, trigger_seed=seed,
                                train=dataclasses.replace(recipe.train, seed=seed))
+
+
+def trusted_recipe(recipe: WorldRecipe) -> WorldRecipe:
+    """The clean model that plays the trusted clean CLIP for `recipe`'s suspect: a clean model of
+    another seed (so every suspect of one seed shares it)."""
+    return clean_recipe(recipe, recipe.seed + TRUSTED_SEED_OFFSET)
 
 
 def poisoned_world(recipe: WorldRecipe) -> tuple[WorldSamples, PoisonedPairs]:

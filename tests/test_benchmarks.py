@@ -95,6 +95,24 @@ def test_rows_are_on_disk_as_they_are_measured(tmp_path):
     assert rows[0]["device"] and rows[0]["commit"]  # stamped
 
 
+def test_a_csv_from_before_new_columns_gets_the_new_header_and_keeps_its_rows(tmp_path):
+    import csv
+
+    import pytest
+
+    from clipfast.bench.common import CsvWriter
+
+    path = tmp_path / "rows.csv"
+    CsvWriter(path, ["a", "c"]).write({"a": "1", "c": "3"})
+    CsvWriter(path, ["a", "b", "c"]).write({"a": "4", "b": "5", "c": "6"})
+    with path.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        assert reader.fieldnames == ["a", "b", "c"]
+        assert list(reader) == [{"a": "1", "b": "", "c": "3"}, {"a": "4", "b": "5", "c": "6"}]
+    with pytest.raises(ValueError, match="does not know"):  # never drops a column silently
+        CsvWriter(path, ["a", "b"]).write({"a": "7", "b": "8"})
+
+
 def test_a_capacity_model_that_fails_is_a_row_and_the_next_one_runs():
     from clipfast.bench.pipeline import bench_capacity
 

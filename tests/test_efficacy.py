@@ -38,7 +38,7 @@ def test_every_row_carries_every_field(finished):
     assert len(written) == 2 and list(written[0]) == FIELDS
     for row in written:
         for name in ("timestamp", "device", "torch", "commit", "case_key", "attack", "rate", "rates_tried", "target",
-                     "seed", "oracle_mode", "ca_poisoned", "asr_poisoned", "ca_repaired", "asr_repaired",
+                     "seed", "oracle_mode", "ca_poisoned", "asr_poisoned", "asr_clean_model", "ca_repaired", "asr_repaired",
                      "ca_baseline", "asr_baseline", "compact_set_size", "baseline_set_size", "seconds_case"):
             assert row[name] not in ("", "None"), name
         assert 0 <= float(row["asr_poisoned"]) <= 1 and 0 <= float(row["ca_repaired"]) <= 1
@@ -48,6 +48,7 @@ def test_every_row_carries_every_field(finished):
     assert patch["rates_tried"] == "0.05 0.1" and patch["rate"] == "0.1"
     assert patch["target_found"] in ("True", "False") and patch["false_alarm"] == ""
     assert clean["target_found"] == "" and clean["false_alarm"] in ("True", "False") and clean["rate"] == "0.0"
+    assert clean["asr_clean_model"] == clean["asr_poisoned"]  # a clean case's model is its own floor
     assert patch["case_key"] == case_key(MATRIX[0], 0, TINY)
 
 
@@ -58,6 +59,18 @@ def test_a_rerun_skips_the_finished_cases(finished):
     assert len(read_rows(out / "results" / "efficacy.csv")) == 2
     other = replace(TINY, probe_size=299)  # other settings: not the same case
     assert case_key(MATRIX[0], 0, other) != case_key(MATRIX[0], 0, TINY)
+
+
+def test_a_failing_case_is_reported_and_the_matrix_goes_on(finished):
+    out, cases, _ = finished
+    # label-consistent poisoning at 90 %: more target-class images than the world has (poison_pairs raises)
+    broken = AttackConfig("broken", "clean-label", "label_consistent", (), (0.9,))
+    failures = []
+    rows = run_matrix([(broken, 0), *cases], TINY, out / "results", "cpu", "quick", cache_dir=out / "cache",
+                      failures=failures)
+    assert rows == [] and len(failures) == 1  # the finished cases were still visited (and skipped)
+    assert failures[0].startswith("broken seed 0 (self): ValueError") and "target-class images" in failures[0]
+    assert len(read_rows(out / "results" / "efficacy.csv")) == 2
 
 
 def test_the_readme_table_and_plot_come_from_the_csv(finished, tmp_path):

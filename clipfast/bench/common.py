@@ -44,6 +44,8 @@ class CsvWriter:
     def write(self, row: dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         new_file = not self.path.exists() or self.path.stat().st_size == 0
+        if not new_file:
+            self._upgrade_header()
         with self.path.open("a", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=self.fields)
             if new_file:
@@ -51,6 +53,27 @@ class CsvWriter:
             writer.writerow(row)
             handle.flush()
             os.fsync(handle.fileno())
+
+
+    def _upgrade_header(self) -> None:
+        """A file written before columns were added gets the current header, its rows the new columns
+        empty (rewritten atomically), so old and new rows stay one table."""
+        with self.path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames == self.fields:
+                return
+            old_fields, rows = list(reader.fieldnames or []), list(reader)
+        dropped = set(old_fields) - set(self.fields)
+        if dropped:
+            raise ValueError(f"{self.path} has columns this writer does not know: {sorted(dropped)}")
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with tmp.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=self.fields)
+            writer.writeheader()
+            writer.writerows(rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        tmp.replace(self.path)
 
 
 def append_csv(path: Path, fields: list[str], rows: list[dict]) -> None:

@@ -28,12 +28,13 @@ import hashlib
 import json
 import statistics
 import time
+import traceback
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from clipfast.demo import ORACLE_MODES, DemoConfig, default_cache_dir, run_demo
 from clipfast.eval import evaluate
-from clipfast.recipes import WorldRecipe, cached_world_model, evaluation_world, optimized_patch_recipe
+from clipfast.recipes import WorldRecipe, cached_world_model, clean_recipe, evaluation_world, optimized_patch_recipe
 from clipfast.rundir import tied_settings
 
 from .common import CsvWriter, run_stamp
@@ -43,7 +44,7 @@ ASR_GOAL = 0.9  # a poisoned model is a working backdoor from this ASR on (the r
 FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "case_key", "config", "family", "attack",
           "trigger_params", "rate", "rates_tried", "target", "seed", "oracle_mode", "target_found", "flagged_labels",
           "false_alarm", "trigger_iou", "victims_found", "victim_precision", "victim_recall", "poisoned_in_probe",
-          "compact_set_size", "baseline_set_size", "ca_poisoned", "asr_poisoned", "ca_repaired", "asr_repaired",
+          "compact_set_size", "baseline_set_size", "ca_poisoned", "asr_poisoned", "asr_clean_model", "ca_repaired", "asr_repaired",
           "ca_baseline", "asr_baseline", "repair_steps", "repair_stopped_early", "repair_asr_estimate",
           "repair_clean_agreement", "verdict", "verdict_asr_upper_bound", "trigger_kind", "seconds_model",
           "seconds_scan", "seconds_curate", "seconds_repair", "seconds_baseline", "seconds_case"]
@@ -101,7 +102,9 @@ MATRIX: tuple[AttackConfig, ...] = (
     AttackConfig("wanet strength 6", "image-wide", "wanet", (("strength", 6.0),), (0.05, 0.1), seeds=(0, 1, 2),
                  core=True),
     AttackConfig("wanet strength 3", "image-wide", "wanet", (("strength", 3.0),), (0.05, 0.1)),
-    AttackConfig("label-consistent 8px", "clean-label", "label_consistent", (), (0.05, 0.1), seeds=(0, 1, 2),
+    # Label-consistent poisoning can only use target-class images, about a tenth of the world (3949 of
+    # 40000 on seed 1): 0.09 stays under that ceiling on every seed.
+    AttackConfig("label-consistent 8px", "clean-label", "label_consistent", (), (0.05, 0.09), seeds=(0, 1, 2),
                  core=True),
     AttackConfig("clean model", "clean", "badnet", (), (0.0,), seeds=(0, 1, 2, 3, 4), core=True),
 )
@@ -148,6 +151,16 @@ def _recipe(config: AttackConfig, seed: int, rate: float, settings: DemoConfig) 
                    target=config.target, seed=seed, trigger_seed=seed, train=replace(settings.recipe.train, seed=seed))
 
 
+def clean_model_asr(recipe: WorldRecipe, test, cache_dir: Path) -> float:
+    """The case's trigger and target on the never-poisoned model of the same world and seed: how
+    often triggered images are called the target without any backdoor. A trigger that covers the
+    object (a centre patch) or a target other classes are confused with raises it (1.6 to 2.5 % on
+    the tiny world, against 0.3 to 1 % for corner patches), and no repair can go below it, so
+    repaired ASRs are read against it."""
+    clean, _, _ = cached_world_model(clean_recipe(recipe), cache_dir / "models")
+    return evaluate(clean, test, recipe.make_trigger(), recipe.target_label)["asr"]
+
+
 def run_case(config: AttackConfig, seed: int, settings: DemoConfig, work_dir: Path, cache_dir: Path) -> dict:
     """Train (or reuse) the case's model, climbing its rate ladder, then defend it and run the
     baseline (as `clipfast demo` does, with `settings`); returns the case's CSV row (no run stamp)."""
@@ -161,6 +174,7 @@ def run_case(config: AttackConfig, seed: int, settings: DemoConfig, work_dir: Pa
         asr = evaluate(bundle, test, recipe.make_trigger(), recipe.target_label)["asr"]
         if config.clean or asr >= ASR_GOAL:
             break
+    asr_clean = asr if config.clean else clean_model_asr(recipe, test, cache_dir)
     seconds_model = time.perf_counter() - start
     report = run_demo(replace(settings, recipe=recipe), work_dir, cache_dir=cache_dir)
     models, victims, repair = report["models"], report["victims"], report["repair"] or {}
@@ -178,6 +192,7 @@ def run_case(config: AttackConfig, seed: int, settings: DemoConfig, work_dir: Pa
         "poisoned_in_probe": report["attack"]["poisoned_in_probe"], "compact_set_size": report["compact_set_size"],
         "baseline_set_size": report["baseline_set_size"],
         "ca_poisoned": models["poisoned"]["ca"], "asr_poisoned": models["poisoned"]["asr"],
+        "asr_clean_model": asr_clean,
         "ca_repaired": models["EftCLIP repair"]["ca"], "asr_repaired": models["EftCLIP repair"]["asr"],
         "ca_baseline": models.get("CleanCLIP baseline", {}).get("ca"),
         "asr_baseline": models.get("CleanCLIP baseline", {}).get("asr"),
@@ -192,9 +207,11 @@ def run_case(config: AttackConfig, seed: int, settings: DemoConfig, work_dir: Pa
 
 
 def run_matrix(cases: list[tuple[AttackConfig, int]], settings: DemoConfig, results: Path, device: str,
-               mode: str, cache_dir: Path | None = None) -> list[dict]:
+               mode: str, cache_dir: Path | None = None, failures: list[str] | None = None) -> list[dict]:
     """Run the cases not yet in results/efficacy.csv for this commit and these settings; each row is
-    appended as soon as its case ends. Returns the rows run now."""
+    appended as soon as its case ends. A case that raises is reported (traceback on stderr, a line in
+    `failures`) and the matrix goes on: one broken case must not cost the hours of the others.
+    Returns the rows run now."""
     cache_dir = Path(cache_dir or default_cache_dir())
     csv_path = results / "efficacy.csv"
     stamp = run_stamp(device, mode)
@@ -208,7 +225,15 @@ def run_matrix(cases: list[tuple[AttackConfig, int]], settings: DemoConfig, resu
             continue
         print(f"[{number}/{len(cases)}] {config.name} seed {seed} ...", flush=True)
         work_dir = cache_dir / "efficacy" / stamp["commit"] / key
-        row = {**run_stamp(device, mode), "case_key": key, **run_case(config, seed, settings, work_dir, cache_dir)}
+        try:
+            row = {**run_stamp(device, mode), "case_key": key, **run_case(config, seed, settings, work_dir, cache_dir)}
+        except Exception as error:  # noqa: BLE001 - reported below and in the run's exit status
+            traceback.print_exc()
+            message = f"{config.name} seed {seed} ({settings.oracle_mode}): {type(error).__name__}: {error}"
+            print(f"    FAILED: {message}", flush=True)
+            if failures is not None:
+                failures.append(message)
+            continue
         writer.write(row)
         rows.append(row)
         print(f"    t* {'-' if row['target_found'] is None else row['target_found']}, flagged "
@@ -234,13 +259,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
     """The suite's entry point (rows are written by run_matrix as cases end, so none are returned)."""
     results = Path(args.results)
+    failures: list[str] = []
     if not args.readme:
         cases = select(MATRIX, args.attacks, args.seeds, quick=args.quick)
         for oracle_mode in args.oracle_modes:
             print(f"efficacy, oracle {oracle_mode}: {len(cases)} cases, rows to {results / 'efficacy.csv'}", flush=True)
             # The baseline does not depend on the oracle: it runs with the first mode only.
             settings = DemoConfig(oracle_mode=oracle_mode, run_baseline=oracle_mode == args.oracle_modes[0])
-            run_matrix(cases, quiet(settings), results, device, mode)
+            run_matrix(cases, quiet(settings), results, device, mode, failures=failures)
     rows = read_rows(results / "efficacy.csv")
     if rows:
         from .efficacy_report import plot_efficacy, update_readme
@@ -248,6 +274,9 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
         plot_efficacy(rows, results / "efficacy.png")
         if args.readme:
             update_readme(rows, Path(__file__).resolve().parents[2] / "README.md")
+    if failures:
+        raise RuntimeError(f"efficacy: {len(failures)} case(s) failed (the others' rows are in the CSV):\n  "
+                           + "\n  ".join(failures))
     return []
 
 
@@ -272,7 +301,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for mode, name in sorted(groups, key=lambda g: (g[0], order.get(g[1], len(order)), g[1])):
         group = groups[mode, name]
-        number = lambda key: [float(r[key]) for r in group if r[key] not in ("", "None")]  # noqa: E731
+        number = lambda key: [float(r[key]) for r in group if r.get(key) not in (None, "", "None")]  # noqa: E731
         found = [r["target_found"] == "True" for r in group if r["target_found"] not in ("", "None")]
         out.append({
             "config": name, "oracle_mode": mode, "family": group[0]["family"], "seeds": len(group),
@@ -286,7 +315,8 @@ def summarise(rows: list[dict]) -> list[dict]:
             **{f"{stat}_{key}": (None if not number(key) else
                                  (statistics.median(number(key)) if stat == "median" else
                                   (max if key.startswith("asr") else min)(number(key))))
-               for key in ("asr_poisoned", "asr_repaired", "asr_baseline", "ca_poisoned", "ca_repaired", "ca_baseline")
+               for key in ("asr_poisoned", "asr_repaired", "asr_baseline", "asr_clean_model", "ca_poisoned",
+                           "ca_repaired", "ca_baseline")
                for stat in ("median", "worst")},
         })
     return out

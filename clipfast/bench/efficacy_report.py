@@ -19,7 +19,8 @@ def _pct(value) -> str:
 def readme_table(rows: list[dict]) -> str:
     """Markdown: per configuration, seeds, t* found, seeds where another label was flagged, seeds
     whose verdict was "removed", and median (worst) CA / ASR before, after EftCLIP and after the
-    baseline; for clean models the false-alarm count."""
+    baseline; for clean models the false-alarm count; the ASR floor (the same trigger and target on
+    a never-poisoned model, median over seeds: efficacy.clean_model_asr)."""
     summary = summarise(rows)
     commits = sorted({row["commit"] for row in rows})
     devices = sorted({row["device"] for row in rows})
@@ -28,8 +29,8 @@ def readme_table(rows: list[dict]) -> str:
         f"{', '.join(commits)}; {', '.join(devices)}). Median over seeds, worst case in brackets.",
         "",
         "| oracle | configuration | seeds | rate | t* found | other label flagged | verdict removed | poisoned CA / ASR "
-        "| EftCLIP CA / ASR | baseline CA / ASR |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| EftCLIP CA / ASR | baseline CA / ASR | ASR floor |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for entry in summary:
         def pair(kind):
@@ -42,7 +43,7 @@ def readme_table(rows: list[dict]) -> str:
         wrong = "-" if entry["family"] == "clean" else f"{entry['wrong_labels']}/{entry['seeds']}"
         lines.append(f"| {entry['oracle_mode']} | {entry['config']} | {entry['seeds']} | {', '.join(entry['rates'])} | {found} | "
                      f"{wrong} | {entry['removed']}/{entry['seeds']} | {pair('poisoned')} | {pair('repaired')} | "
-                     f"{pair('baseline')} |")
+                     f"{pair('baseline')} | {_pct(entry['median_asr_clean_model'])} |")
     return "\n".join(lines)
 
 
@@ -76,6 +77,10 @@ def plot_efficacy(rows: list[dict], path: Path) -> None:
         label = {"poisoned": "poisoned", "repaired": "after EftCLIP", "baseline": "after CleanCLIP baseline"}[kind]
         ax.bar(xs, medians, width, color=colour, label=label,
                yerr=[[0] * len(medians), [w - m for w, m in zip(worst, medians)]], error_kw={"elinewidth": 0.8})
+    floors = [(i, 100 * e["median_asr_clean_model"]) for i, e in enumerate(summary) if e["median_asr_clean_model"] is not None]
+    if floors:  # what a never-poisoned model gives for the same trigger and target: no repair goes below it
+        ax.scatter([i for i, _ in floors], [f for _, f in floors], marker="_", s=120, color="black", zorder=3,
+                   label="never-poisoned model (floor)")
     for i, entry in enumerate(summary):
         if entry["family"] == "clean":
             note = f"{entry['false_alarms']} false\nalarms"
@@ -88,7 +93,7 @@ def plot_efficacy(rows: list[dict], path: Path) -> None:
                   ha="right", fontsize=6.5)
     ax.set_ylabel("attack success rate (%)")
     ax.set_ylim(0, 118)
-    ax.legend(fontsize=7, ncol=3, loc="upper left", bbox_to_anchor=(0, 1.0))
+    ax.legend(fontsize=7, ncol=4, loc="upper left", bbox_to_anchor=(0, 1.0))
     ax.set_title("clipfast efficacy matrix (median over seeds, whisker = worst seed)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
