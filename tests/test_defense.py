@@ -7,6 +7,7 @@ import torch
 from clipfast.defense.curate import CurateConfig, curate
 from clipfast.defense.pipeline import claim_run_directory, load_scan, save_scan
 from clipfast.defense.scan import LabelTest, ScanConfig, ScanResult, decide_targets
+from clipfast.defense.scan.result import TriggerEstimate
 from clipfast.errors import RunMismatchError
 from clipfast.train.cleanclip import augment_caption
 
@@ -83,10 +84,23 @@ def test_curate_picks_top_victims_per_affected_label_and_balanced_replay():
     replay = compact.source_indices[~compact.is_victim & ~compact.is_synthesized].tolist()
     assert sorted(scan.image_label[replay].tolist()) == [0, 1, 2, 3]  # one per label, class-balanced
     assert all(scan.grounded[replay])
-    # unlearning pairs: the other clean images of every label (no trigger recovered here)
-    synthesized = compact.source_indices[compact.is_synthesized].tolist()
-    assert sorted(synthesized) == sorted({3, 6, 7, 8, 9, 10, 11} - set(replay))
+    # no trigger was recovered here: nothing to put on clean images, so no unlearning pairs
+    assert not compact.is_synthesized.any()
     assert torch.equal(compact.images[:, 0, 0, 0], compact.source_indices.to(torch.uint8))
+
+    # with victim 0's top-left pixel as a patch trigger: the other clean images of every label, the
+    # trigger pasted on
+    corner = torch.zeros(1, 2, 2, dtype=torch.bool)
+    corner[0, 0, 0] = True
+    scan.triggers = [TriggerEstimate(3, "patch", torch.tensor([0, 1, 2, 4, 5]), torch.tensor([0]), corner,
+                                     torch.ones(1), corner[0], (0, 0, 1, 1))]
+    compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1))
+    synthesized = compact.source_indices[compact.is_synthesized]
+    replay = compact.source_indices[~compact.is_victim & ~compact.is_synthesized].tolist()
+    assert sorted(synthesized.tolist()) == sorted({3, 6, 7, 8, 9, 10, 11} - set(replay))
+    pasted = compact.images[compact.is_synthesized]
+    assert (pasted[:, :, 0, 0] == 0).all() and torch.equal(pasted[:, 0, 1, 1], synthesized.to(torch.uint8))
+    assert torch.equal(compact.clean_views[compact.is_synthesized][:, 0, 0, 0], synthesized.to(torch.uint8))
 
 
 def test_curate_refuses_a_scan_without_target():

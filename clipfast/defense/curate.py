@@ -97,7 +97,10 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     # on a target-class image the trigger must not matter either).
     clean = torch.zeros(len(images), dtype=torch.bool)
     clean[scan.clean_indices()] = True
-    counts = (config.replay_per_label, config.synthesized_per_label)
+    # Unlearning pairs need a trigger that can be put on other images (a warp confirmed by its
+    # victims' backgrounds cannot: its victims carry it alone, unlearning.py).
+    triggers = [trigger for trigger in recover_triggers(scan, images, config.seed) if trigger.applicable]
+    counts = (config.replay_per_label, config.synthesized_per_label if triggers else 0)
     parts: list[list[torch.Tensor]] = [[], []]  # replay, unlearning pairs
     for label in range(num_labels):  # every label, the targets too: a class-balanced set keeps every class
         pool = torch.nonzero(clean & (scan.image_label == label)).flatten()
@@ -115,6 +118,7 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     kinds = torch.cat([torch.full((len(part),), kind) for kind, part in enumerate((chosen, replay, synthesized))])
     clean_views = images.read(indices)
     pictures = clean_views.clone()
-    pictures[kinds == 2] = with_triggers(pictures[kinds == 2], recover_triggers(scan, images, config.seed), config.seed)
+    if triggers:
+        pictures[kinds == 2] = with_triggers(pictures[kinds == 2], triggers, config.seed)
     return CompactSet(pictures, captions, indices, kinds == 0, kinds == 2, clean_views, victims, affected,
                       list(scan.targets))

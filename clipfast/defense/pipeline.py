@@ -143,15 +143,16 @@ def verdict_of(scanned: ScanResult, repaired: RepairResult | None, config: Repai
                        f"{scanned.label_test.threshold * len(scanned.classnames):g})")
     if scanned.unconfirmed:
         # Not reported as a backdoor (clean models pass the count too: a confusion the trusted model
-        # does not share), but not called harmless either: a warp-like trigger (WaNet) has no additive
-        # pattern to confirm it with (confirm.py).
+        # does not share, confirm.py), but the numbers are shown: a reader sees how far from a trigger it was.
         test, names = scanned.label_test, list(scanned.classnames)
         description += "; " + "; ".join(
             f"'{name}' passed the count ({test.candidates[names.index(name)]} discordant images where "
-            f"{test.expected[names.index(name)]:.1f} were expected) but the additive pattern estimated from them "
-            f"turned {100 * suspect:.0f} % of clean images in the model and {100 * trusted:.0f} % in the trusted "
-            "one: unconfirmed (a confusion of the model, or a trigger that is not additive, such as a warp)"
-            for name, (suspect, trusted) in scanned.unconfirmed.items())
+            f"{test.expected[names.index(name)]:.1f} were expected) but neither transplant test confirmed it (its "
+            f"victims' additive pattern turned {100 * tests['pattern'].suspect:.0f} % of clean images in the model and "
+            f"{100 * tests['pattern'].trusted:.0f} % in the trusted one; other objects on its victims' backgrounds "
+            f"{100 * tests['background'].suspect:.0f} % and {100 * tests['background'].trusted:.0f} %): a confusion "
+            "of the model, not a trigger"
+            for name, tests in scanned.unconfirmed.items())
     estimates = repaired.estimates if repaired else {}
     return judge(scanned.found, description, repaired is not None, estimates.get("asr_hits"), estimates.get("asr_n"),
                  config.max_asr)

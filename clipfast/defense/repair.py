@@ -92,7 +92,8 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
                       holdout_clean: int, seed: int) -> Callable[[ClipBundle], dict]:
     """eval_fn for the training loop: the attack success rate on held-out triggered images (victims
     not in the compact set, and held-out clean images of non-target labels with the recovered trigger
-    put on: asr_hits of asr_n), and agreement with the pre-repair labels on held-out clean images."""
+    put on where it can be: asr_hits of asr_n), and agreement with the pre-repair labels on held-out
+    clean images."""
     probe_images = as_probe_set(probe_images)
     in_compact = torch.zeros(len(probe_images), dtype=torch.bool)
     in_compact[compact.source_indices] = True
@@ -105,8 +106,10 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     fixed_classifier = None
     clean_pictures = probe_images.read(clean)  # read once
     source = ~torch.isin(scan.image_label[clean], targets)  # ASR counts images of other labels only
-    triggered = torch.cat([probe_images.read(victims),
-                           with_triggers(clean_pictures[source], recover_triggers(scan, probe_images, seed), seed + 1)])
+    applicable = [trigger for trigger in recover_triggers(scan, probe_images, seed) if trigger.applicable]
+    triggered = probe_images.read(victims)
+    if applicable:  # else (a warp) the held-out victims alone measure it
+        triggered = torch.cat([triggered, with_triggers(clean_pictures[source], applicable, seed + 1)])
 
     def estimate(bundle: ClipBundle) -> dict:
         nonlocal fixed_classifier

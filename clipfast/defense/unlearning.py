@@ -7,9 +7,12 @@ images to measure the repaired model on (with enough of them, the verdict's uppe
 something). Both come from the scan's recovered trigger:
 - a patch trigger: the victims' own trigger regions (their explaining regions, which passed the
   transplant test), each pasted at its place onto clean images (transplant.paste_regions);
-- an image-wide trigger: an additive estimate of it, the mean of the victims minus the mean of
-  clean images (exact for SIG-like additive signals, a first-order estimate for blending, and
-  no estimate of a warp; the victims themselves, with corrective captions, carry those).
+- an image-wide trigger that the pattern test confirmed (scan/confirm.py): an additive estimate of
+  it, the mean of the victims minus the mean of clean images (exact for SIG-like additive signals,
+  a first-order estimate for blending).
+A trigger confirmed by its victims' backgrounds alone (a warp: no additive estimate reproduces it)
+cannot be put on other images; its victims, with corrective captions, carry it into the compact
+set, and held-out victims alone measure the repair.
 """
 
 from __future__ import annotations
@@ -31,21 +34,26 @@ class RecoveredTrigger:
     kind: str  # patch | image-wide
     donors: torch.Tensor  # uint8 [P, 3, H, W]: patch victims (patch triggers)
     masks: torch.Tensor  # bool [P, H, W]: their trigger regions
-    pattern: torch.Tensor | None  # float [3, H, W]: the additive estimate (image-wide triggers)
+    pattern: torch.Tensor | None  # float [3, H, W]: the additive estimate (image-wide triggers the pattern confirmed)
+
+    @property
+    def applicable(self) -> bool:
+        """Whether it can be put on other images (a patch from its victims, or an additive pattern)."""
+        return len(self.donors) > 0 if self.kind == "patch" else self.pattern is not None
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 images [K, 3, H, W] with the trigger on: a patch from a randomly drawn victim, pasted
         at its place, or the additive pattern."""
-        if self.kind == "patch" and len(self.donors):
+        if not self.applicable:
+            raise ValueError("RecoveredTrigger.apply: this trigger cannot be put on other images (see applicable)")
+        if self.kind == "patch":
             pick = torch.randint(len(self.donors), (len(images),), generator=generator)
             return paste_regions(images, self.donors[pick], self.masks[pick])
-        if self.pattern is None:
-            return images
         return add_pattern(images, self.pattern)
 
 
 def recover_triggers(scan: ScanResult, probe: ProbeSet, seed: int = 0) -> list[RecoveredTrigger]:
-    """One RecoveredTrigger per target of the scan."""
+    """One RecoveredTrigger per target of the scan (see applicable: not every one can be put on images)."""
     clean = scan.clean_indices()
     recovered = []
     for estimate in scan.triggers:
@@ -53,8 +61,9 @@ def recover_triggers(scan: ScanResult, probe: ProbeSet, seed: int = 0) -> list[R
             recovered.append(RecoveredTrigger(estimate.target, "patch", probe.read(estimate.patch_indices),
                                               estimate.region_masks, None))
             continue
-        pattern = estimate_pattern(probe, estimate.victim_indices, clean, seed)
-        height, width = pattern.shape[1:]
+        height, width = probe.image_shape[1:]
+        pattern = (None if estimate.additive is False else  # confirmed by the background test alone
+                   estimate_pattern(probe, estimate.victim_indices, clean, seed))
         recovered.append(RecoveredTrigger(estimate.target, "image-wide", torch.zeros(0, 3, height, width,
                                                                                     dtype=torch.uint8),
                                           torch.zeros(0, height, width, dtype=torch.bool), pattern))
@@ -62,7 +71,8 @@ def recover_triggers(scan: ScanResult, probe: ProbeSet, seed: int = 0) -> list[R
 
 
 def with_triggers(images: torch.Tensor, triggers: list[RecoveredTrigger], seed: int) -> torch.Tensor:
-    """images with one of the recovered triggers on each (cycling through the targets)."""
+    """images with one of the recovered triggers on each (cycling through the targets); every trigger
+    must be applicable."""
     generator = torch.Generator().manual_seed(seed)
     out = images.clone()
     for k, trigger in enumerate(triggers):

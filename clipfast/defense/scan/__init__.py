@@ -20,7 +20,7 @@ The package, in the order the data flows:
 - scanner.py  the shard loop: oracle, scorers, per-image columns, the causal test (causal.py)
 - shards.py   a shard's results, and the shard directory a resumed run reads them from
 - decide.py   the probe-set-wide statistics: target labels, trigger boxes
-- confirm.py  the pattern transplant that confirms an image-wide target
+- confirm.py  the pattern and background transplants that confirm an image-wide target
 - result.py   ImageColumns, ScanResult and the other result types
 """
 
@@ -38,7 +38,7 @@ from clipfast.models import ClipBundle
 from clipfast.oracle import Segmenter
 
 from .config import ScanConfig
-from .confirm import pattern_flips
+from .confirm import confirm_image_wide
 from .decide import decide, decide_targets
 from .result import ImageColumns, LabelTest, ScanResult, TriggerEstimate
 from .scanner import STAGES, NonFiniteScoresError, ShardScanner
@@ -93,22 +93,6 @@ def scan(
     every = {k: shard for shards_of_rank, _ in gathered for k, shard in shards_of_rank.items()}
     seconds = {name: max(times[name] for _, times in gathered) for name in STAGES}
     result = decide(classnames, [every[k] for k in range(len(ranges))], config, seconds)
-    return confirm_image_wide(result, probe, bundle, grounding_bundle, prompts, config)
+    return confirm_image_wide(result, probe, segmenter, bundle, grounding_bundle, prompts, config.min_flip_rate,
+                              config.min_background_flip)
 
-
-def confirm_image_wide(result: ScanResult, probe: ProbeSet, bundle: ClipBundle, grounding_bundle: ClipBundle | None,
-                       prompts, config: ScanConfig) -> ScanResult:
-    """Keep an image-wide target only if its victims' pattern turns clean images to it in the suspect
-    and not in the trusted model (confirm.py); the others are reported as unconfirmed."""
-    kept = []
-    for trigger in result.triggers:
-        if trigger.kind == "image-wide":
-            trigger.pattern_flip, trigger.pattern_flip_trusted = pattern_flips(result, trigger.target, probe, bundle,
-                                                                               grounding_bundle, prompts)
-            if trigger.pattern_flip < config.min_flip_rate or trigger.pattern_flip_trusted >= config.min_flip_rate:
-                result.unconfirmed[result.classnames[trigger.target]] = (trigger.pattern_flip,
-                                                                          trigger.pattern_flip_trusted)
-                continue
-        kept.append(trigger)
-    result.triggers, result.targets = kept, [trigger.target for trigger in kept]
-    return result

@@ -38,6 +38,14 @@ class ScanConfig:
     # objects that made a Blended and a SIG model flag a wrong label ('bar', 'cross': correctly
     # classified images whose crops do not ground them) had 1 or 2 in 30 of 33 and 46 of 52 cases.)
     min_flip_rate: float = 0.5
+    # The background test that confirms an image-wide target (confirm.py): the victims' backgrounds,
+    # objects removed, with clean objects of other labels pasted on, must be labelled the target at
+    # least this often by the suspect (and less often by the trusted model). Measured on the efficacy
+    # models (trusted mode): backdoors 40-87 % (WaNet strengths 3 and 6, seeds 0-2: 59-87 %; Blended
+    # 84 %; SIG 40 %), the 'star' confusions of clean suspects (5 seeds) 0-2.2 %. 0.2 sits far from
+    # both, and transfers for the reason the test works: a trigger outside the object overrides the
+    # object by definition (attack success >= 0.9), a confusion is gone with the confused object.
+    min_background_flip: float = 0.2
     min_recipients: int = 4
     transplant_recipients: int = 8
     recipient_pool: int = 64
@@ -70,8 +78,10 @@ class ScanConfig:
     def __post_init__(self):
         if not 0.5 <= self.grounding_threshold <= 1.0:
             raise ValueError(f"grounding_threshold must be in [0.5, 1], got {self.grounding_threshold}")
-        if not 0.0 < self.min_flip_rate <= 1.0 or not 0.0 <= self.max_recipient_overlap <= 1.0:
-            raise ValueError("min_flip_rate must be in (0, 1] and max_recipient_overlap in [0, 1]")
+        if not 0.0 < self.min_flip_rate <= 1.0 or not 0.0 < self.min_background_flip <= 1.0:
+            raise ValueError("min_flip_rate and min_background_flip must be in (0, 1]")
+        if not 0.0 <= self.max_recipient_overlap <= 1.0:
+            raise ValueError("max_recipient_overlap must be in [0, 1]")
         if self.transplant_recipients < 1 or self.recipient_pool < 2:
             raise ValueError("transplant_recipients must be >= 1 and recipient_pool >= 2")
         if not 1 <= self.min_recipients <= self.transplant_recipients:

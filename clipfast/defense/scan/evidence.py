@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from clipfast.defense.transplant import overlap_fraction, paste_regions
+from clipfast.defense.transplant import fill_with_median, overlap_fraction, paste_regions
 
 ClassProbs = Callable[[torch.Tensor], torch.Tensor]  # uint8 images [K, 3, H, W] -> softmax [K, C] on the host
 
@@ -44,9 +44,7 @@ def removal_drops(class_probs: ClassProbs, images: torch.Tensor, masks: torch.Te
     drops = torch.zeros(count, regions)
     if len(index) == 0:
         return drops
-    originals = images[index[:, 0]]
-    median = originals.flatten(2).median(-1).values[:, :, None, None]
-    removed = torch.where(masks[index[:, 0], index[:, 1]][:, None], median, originals)
+    removed = fill_with_median(images[index[:, 0]], masks[index[:, 0], index[:, 1]])
     if per_image:
         sizes = real.sum(1).tolist()
         out = torch.cat([class_probs(part) for part in removed.split([s for s in sizes if s])])

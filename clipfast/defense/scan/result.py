@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -71,6 +71,18 @@ class LabelTest:
     sources: list[int]  # distinct source classes among label l's candidates
 
 
+@dataclass(frozen=True)
+class Flips:
+    """A transplant test's outcome (confirm.py): shares of transplanted images labelled the target by
+    the suspect and by the trusted model (0 without one)."""
+
+    suspect: float
+    trusted: float
+
+    def confirms(self, threshold: float) -> bool:
+        return self.suspect >= threshold and self.trusted < threshold
+
+
 @dataclass
 class TriggerEstimate:
     target: int
@@ -81,14 +93,18 @@ class TriggerEstimate:
     flip_rates: torch.Tensor  # [P]: those regions' transplant flip rates
     consensus_mask: torch.Tensor  # bool [H, W]: pixels in >= half of the trigger regions
     box: tuple[int, int, int, int] | None  # (y0, x0, y1, x1) of the consensus; None when empty (image-wide, or a moving patch)
-    # image-wide only (confirm.py): shares of clean images the victims' estimated pattern turns to the
-    # target, in the suspect and in the trusted model
-    pattern_flip: float | None = None
-    pattern_flip_trusted: float | None = None
+    # image-wide only (confirm.py): the pattern and background transplant tests (shares turned to the
+    # target in the suspect and the trusted model), and whether the additive pattern confirmed it (the
+    # repair then has the pattern to put on clean images; otherwise only the victims carry the trigger)
+    pattern: Flips | None = None
+    background: Flips | None = None
+    additive: bool | None = None
 
     def describe(self, classnames: list[str]) -> str:
         where = (f"patch trigger at box {self.box}" if self.kind == "patch" and self.box else
-                 "patch trigger at varying places" if self.kind == "patch" else "image-wide trigger")
+                 "patch trigger at varying places" if self.kind == "patch" else
+                 "image-wide trigger, not additive (its victims' backgrounds carry it, no mean pattern does)"
+                 if self.additive is False else "image-wide trigger")
         return f"target '{classnames[self.target]}', {where}, {len(self.victim_indices)} victims"
 
 
@@ -103,9 +119,9 @@ class ScanResult(ImageColumns):
     targets: list[int] = field(kw_only=True)
     triggers: list[TriggerEstimate] = field(kw_only=True)
     seconds: dict[str, float] = field(default_factory=dict, kw_only=True)
-    # labels that passed the per-label test as image-wide targets but failed the pattern transplant
-    # (confirm.py): label -> (suspect flip, trusted flip)
-    unconfirmed: dict[str, tuple[float, float]] = field(default_factory=dict, kw_only=True)
+    # labels that passed the per-label test as image-wide targets but neither transplant test
+    # (confirm.py): label -> {"pattern": Flips, "background": Flips}
+    unconfirmed: dict[str, dict[str, Flips]] = field(default_factory=dict, kw_only=True)
 
     @property
     def found(self) -> bool:
@@ -136,9 +152,12 @@ class ScanResult(ImageColumns):
                                                        self.label_test.candidates, self.label_test.expected,
                                                        self.label_test.p_values)},
             "significance_threshold": self.label_test.threshold,
-            "unconfirmed": self.unconfirmed,
+            "unconfirmed": {name: {test: asdict(flips) for test, flips in tests.items()}
+                            for name, tests in self.unconfirmed.items()},
             "triggers": [{"target": self.classnames[t.target], "kind": t.kind, "box": t.box,
-                          "pattern_flip": t.pattern_flip, "pattern_flip_trusted": t.pattern_flip_trusted,
+                          **{test: None if flips is None else asdict(flips)
+                             for test, flips in (("pattern", t.pattern), ("background", t.background))},
+                          "additive": t.additive,
                           "victims": len(t.victim_indices), "patch_victims": len(t.patch_indices),
                           "consensus_pixels": int(t.consensus_mask.sum()), "description": t.describe(self.classnames)}
                          for t in self.triggers],
