@@ -55,7 +55,8 @@ from .ops import blob_masks
 FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "stage", "model", "variant", "sizes", "seconds",
           "throughput", "unit", "speedup_vs_reference", "mfu", "agreement"]
 STAGES = ("scan", "repair", "defend", "capacity")
-SCAN_VARIANTS = ("reference", "fast crop", "fast crop fp32", "fast crop prefetch=0", "fast packed")
+SCAN_VARIANTS = ("reference", "fast crop", "fast crop fp32", "fast crop prefetch=0", "fast crop prefetch=2",
+                 "fast packed")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -143,10 +144,12 @@ def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segm
     kwargs = dict(prompts=zero_shot_prompts)
     scan(bundle, list(CLASSES), images[:8], oracle, config=ScanConfig(progress=False), **kwargs)  # warm-up
     results, seconds = {}, {}
-    # The fast path's own choices, each undone once: fp32 instead of auto precision, no oracle prefetch.
+    # The fast path's own choices, each set by hand once: fp32 instead of auto precision, the oracle
+    # prefetch thread off and on (auto picks it on GPUs only).
     configs = {"reference": ScanConfig(progress=False, engine="reference"), "fast crop": ScanConfig(progress=False),
                "fast crop fp32": ScanConfig(progress=False, precision="fp32"),
                "fast crop prefetch=0": ScanConfig(progress=False, prefetch=0),
+               "fast crop prefetch=2": ScanConfig(progress=False, prefetch=2),
                "fast packed": ScanConfig(progress=False, regions="packed")}
     for variant in ["reference"] + [v for v in variants if v != "reference"]:
         config = configs[variant]

@@ -89,7 +89,8 @@ class ShardScanner:
         batches = [(k, lo, min(lo + size, hi)) for k, shard_lo, hi in shards for lo in range(shard_lo, hi, size)]
         self._open = {k: _OpenShard(lo, hi, max(b_lo for j, b_lo, _ in batches if j == k)) for k, lo, hi in shards}
         start, pending = time.perf_counter(), None
-        stream = prefetch(self._segmented(batches), self.config.prefetch if self.suspect.runs_ahead else 0)
+        ahead = self.config.prefetch if self.config.prefetch is not None else (2 if self.pin else 0)
+        stream = prefetch(self._segmented(batches), ahead if self.suspect.runs_ahead else 0)
         for batch in tqdm(stream, total=len(batches), desc="scan", unit="batch", disable=not self.config.progress):
             own = self.suspect.submit(batch.images, batch.masks, batch.regions)
             ground = own if self.grounder is self.suspect else self.grounder.submit(batch.images, batch.masks,
