@@ -7,7 +7,7 @@ import torch
 from clipfast.defense.curate import CurateConfig, curate
 from clipfast.defense.pipeline import claim_run_directory, load_scan, save_scan
 from clipfast.defense.scan import LabelTest, ScanConfig, ScanResult, decide_targets
-from clipfast.defense.scan.result import TriggerEstimate
+from clipfast.defense.scan.result import Flips, TriggerEstimate
 from clipfast.errors import RunMismatchError
 from clipfast.train.cleanclip import augment_caption
 
@@ -116,6 +116,16 @@ def test_scan_result_round_trips_through_its_file(tmp_path):
     loaded = load_scan(tmp_path / "scan.pt")
     assert loaded.targets == [3] and torch.equal(loaded.candidate, scan.candidate)
     assert loaded.label_test == scan.label_test
+    # an image-wide trigger's transplant tests, and an unconfirmed label's, come back as they were
+    empty = torch.zeros(2, 2, dtype=torch.bool)
+    scan.triggers = [TriggerEstimate(3, "image-wide", torch.tensor([0, 1]), torch.zeros(0, dtype=torch.int64),
+                                     empty[None, :0], torch.zeros(0), empty, None, Flips(0.01, 0.0), Flips(0.8, 0.01),
+                                     False)]
+    scan.unconfirmed = {"b": {"pattern": Flips(0.02, 0.03), "background": Flips(0.0, 0.01)}}
+    save_scan(scan, tmp_path / "scan.pt")
+    loaded = load_scan(tmp_path / "scan.pt")
+    assert loaded.triggers[0].background == Flips(0.8, 0.01) and loaded.triggers[0].additive is False
+    assert loaded.unconfirmed == scan.unconfirmed and loaded.summary()["unconfirmed"] == scan.summary()["unconfirmed"]
 
 
 def test_run_directory_refuses_other_settings(tmp_path):

@@ -23,7 +23,7 @@ from clipfast.rundir import check_same_run, remove_leftovers, save_json, tied_se
 from .curate import CompactSet, CurateConfig, curate
 from .repair import RepairConfig, RepairResult, repair
 from .verdict import Verdict, judge
-from .scan import LabelTest, ScanConfig, ScanResult, TriggerEstimate, scan
+from .scan import Flips, LabelTest, ScanConfig, ScanResult, TriggerEstimate, scan
 
 CONFIG_NAME = "defense_config.json"
 SCAN_NAME = "scan.pt"
@@ -90,7 +90,11 @@ def save_scan(result: ScanResult, path: Path) -> None:
 def load_scan(path: Path) -> ScanResult:
     data = torch.load(path, weights_only=True)
     data["label_test"] = LabelTest(**data["label_test"])
-    data["triggers"] = [TriggerEstimate(**t) for t in data["triggers"]]
+    flips = lambda value: None if value is None else Flips(**value)  # noqa: E731 - asdict made them dicts
+    data["triggers"] = [TriggerEstimate(**{**t, "pattern": flips(t["pattern"]), "background": flips(t["background"])})
+                        for t in data["triggers"]]
+    data["unconfirmed"] = {name: {test: flips(value) for test, value in tests.items()}
+                           for name, tests in data["unconfirmed"].items()}
     return ScanResult(**data)
 
 

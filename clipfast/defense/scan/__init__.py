@@ -40,12 +40,12 @@ from clipfast.oracle import Segmenter
 from .config import ScanConfig
 from .confirm import confirm_image_wide
 from .decide import decide, decide_targets
-from .result import ImageColumns, LabelTest, ScanResult, TriggerEstimate
+from .result import Flips, ImageColumns, LabelTest, ScanResult, TriggerEstimate
 from .scanner import STAGES, NonFiniteScoresError, ShardScanner
 from .scorers import FastRegionScorer, ReferenceRegionScorer, RegionScorer, make_scorer, reference_crop
 from .shards import ScanShard, ShardDirectory, scan_fingerprint, shard_ranges
 
-__all__ = ["FastRegionScorer", "ImageColumns", "LabelTest", "NonFiniteScoresError", "ReferenceRegionScorer",
+__all__ = ["FastRegionScorer", "Flips", "ImageColumns", "LabelTest", "NonFiniteScoresError", "ReferenceRegionScorer",
            "RegionScorer", "ScanConfig", "ScanResult", "ScanShard", "ShardDirectory", "TriggerEstimate",
            "decide_targets", "make_scorer", "reference_crop", "scan"]
 
