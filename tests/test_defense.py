@@ -180,3 +180,19 @@ def test_a_flip_rate_needs_enough_recipients():
                       min_recipients=2).tolist() == [1.0]
     with pytest.raises(ValueError, match="min_recipients"):
         ScanConfig(min_recipients=9)
+
+
+def test_the_held_out_asr_leaves_out_victims_whose_oracle_label_is_the_target():
+    """A label-consistent attack's victims are target-class images: called the target after repair,
+    they are right, not attack successes (held-out victims here: 0, and 5 whose oracle says the target)."""
+    from clipfast.defense.repair import holdout_estimator
+    from clipfast.models import load_model
+
+    torch.manual_seed(0)
+    scan = hand_made_scan()
+    scan.classnames = ["circle", "square", "star", "heart"]  # words the tiny model's tokenizer knows
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1))
+    assert sorted(set(compact.victim_indices.tolist()) - set(compact.source_indices.tolist())) == [0, 5]
+    estimates = holdout_estimator(scan, compact, images, None, holdout_clean=4, seed=0)(load_model("clipfast-tiny"))
+    assert estimates["asr_n"] == 1 and 0 <= estimates["asr_hits"] <= 1

@@ -91,17 +91,21 @@ class RepairResult:
 def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: ProbeSet | torch.Tensor, prompts,
                       holdout_clean: int, seed: int) -> Callable[[ClipBundle], dict]:
     """eval_fn for the training loop: the attack success rate on held-out triggered images (victims
-    not in the compact set, and held-out clean images of non-target labels with the recovered trigger
-    put on where it can be: asr_hits of asr_n), and agreement with the pre-repair labels on held-out
-    clean images."""
+    not in the compact set whose oracle label is not a target, and held-out clean images of non-target
+    labels with the recovered trigger put on where it can be: asr_hits of asr_n), and agreement with
+    the pre-repair labels on held-out clean images."""
     probe_images = as_probe_set(probe_images)
     in_compact = torch.zeros(len(probe_images), dtype=torch.bool)
     in_compact[compact.source_indices] = True
+    targets = torch.tensor(scan.targets)
     victims = compact.victim_indices[~in_compact[compact.victim_indices]]
+    # A victim whose oracle label is a target is right to be called the target after repair (a
+    # label-consistent attack's victims are target-class images; a real target-class image can be
+    # among the victims): the attack success rate counts images of other labels only.
+    victims = victims[~torch.isin(scan.oracle_label[victims], targets)]
     clean = scan.clean_indices()
     clean = clean[~in_compact[clean]]
     clean = clean[torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[:holdout_clean]]
-    targets = torch.tensor(scan.targets)
     prompt_kwargs = {} if prompts is None else {"prompts": prompts}
     fixed_classifier = None
     clean_pictures = probe_images.read(clean)  # read once
