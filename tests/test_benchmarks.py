@@ -120,3 +120,27 @@ def test_a_capacity_model_that_fails_is_a_row_and_the_next_one_runs():
     bench_capacity(["no-such-architecture", "nor-this-one"], "cpu", rows)
     assert [r["model"] for r in rows] == ["no-such-architecture", "nor-this-one"]
     assert all(r["agreement"].startswith("FAILED: ") for r in rows)
+
+
+def test_results_written_by_a_run_do_not_make_the_commit_dirty(tmp_path, monkeypatch):
+    import subprocess
+
+    from clipfast.provenance import COMMIT_ENV, git_commit
+
+    monkeypatch.delenv(COMMIT_ENV, raising=False)
+
+    def git(*args):
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "code.py").write_text("a = 1\n")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "benchmarks" / "results" / "rows.csv").write_text("x\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = git_commit(tmp_path / "benchmarks")
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "benchmarks" / "results" / "rows.csv").write_text("x\ny\n")
+    assert git_commit(tmp_path / "benchmarks") == clean
+    (tmp_path / "code.py").write_text("a = 2\n")
+    assert git_commit(tmp_path / "benchmarks") == clean + "-dirty"
