@@ -23,7 +23,10 @@ that sees the same pixels, in the trusted model:
   SIG 40 %, the trusted model at most 1.6 %; the 'star' confusion of 5 clean suspects 0-2.2 %.
 
 A target is confirmed when either test passes: the suspect flips at least its threshold and the
-trusted model fewer than that.
+trusted model fewer than that. Only the trusted mode produces image-wide targets (in self mode every
+candidate is patch evidence); without the trusted control the background test is not safe: objects
+the oracle does not fully remove override the pasted ones too (measured: a clean suspect's 'circle'
+images 21-39 %; ../shared/notes/image-wide-triggers.md).
 """
 
 from __future__ import annotations
