@@ -99,7 +99,7 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     clean[scan.clean_indices()] = True
     # Unlearning pairs need a trigger that can be put on other images (a warp confirmed by its
     # victims' backgrounds cannot: its victims carry it alone, unlearning.py).
-    triggers = [trigger for trigger in recover_triggers(scan, images, config.seed) if trigger.applicable]
+    triggers = recover_triggers(scan, images, config.seed)
     counts = (config.replay_per_label, config.synthesized_per_label if triggers else 0)
     parts: list[list[torch.Tensor]] = [[], []]  # replay, unlearning pairs
     for label in range(num_labels):  # every label, the targets too: a class-balanced set keeps every class

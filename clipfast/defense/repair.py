@@ -110,10 +110,10 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     fixed_classifier = None
     clean_pictures = probe_images.read(clean)  # read once
     source = ~torch.isin(scan.image_label[clean], targets)  # ASR counts images of other labels only
-    applicable = [trigger for trigger in recover_triggers(scan, probe_images, seed) if trigger.applicable]
+    triggers = recover_triggers(scan, probe_images, seed)
     triggered = probe_images.read(victims)
-    if applicable:  # else (a warp) the held-out victims alone measure it
-        triggered = torch.cat([triggered, with_triggers(clean_pictures[source], applicable, seed + 1)])
+    if triggers:  # else (a warp) the held-out victims alone measure it
+        triggered = torch.cat([triggered, with_triggers(clean_pictures[source], triggers, seed + 1)])
 
     def estimate(bundle: ClipBundle) -> dict:
         nonlocal fixed_classifier

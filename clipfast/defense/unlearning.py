@@ -34,18 +34,11 @@ class RecoveredTrigger:
     kind: str  # patch | image-wide
     donors: torch.Tensor  # uint8 [P, 3, H, W]: patch victims (patch triggers)
     masks: torch.Tensor  # bool [P, H, W]: their trigger regions
-    pattern: torch.Tensor | None  # float [3, H, W]: the additive estimate (image-wide triggers the pattern confirmed)
-
-    @property
-    def applicable(self) -> bool:
-        """Whether it can be put on other images (a patch from its victims, or an additive pattern)."""
-        return len(self.donors) > 0 if self.kind == "patch" else self.pattern is not None
+    pattern: torch.Tensor | None  # float [3, H, W]: the additive estimate (image-wide triggers)
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 images [K, 3, H, W] with the trigger on: a patch from a randomly drawn victim, pasted
         at its place, or the additive pattern."""
-        if not self.applicable:
-            raise ValueError("RecoveredTrigger.apply: this trigger cannot be put on other images (see applicable)")
         if self.kind == "patch":
             pick = torch.randint(len(self.donors), (len(images),), generator=generator)
             return paste_regions(images, self.donors[pick], self.masks[pick])
@@ -53,26 +46,25 @@ class RecoveredTrigger:
 
 
 def recover_triggers(scan: ScanResult, probe: ProbeSet, seed: int = 0) -> list[RecoveredTrigger]:
-    """One RecoveredTrigger per target of the scan (see applicable: not every one can be put on images)."""
+    """The scan's triggers that can be put on other images: patches with victims to take them from,
+    image-wide triggers the pattern test confirmed (not one confirmed by its backgrounds alone)."""
     clean = scan.clean_indices()
+    height, width = probe.image_shape[1:]
     recovered = []
     for estimate in scan.triggers:
-        if estimate.kind == "patch":
+        if estimate.kind == "patch" and len(estimate.patch_indices):
             recovered.append(RecoveredTrigger(estimate.target, "patch", probe.read(estimate.patch_indices),
                                               estimate.region_masks, None))
-            continue
-        height, width = probe.image_shape[1:]
-        pattern = (None if estimate.additive is False else  # confirmed by the background test alone
-                   estimate_pattern(probe, estimate.victim_indices, clean, seed))
-        recovered.append(RecoveredTrigger(estimate.target, "image-wide", torch.zeros(0, 3, height, width,
-                                                                                    dtype=torch.uint8),
-                                          torch.zeros(0, height, width, dtype=torch.bool), pattern))
+        elif estimate.kind == "image-wide" and estimate.additive is not False:
+            pattern = estimate_pattern(probe, estimate.victim_indices, clean, seed)
+            recovered.append(RecoveredTrigger(estimate.target, "image-wide",
+                                              torch.zeros(0, 3, height, width, dtype=torch.uint8),
+                                              torch.zeros(0, height, width, dtype=torch.bool), pattern))
     return recovered
 
 
 def with_triggers(images: torch.Tensor, triggers: list[RecoveredTrigger], seed: int) -> torch.Tensor:
-    """images with one of the recovered triggers on each (cycling through the targets); every trigger
-    must be applicable."""
+    """images with one of the recovered triggers on each (cycling through the targets)."""
     generator = torch.Generator().manual_seed(seed)
     out = images.clone()
     for k, trigger in enumerate(triggers):
