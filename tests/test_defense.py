@@ -88,8 +88,8 @@ def test_curate_picks_top_victims_per_affected_label_and_balanced_replay():
     assert not compact.is_synthesized.any()
     assert torch.equal(compact.images[:, 0, 0, 0], compact.source_indices.to(torch.uint8))
 
-    # with victim 0's top-left pixel as a patch trigger: the other clean images of every label, the
-    # trigger pasted on
+    # with victim 0's top-left pixel as a patch trigger: labels 0 and 1 have curated victims and 3 is
+    # the target, so only label 2's other clean images get the trigger pasted on
     corner = torch.zeros(1, 2, 2, dtype=torch.bool)
     corner[0, 0, 0] = True
     scan.triggers = [TriggerEstimate(3, "patch", torch.tensor([0, 1, 2, 4, 5]), torch.tensor([0]), corner,
@@ -97,10 +97,19 @@ def test_curate_picks_top_victims_per_affected_label_and_balanced_replay():
     compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1))
     synthesized = compact.source_indices[compact.is_synthesized]
     replay = compact.source_indices[~compact.is_victim & ~compact.is_synthesized].tolist()
-    assert sorted(synthesized.tolist()) == sorted({3, 6, 7, 8, 9, 10, 11} - set(replay))
+    assert sorted(synthesized.tolist()) == sorted({7, 11} - set(replay)) and len(synthesized) == 1
     pasted = compact.images[compact.is_synthesized]
     assert (pasted[:, :, 0, 0] == 0).all() and torch.equal(pasted[:, 0, 1, 1], synthesized.to(torch.uint8))
     assert torch.equal(compact.clean_views[compact.is_synthesized][:, 0, 0, 0], synthesized.to(torch.uint8))
+
+    # victims mostly of the target class (label-consistent poisoning: their captions correct nothing):
+    # every non-target label gets pasted images, curated victim or not
+    scan.oracle_label[torch.tensor([0, 1, 2])] = 3
+    compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1))
+    synthesized = compact.source_indices[compact.is_synthesized]
+    replay = compact.source_indices[~compact.is_victim & ~compact.is_synthesized].tolist()
+    assert sorted(synthesized.tolist()) == sorted({3, 9, 6, 10, 7, 11} - set(replay))
+    assert sorted(scan.image_label[synthesized].tolist()) == [0, 1, 2]
 
 
 def test_curate_refuses_a_scan_without_target():

@@ -4,9 +4,9 @@ Victims are the scan's candidates labelled with a target t*. Each victim's oracl
 grounding model's label of its largest region that is not the trigger; the affected labels are the
 victims' oracle labels. The compact set is the top-k victims per affected label by discrepancy score
 (ops.region_topk), each captioned with its oracle label and keeping its trigger (so fine-tuning
-unlearns trigger -> t*); a small class-balanced clean replay set for the affected labels and t*; and
-unlearning pairs: clean images of every other label with the recovered trigger put back on
-(unlearning.py), captioned with their own label.
+unlearns trigger -> t*); for a label with no such victim, as many unlearning pairs: clean images of
+that label with the recovered trigger put back on (unlearning.py), captioned with their own label;
+and a small class-balanced clean replay set of every label.
 """
 
 from __future__ import annotations
@@ -29,21 +29,28 @@ CAPTION_TEMPLATES = ("a photo of a {}.", "an image of a {}.", "a drawing of a {}
 
 @dataclass(frozen=True)
 class CurateConfig:
+    # Trigger-bearing images per label: the label's top victims by discrepancy, captioned with their
+    # oracle label; a non-target label without a curated victim (the attack drew none from it), and
+    # every non-target label when the victims are mostly target-class images (label-consistent
+    # poisoning), gets as many clean images of its own with the recovered trigger put on
+    # (unlearning.py) instead, captioned with their own label: every source class unlearns the trigger.
     victims_per_label: int = 16
     # Clean replay per label: probe images whose label a region grounds, captioned with the model's
-    # own label (self-labelled: no outside data) and anchored to their pre-repair embeddings. Measured
-    # on the demo model (5000 test images): 32 per label lost 2.1 CA points in repair, 150 lost 0.3, at
-    # the same ASR; replay only as anchors without their captions lost 0.8-1.0.
-    replay_per_label: int = 150
-    # clean images of every label with the recovered trigger put back on (unlearning.py), captioned
-    # with their own label: the model unlearns the trigger for every source class
-    synthesized_per_label: int = 32
+    # own label (self-labelled: no outside data) and anchored to their pre-repair embeddings.
+    replay_per_label: int = 60
     seed: int = 0
     backend: str = untied("auto")  # region_topk's op backend (see clipfast.ops)
+    # Why these counts (efficacy matrix's cases, trusted and self oracle, notes of issue 17): the
+    # previous set (victims + 32 pasted images on every label + 150 replay per label, ~1850 images)
+    # lost 0.60 CA points (median over trusted patch cases, up to 1.70): pasted images beside victims
+    # only cost clean accuracy (a pasted centre patch hides the object its caption names); without any
+    # pasted images label-consistent models kept 20-48 % ASR, with them on labels lacking a victim only, 15 %. 40 replay per label lost 0.70 points
+    # (median), 60 lost 0.33 (up to 1.02) at a patch ASR of 0.98 % (median): the set stays <= 760
+    # images, under a tenth of the CleanCLIP-style baseline's 8000.
 
     def __post_init__(self):
-        if self.victims_per_label < 1 or self.replay_per_label < 0 or self.synthesized_per_label < 0:
-            raise ValueError("victims_per_label must be >= 1, replay_per_label and synthesized_per_label >= 0")
+        if self.victims_per_label < 1 or self.replay_per_label < 0:
+            raise ValueError("victims_per_label must be >= 1 and replay_per_label >= 0")
 
 
 @dataclass
@@ -93,20 +100,29 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     chosen = chosen[chosen >= 0]
 
     # Clean replay: images whose label is grounded, class-balanced over all labels; unlearning pairs:
-    # other clean images of every label, the recovered trigger put on (captioned with their own label:
-    # on a target-class image the trigger must not matter either).
+    # other clean images of each non-target label without a curated victim, the recovered trigger put
+    # on, captioned with their own label.
     clean = torch.zeros(len(images), dtype=torch.bool)
     clean[scan.clean_indices()] = True
     # Unlearning pairs need a trigger that can be put on other images (a warp confirmed by its
     # victims' backgrounds cannot: its victims carry it alone, unlearning.py).
     triggers = recover_triggers(scan, images, config.seed)
-    counts = (config.replay_per_label, config.synthesized_per_label if triggers else 0)
+    curated_victims = torch.bincount(scan.oracle_label[chosen], minlength=num_labels)
+    # Victims that are mostly target-class images (label-consistent poisoning: the matrix's cases have
+    # 9-16 % of victims of other labels, every other attack 96-100 %; a majority rule, since a
+    # poisoning draw that takes all sources has about 1 / #labels of them in the target class) come
+    # with captions that correct nothing: then every non-target label gets the pasted images.
+    uncorrected = bool(len(victims)) and bool(torch.isin(scan.oracle_label[victims], torch.tensor(scan.targets))
+                                              .float().mean() >= 0.5)
     parts: list[list[torch.Tensor]] = [[], []]  # replay, unlearning pairs
     for label in range(num_labels):  # every label, the targets too: a class-balanced set keeps every class
+        # (a target-class image with the trigger on is the target either way: nothing to unlearn there)
+        needs = uncorrected or not curated_victims[label]
+        pasted = config.victims_per_label if triggers and needs and label not in scan.targets else 0
         pool = torch.nonzero(clean & (scan.image_label == label)).flatten()
         pool = pool[torch.randperm(len(pool), generator=generator)]
         start = 0
-        for part, count in zip(parts, counts):  # as many as the label has, in this order
+        for part, count in zip(parts, (config.replay_per_label, pasted)):  # as many as the label has, in this order
             part.append(pool[start: start + count])
             start += count
     replay, synthesized = (torch.cat(part) for part in parts)
