@@ -6,6 +6,7 @@ run's result."""
 import io
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from conftest import POISONED_RECIPE, PROBE
 from PIL import Image
 
 from clipfast.defense.pipeline import REPAIRED_NAME, SCAN_NAME, SCAN_SHARDS_NAME, load_scan
+from clipfast.defense.verdict import EXIT_NOT_REMOVED
 from clipfast.eval import evaluate
 from clipfast.models import load_model
 from clipfast.recipes import evaluation_world
@@ -53,8 +55,15 @@ def defend_argv(poisoned_world, probe_tar, out: Path) -> list[str]:
 
 
 def run(argv: list[str], timeout: float = 600) -> None:
+    """The command ran to its verdict. This 500-step test model is weak (CA ~40 %): whether its repair
+    passes the verdict's bound (exit 0) or not (EXIT_NOT_REMOVED) is not what these tests compare.
+    torchrun reports ranks that exit non-zero as its own failure (exit 1, each rank's exitcode in
+    its message): every rank then must have exited with EXIT_NOT_REMOVED, none with anything else."""
     done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stderr[-3000:]
+    rank_codes = set(re.findall(r"exitcode\s*:\s*(-?\d+)", done.stderr))
+    not_removed_under_torchrun = done.returncode == 1 and rank_codes == {str(EXIT_NOT_REMOVED)}
+    assert done.returncode in (0, EXIT_NOT_REMOVED) or not_removed_under_torchrun, done.stderr[-3000:]
+    assert "VERDICT" in done.stdout, done.stdout[-3000:]
 
 
 @pytest.fixture(scope="module")

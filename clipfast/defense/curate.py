@@ -4,9 +4,10 @@ Victims are the scan's candidates labelled with a target t*. Each victim's oracl
 grounding model's label of its largest region that is not the trigger; the affected labels are the
 victims' oracle labels. The compact set is the top-k victims per affected label by discrepancy score
 (ops.region_topk), each captioned with its oracle label and keeping its trigger (so fine-tuning
-unlearns trigger -> t*); for a label with no such victim, as many unlearning pairs: clean images of
-that label with the recovered trigger put back on (unlearning.py), captioned with their own label;
-and a small class-balanced clean replay set of every label.
+unlearns trigger -> t*); for a non-target label with no such victim (every non-target label when the
+victims are mostly target-class images), as many unlearning pairs: clean images of that label with
+the recovered trigger put back on (unlearning.py), captioned with their own label; and a small
+class-balanced clean replay set of every label.
 """
 
 from __future__ import annotations
@@ -40,13 +41,14 @@ class CurateConfig:
     replay_per_label: int = 60
     seed: int = 0
     backend: str = untied("auto")  # region_topk's op backend (see clipfast.ops)
-    # Why these counts (efficacy matrix's cases, trusted and self oracle, notes of issue 17): the
-    # previous set (victims + 32 pasted images on every label + 150 replay per label, ~1850 images)
-    # lost 0.60 CA points (median over trusted patch cases, up to 1.70): pasted images beside victims
-    # only cost clean accuracy (a pasted centre patch hides the object its caption names); without any
-    # pasted images label-consistent models kept 20-48 % ASR, with them on labels lacking a victim only, 15 %. 40 replay per label lost 0.70 points
-    # (median), 60 lost 0.33 (up to 1.02) at a patch ASR of 0.98 % (median): the set stays <= 760
-    # images, under a tenth of the CleanCLIP-style baseline's 8000.
+    # Why these counts (repairs rerun on the b366873 efficacy matrix's cached models and scans, then
+    # the whole matrix at b0d5586; notes of issue 17): the previous set (victims + 32 pasted images on
+    # every label + 150 replay per label, ~1850 images) lost 0.60 CA points (median over trusted patch
+    # cases, up to 1.70). Pasted images beside victims only cost clean accuracy (a pasted centre patch
+    # hides the object its caption names); without any, label-consistent models kept 20-48 % ASR, with
+    # them on labels lacking a victim only, 15 %. 40 replay per label lost 0.70 points (median), 60 lost
+    # 0.33 (up to 1.02) at a patch ASR of 0.98 % (median). The set stays under 800 images, a tenth of
+    # the CleanCLIP-style baseline's 8000.
 
     def __post_init__(self):
         if self.victims_per_label < 1 or self.replay_per_label < 0:
@@ -108,10 +110,12 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     # victims' backgrounds cannot: its victims carry it alone, unlearning.py).
     triggers = recover_triggers(scan, images, config.seed)
     curated_victims = torch.bincount(scan.oracle_label[chosen], minlength=num_labels)
-    # Victims that are mostly target-class images (label-consistent poisoning: the matrix's cases have
-    # 9-16 % of victims of other labels, every other attack 96-100 %; a majority rule, since a
-    # poisoning draw that takes all sources has about 1 / #labels of them in the target class) come
-    # with captions that correct nothing: then every non-target label gets the pasted images.
+    # Victims that are mostly target-class images (label-consistent poisoning: in trusted mode the
+    # matrix's cases have 9-16 % of victims of other labels, every other attack 96-100 %; a majority
+    # rule, since a poisoning draw that takes all sources has about 1 / #labels of them in the target
+    # class) come with captions that correct nothing: then every non-target label gets pasted images.
+    # Self-grounded oracle labels hide this (the suspect calls a degraded target-class image's crop
+    # something else): a stated limit, see the README.
     uncorrected = bool(len(victims)) and bool(torch.isin(scan.oracle_label[victims], torch.tensor(scan.targets))
                                               .float().mean() >= 0.5)
     parts: list[list[torch.Tensor]] = [[], []]  # replay, unlearning pairs
