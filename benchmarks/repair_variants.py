@@ -1,0 +1,111 @@
+"""Repair settings measured on the efficacy matrix without rerunning it: curate + repair again on the
+cached models and saved scans of a finished matrix run, with some CurateConfig / RepairConfig fields
+changed, and CA / ASR on the test world after.
+
+A matrix case costs ~35 s on this 2-core CPU (model, scan, repair, baseline, evaluations); a variant
+here costs ~12 s (repair and one evaluation), so a sweep over the whole matrix is minutes, not hours.
+The cases are the CSV rows of `--commit` whose target was found; each reuses the case's cached model
+(the matrix trained it into `$CLIPFAST_CACHE/models`) and the scan that run saved
+(`$CLIPFAST_CACHE/efficacy/<commit>/<case key>/defense/scan.pt`). Scans are reused, not redone:
+a variant that changes the scan needs the matrix itself. Rows go to `--out` (JSON lines) as they end.
+
+    python benchmarks/repair_variants.py --commit b0d5586 --configs "badnet 6px centre" \\
+        --variant default --variant replay_per_label=150 --variant replay_per_label=150,lr=1e-4
+
+A variant is a comma-separated list of FIELD=VALUE over CurateConfig and RepairConfig fields (the
+field names as they are; `default` changes nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from clipfast.bench.efficacy import MATRIX, _recipe
+from clipfast.defense.curate import CurateConfig, curate
+from clipfast.defense.pipeline import SCAN_NAME, load_scan
+from clipfast.defense.repair import RepairConfig, repair
+from clipfast.demo import DemoConfig, default_cache_dir
+from clipfast.eval import evaluate
+from clipfast.recipes import cached_world_model, evaluation_world, optimized_patch_recipe
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def parse_variant(text: str) -> tuple[CurateConfig, RepairConfig]:
+    """'default' or 'field=value,...' over CurateConfig and RepairConfig (values parsed as JSON, else strings)."""
+    fields = {"curate": {f.name: f.type for f in dataclasses.fields(CurateConfig)},
+              "repair": {f.name: f.type for f in dataclasses.fields(RepairConfig)}}
+    changes: dict[str, dict] = {"curate": {}, "repair": {}}
+    for item in [] if text == "default" else text.split(","):
+        name, _, value = item.partition("=")
+        owners = [owner for owner, names in fields.items() if name in names]
+        if len(owners) != 1 or not value:
+            raise SystemExit(f"variant {text!r}: {name!r} is not a CurateConfig or RepairConfig field "
+                             f"(or has no value)")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        changes[owners[0]][name] = parsed
+    return CurateConfig(**changes["curate"]), RepairConfig(**changes["repair"], progress=False)
+
+
+def matrix_cases(commit: str, configs: list[str] | None, modes: list[str]) -> list[dict]:
+    with (RESULTS / "efficacy.csv").open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["commit"].startswith(commit)]
+    rows = [row for row in rows if row["target_found"] == "True" and row["oracle_mode"] in modes
+            and (not configs or row["config"] in configs)]
+    if not rows:
+        raise SystemExit(f"no found-target rows of commit {commit!r} match in {RESULTS / 'efficacy.csv'}")
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--commit", required=True, help="the matrix run whose rows, models and scans to reuse")
+    parser.add_argument("--configs", nargs="+", default=None, help="matrix configuration names (default: all)")
+    parser.add_argument("--modes", nargs="+", default=["self", "trusted"], choices=["self", "trusted"])
+    parser.add_argument("--variant", action="append", default=None, help="FIELD=VALUE,... or 'default' (repeatable)")
+    parser.add_argument("--out", type=Path, default=Path("repair_variants.jsonl"))
+    args = parser.parse_args(argv)
+    variants = [(text, *parse_variant(text)) for text in args.variant or ["default"]]
+    cache, settings = default_cache_dir(), DemoConfig()
+    test = evaluation_world(settings.test_size)
+    by_name = {config.name: config for config in MATRIX}
+    for row in matrix_cases(args.commit, args.configs, args.modes):
+        scans = sorted((cache / "efficacy").glob(f"{args.commit}*/{row['case_key']}/defense/{SCAN_NAME}"))
+        if not scans:
+            print(f"{row['config']} seed {row['seed']} ({row['oracle_mode']}): no saved scan, skipped", flush=True)
+            continue
+        recipe = _recipe(by_name[row["config"]], int(row["seed"]), float(row["rate"]), settings)
+        recipe = optimized_patch_recipe(recipe, cache / "models")
+        bundle, pairs, _ = cached_world_model(recipe, cache / "models")
+        probe, scan = pairs.images[: settings.probe_size], load_scan(scans[0])
+        for text, curate_config, repair_config in variants:
+            model = copy.deepcopy(bundle)
+            compact = curate(scan, probe, curate_config)
+            start = time.perf_counter()
+            with tempfile.TemporaryDirectory() as work:
+                result = repair(model, compact, scan, probe, work, config=repair_config)
+            seconds = time.perf_counter() - start
+            after = evaluate(model, test, recipe.make_trigger(), recipe.target_label)
+            out = {"config": row["config"], "seed": int(row["seed"]), "oracle_mode": row["oracle_mode"],
+                   "variant": text, "compact_set_size": len(compact), "ca_poisoned": float(row["ca_poisoned"]),
+                   "ca_repaired": after["ca"], "asr_repaired": after["asr"],
+                   "asr_clean_model": float(row["asr_clean_model"]), "repair_steps": result.train.step,
+                   "repair_asr_estimate": result.estimates.get("asr_estimate"), "seconds_repair": round(seconds, 1)}
+            print(json.dumps(out), flush=True)
+            with args.out.open("a") as handle:
+                handle.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
