@@ -40,9 +40,9 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse_variant(text: str) -> tuple[CurateConfig, RepairConfig]:
     """'default' or 'field=value,...' over CurateConfig and RepairConfig (values parsed as JSON, else strings)."""
-    fields = {"curate": {f.name: f.type for f in dataclasses.fields(CurateConfig)},
-              "repair": {f.name: f.type for f in dataclasses.fields(RepairConfig)}}
-    changes: dict[str, dict] = {"curate": {}, "repair": {}}
+    fields = {"curate": {f.name for f in dataclasses.fields(CurateConfig)},
+              "repair": {f.name for f in dataclasses.fields(RepairConfig)}}
+    changes: dict[str, dict] = {"curate": {}, "repair": {"progress": False}}
     for item in [] if text == "default" else text.split(","):
         name, _, value = item.partition("=")
         owners = [owner for owner, names in fields.items() if name in names]
@@ -54,7 +54,7 @@ def parse_variant(text: str) -> tuple[CurateConfig, RepairConfig]:
         except json.JSONDecodeError:
             parsed = value
         changes[owners[0]][name] = parsed
-    return CurateConfig(**changes["curate"]), RepairConfig(**changes["repair"], progress=False)
+    return CurateConfig(**changes["curate"]), RepairConfig(**changes["repair"])
 
 
 def matrix_cases(commit: str, configs: list[str] | None, modes: list[str]) -> list[dict]:
