@@ -82,7 +82,9 @@ def test_region_score_cpu_equals_the_reference(batch, regions, dim, labels, scal
     # Labels are argmaxes: near-ties may flip between summation orders; where they agree, values must too.
     same = (got.image_label == want.image_label) & ~want.image_prob.isnan()
     torch.testing.assert_close(got.image_prob, want.image_prob, atol=1e-5, rtol=1e-5, equal_nan=True)
-    torch.testing.assert_close(got.discrepancy[same], want.discrepancy[same], atol=1e-5, rtol=1e-5, equal_nan=True)
+    # discrepancy = image_prob - a region's probability of that label: the difference of two values each
+    # held to 1e-5, so 2e-5 (hypothesis found 1.5e-5 at scale 98, dim 1: a saturated softmax in fp32)
+    torch.testing.assert_close(got.discrepancy[same], want.discrepancy[same], atol=2e-5, rtol=1e-5, equal_nan=True)
     torch.testing.assert_close(got.region_prob, want.region_prob, atol=1e-5, rtol=1e-5, equal_nan=True)
     assert torch.equal(got.region_label == -1, ~valid) and torch.equal(want.region_label == -1, ~valid)
 
