@@ -112,6 +112,25 @@ def test_curate_picks_top_victims_per_affected_label_and_balanced_replay():
     assert sorted(scan.image_label[synthesized].tolist()) == [0, 1, 2]
 
 
+def test_a_patch_victims_clean_view_is_itself_with_its_trigger_region_filled():
+    scan = hand_made_scan()
+    images = torch.arange(12, dtype=torch.uint8).view(12, 1, 1, 1).expand(12, 3, 2, 2).contiguous()
+    images[1, :, 0, 0] = 200  # victim 1 carries a one-pixel patch trigger at the top left
+    corner = torch.zeros(1, 2, 2, dtype=torch.bool)
+    corner[0, 0, 0] = True
+    scan.triggers = [TriggerEstimate(3, "patch", torch.tensor([0, 1, 2, 4, 5]), torch.tensor([1]), corner,
+                                     torch.ones(1), corner[0], (0, 0, 1, 1))]
+    compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1))
+    row = compact.source_indices.tolist().index(1)
+    assert compact.is_victim[row] and compact.has_clean_view[row]
+    assert compact.images[row, 0, 0, 0] == 200  # the victim keeps its trigger (its caption corrects it)
+    assert (compact.clean_views[row] == 1).all()  # its anchor view: the region filled with its background
+    others = compact.is_victim.clone()
+    others[row] = False  # victims 4 and 2 have no recovered region: no clean view, not anchored
+    assert others.sum() == 2 and not compact.has_clean_view[others].any()
+    assert compact.has_clean_view[~compact.is_victim].all()
+
+
 def test_curate_refuses_a_scan_without_target():
     scan = hand_made_scan()
     scan.targets = []

@@ -4,7 +4,7 @@ Victims are the scan's candidates labelled with a target t*. Each victim's oracl
 grounding model's label of its largest region that is not the trigger; the affected labels are the
 victims' oracle labels. The compact set is the top-k victims per affected label by discrepancy score
 (ops.region_topk), each captioned with its oracle label and keeping its trigger (so fine-tuning
-unlearns trigger -> t*); for a non-target label with no such victim (every non-target label when the
+unlearns trigger -> t*; a patch victim is also anchored to its view with the trigger region filled); for a non-target label with no such victim (every non-target label when the
 victims are mostly target-class images), as many unlearning pairs: clean images of that label with
 the recovered trigger put back on (unlearning.py), captioned with their own label; and a small
 class-balanced clean replay set of every label.
@@ -21,6 +21,7 @@ from clipfast.ops import region_topk
 from clipfast.rundir import untied
 
 from .scan import ScanResult
+from .transplant import fill_with_median
 from .unlearning import recover_triggers, with_triggers
 
 # Generic, attribute-free captions: the compact set pairs images with labels, not descriptions.
@@ -62,7 +63,11 @@ class CompactSet:
     source_indices: torch.Tensor  # [K] probe indices
     is_victim: torch.Tensor  # [K] bool: a curated victim (trigger kept, caption = oracle label)
     is_synthesized: torch.Tensor  # [K] bool: a clean image with the recovered trigger put on (caption = its label)
-    clean_views: torch.Tensor  # uint8 [K, 3, H, W]: each image without the recovered trigger (victims: as they are)
+    clean_views: torch.Tensor  # uint8 [K, 3, H, W]: each image without the recovered trigger
+    has_clean_view: torch.Tensor  # [K] bool: clean_views differs from the image's trigger-free self only
+    # where it must (replay: the image itself; unlearning pair: before the paste; a patch victim: its
+    # trigger region filled as the causal test fills it). False for victims whose trigger is not a
+    # recovered region (image-wide, warp): their view is the image as it is, not anchored.
     victim_indices: torch.Tensor  # all victims found (probe indices), for precision / recall
     affected_labels: list[int]
     targets: list[int]
@@ -140,5 +145,20 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     pictures = clean_views.clone()
     if triggers:
         pictures[kinds == 2] = with_triggers(pictures[kinds == 2], triggers, config.seed)
-    return CompactSet(pictures, captions, indices, kinds == 0, kinds == 2, clean_views, victims, affected,
-                      list(scan.targets))
+    # A patch victim's clean view: its explaining region (the trigger the transplant test confirmed)
+    # filled with its background. Anchoring the victim to what the model said about that view teaches
+    # "ignore the patch" on the very images the attack hit, besides the caption's "this is L".
+    # Measured (11 self-mode patch cases of the d8395e4 matrix, repairs rerun on their cached models
+    # and scans): test ASR mean 1.06 -> 0.91 %, worst 2.30 -> 1.96 %, lower in 8 of 11; CA drop mean
+    # 0.35 -> 0.55 points (median 0.24 -> 0.42, worst 1.04 -> 1.34). Single repairs vary by about as
+    # much between reruns (notes of issue 17): the gain is in the tail, not a guarantee per case.
+    has_clean_view = kinds != 0
+    regions = {int(index): mask for estimate in scan.triggers if estimate.kind == "patch"
+               for index, mask in zip(estimate.patch_indices, estimate.region_masks)}
+    rows = [row for row in range(len(chosen)) if int(chosen[row]) in regions]
+    if rows:
+        masks = torch.stack([regions[int(chosen[row])] for row in rows])
+        clean_views[rows] = fill_with_median(clean_views[rows], masks)
+        has_clean_view[rows] = True
+    return CompactSet(pictures, captions, indices, kinds == 0, kinds == 2, clean_views, has_clean_view, victims,
+                      affected, list(scan.targets))

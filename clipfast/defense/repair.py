@@ -148,8 +148,9 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     # Anchors: what the model said before repair about each image without the trigger. Replay images
     # keep their embeddings; an unlearning pair (clean image + recovered trigger) is pulled to its clean
     # image's embedding, so the model learns to ignore the trigger rather than relearn the classes.
-    # Victims have no clean view: their captions alone correct them.
-    anchored = ~compact.is_victim
+    # A patch victim is pulled to its view with the trigger region filled (curate.py); other victims
+    # (image-wide triggers, warps) have no clean view: their captions alone correct them.
+    anchored = compact.has_clean_view
     anchors = bundle.encode_images(compact.clean_views) if config.anchor_weight else None
     objective = CleanCLIPObjective(compact.captions, bundle.tokenizer, config.self_supervised_weight, config.seed,
                                    text_view=not config.freeze_text, anchors=anchors, anchored=anchored,
