@@ -22,11 +22,19 @@ def readme_table(rows: list[dict]) -> str:
     baseline; for clean models the false-alarm count; the ASR floor (the same trigger and target on
     a never-poisoned model, median over seeds: efficacy.clean_model_asr)."""
     summary = summarise(rows)
-    commits = sorted({row["commit"] for row in rows})
+    # A partial rerun (the families a change touches) leaves other rows at an older commit: say
+    # which commit ran which cases, with the oracle mode and family, so no row's code is a guess.
+    ran: dict[str, dict[str, int]] = {}
+    for row in rows:
+        part = f"{row['oracle_mode']} {row['family']}"
+        ran.setdefault(row["commit"], {}).setdefault(part, 0)
+        ran[row["commit"]][part] += 1
+    commits = "; ".join(f"{commit}: " + ", ".join(f"{part} {count}" for part, count in sorted(parts.items()))
+                        for commit, parts in sorted(ran.items()))
     devices = sorted({row["device"] for row in rows})
     lines = [
-        f"Rows: {len(rows)} cases from `benchmarks/results/efficacy.csv` (commit{'s' if len(commits) > 1 else ''} "
-        f"{', '.join(commits)}; {', '.join(devices)}). Median over seeds, worst case in brackets.",
+        f"Rows: {len(rows)} cases from `benchmarks/results/efficacy.csv` ({', '.join(devices)}; by commit: "
+        f"{commits}). Median over seeds, worst case in brackets.",
         "",
         "| oracle | configuration | seeds | rate | t* found | other label flagged | verdict removed | poisoned CA / ASR "
         "| EftCLIP CA / ASR | baseline CA / ASR | ASR floor |",
