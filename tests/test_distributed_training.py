@@ -14,7 +14,11 @@ pytestmark = pytest.mark.slow
 
 WORKER = str(Path(__file__).with_name("train_worker.py"))
 STEPS = 9
-TOLERANCE = 1e-4  # fp32 gradient sums in another order; measured ~5e-6 after 9 steps (3.5e-5 with the text tower)
+# fp32 gradient sums in another order; measured ~5e-6 after 9 steps, with the text tower 3.5e-5 on
+# one machine and 1.2-1.3e-4 on another (the same with one thread per process: the CPU's kernels, not
+# thread timing). A rank that skipped the all-reduce or a desynchronised logit scale differs by about
+# the learning rate per step (1e-3 here; reasoned, not measured), so 5e-4 still catches them.
+TOLERANCE = 5e-4
 
 
 def run(out: Path, sharding: str, ranks: int, *extra: int, expect: int = 0) -> None:
