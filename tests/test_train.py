@@ -182,7 +182,13 @@ def test_compiled_training_matches_eager(world, tmp_path):
     eager, _ = _weights_after(TrainConfig(**base), world, tmp_path / "a")
     compiled, _ = _weights_after(TrainConfig(**base, compile=True), world, tmp_path / "b")
     for key, value in eager.items():
-        torch.testing.assert_close(compiled[key], value, rtol=1e-3, atol=1e-5, msg=key)
+        other = compiled[key]
+        if key.endswith("attn.in_proj_bias"):
+            # The key bias's gradient is zero in exact arithmetic (softmax ignores a shift shared by
+            # all keys): compiled and eager round it to different ~1e-9 noise, and Adam turns noise
+            # into lr-sized steps of either sign (this failed on one CPU, passed on another).
+            value, other = value.view(3, -1)[[0, 2]], other.view(3, -1)[[0, 2]]
+        torch.testing.assert_close(other, value, rtol=1e-3, atol=1e-5, msg=key)
 
 
 def test_save_checkpoints_false_writes_no_checkpoint(world, tmp_path):
