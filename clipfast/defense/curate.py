@@ -4,8 +4,9 @@ Victims are the scan's candidates labelled with a target t*. Each victim's oracl
 grounding model's label of its largest region that is not the trigger; the affected labels are the
 victims' oracle labels. The compact set is the top-k victims per affected label by discrepancy score
 (ops.region_topk), each captioned with its oracle label and keeping its trigger (so fine-tuning
-unlearns trigger -> t*; a patch victim is also anchored to its view with the trigger region filled); for a non-target label with no such victim (every non-target label when the
-victims are mostly target-class images), as many unlearning pairs: clean images of that label with
+unlearns trigger -> t*; a patch victim is also anchored to its view with the trigger region filled);
+for a non-target label with no such victim (every non-target label when the victims are mostly
+target-class images), as many unlearning pairs: clean images of that label with
 the recovered trigger put back on (unlearning.py), captioned with their own label; and a small
 class-balanced clean replay set of every label.
 """
@@ -64,10 +65,10 @@ class CompactSet:
     is_victim: torch.Tensor  # [K] bool: a curated victim (trigger kept, caption = oracle label)
     is_synthesized: torch.Tensor  # [K] bool: a clean image with the recovered trigger put on (caption = its label)
     clean_views: torch.Tensor  # uint8 [K, 3, H, W]: each image without the recovered trigger
-    has_clean_view: torch.Tensor  # [K] bool: clean_views differs from the image's trigger-free self only
-    # where it must (replay: the image itself; unlearning pair: before the paste; a patch victim: its
-    # trigger region filled as the causal test fills it). False for victims whose trigger is not a
-    # recovered region (image-wide, warp): their view is the image as it is, not anchored.
+    has_clean_view: torch.Tensor  # [K] bool: clean_views[k] is a trigger-free view repair anchors to
+    # (replay: the image itself; unlearning pair: the image before the paste; patch victim: its trigger
+    # region filled as the causal test fills it). False for victims without a recovered region
+    # (image-wide triggers, warps): their view is the image as it is, and it is not anchored.
     victim_indices: torch.Tensor  # all victims found (probe indices), for precision / recall
     affected_labels: list[int]
     targets: list[int]
