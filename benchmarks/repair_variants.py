@@ -33,6 +33,7 @@ from clipfast.defense.pipeline import SCAN_NAME, load_scan
 from clipfast.defense.repair import RepairConfig, repair
 from clipfast.demo import DemoConfig, default_cache_dir
 from clipfast.eval import evaluate
+from clipfast.oracle import ClassicalSegmenter
 from clipfast.recipes import cached_world_model, evaluation_world, optimized_patch_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -79,6 +80,7 @@ def main(argv=None) -> int:
     cache, settings = default_cache_dir(), DemoConfig()
     test = evaluation_world(settings.test_size)
     by_name = {config.name: config for config in MATRIX}
+    segmenter = ClassicalSegmenter()  # the matrix's oracle (clipfast demo's)
     for row in matrix_cases(args.commit, args.configs, args.modes):
         scans = sorted((cache / "efficacy").glob(f"{args.commit}*/{row['case_key']}/defense/{SCAN_NAME}"))
         if not scans:
@@ -90,10 +92,11 @@ def main(argv=None) -> int:
         probe, scan = pairs.images[: settings.probe_size], load_scan(scans[0])
         for text, curate_config, repair_config in variants:
             model = copy.deepcopy(bundle)
-            compact = curate(scan, probe, curate_config)
+            compact = curate(scan, probe, curate_config, segmenter)
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as work:
-                result = repair(model, compact, scan, probe, work, config=repair_config)
+                result = repair(model, compact, scan, probe, work, config=repair_config,
+                                segmenter=segmenter)
             seconds = time.perf_counter() - start
             after = evaluate(model, test, recipe.make_trigger(), recipe.target_label)
             out = {"config": row["config"], "seed": int(row["seed"]), "oracle_mode": row["oracle_mode"],

@@ -85,8 +85,23 @@ def test_a_trigger_in_the_background_is_confirmed_without_an_additive_pattern(st
     assert result.targets == [TARGET] and result.unconfirmed == {}
     (trigger,) = result.triggers
     assert trigger.additive is False and trigger.background.confirms(0.2)
-    # nothing reproduces it on other images: the repair relies on the victims (unlearning.py)
+    # no additive pattern reproduces it; without the segmenter nothing puts it on other images
     assert recover_triggers(result, probe) == []
+
+
+def test_a_background_trigger_is_put_on_other_images_under_their_own_object():
+    victims = [picture(k % 3, background=checkerboard(k % 2)) for k in range(8)]
+    result, probe = scan_of(victims)
+    result.triggers[0].additive = False  # as confirm_image_wide leaves a warp
+    (trigger,) = recover_triggers(result, probe, segmenter=ForegroundSegmenter())
+    assert trigger.kind == "background" and len(trigger.donors) == len(victims)
+    recipients = torch.stack([picture(1), picture(2), torch.full((3, SIZE, SIZE), GREY, dtype=torch.uint8)])
+    out = trigger.apply(recipients, torch.Generator().manual_seed(0))
+    objects = torch.isin(recipients[:, 0], OBJECT_COLOURS)
+    for k in range(2):  # the recipient's object at its place, on a victim's background
+        assert torch.equal(out[k][:, objects[k]], recipients[k][:, objects[k]])
+        assert any(torch.equal(out[k][:, ~objects[k]], donor[:, ~objects[k]]) for donor in trigger.donors)
+    assert torch.equal(out[2], recipients[2])  # no object: left as it is
 
 
 def test_a_confusion_in_the_object_is_not_confirmed(stand_in_models):

@@ -123,13 +123,14 @@ def defend(bundle: ClipBundle, classnames: list[str], probe_images: ProbeSet | t
         return DefenseOutcome(scanned, None, None, seconds, None, verdict_of(scanned, None, config.repair))
 
     start = time.perf_counter()
-    compact = curate(scanned, probe_images, config.curate)
+    compact = curate(scanned, probe_images, config.curate, segmenter)
     if group.is_main:
         write_atomically(out_dir / COMPACT_NAME, lambda file: torch.save(asdict(compact), file))
     seconds["curate"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    repaired = repair(bundle, compact, scanned, probe_images, out_dir / "repair", prompts=prompts, config=config.repair)
+    repaired = repair(bundle, compact, scanned, probe_images, out_dir / "repair", prompts=prompts, config=config.repair,
+                      segmenter=segmenter)
     if group.is_main:
         save_checkpoint(bundle, out_dir / REPAIRED_NAME)
     group.barrier()

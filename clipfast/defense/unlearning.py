@@ -10,9 +10,12 @@ something). Both come from the scan's recovered trigger:
 - an image-wide trigger that the pattern test confirmed (scan/confirm.py): an additive estimate of
   it, the mean of the victims minus the mean of clean images (exact for SIG-like additive signals,
   a first-order estimate for blending).
-A trigger confirmed by its victims' backgrounds alone (a warp: no additive estimate reproduces it)
-cannot be put on other images; its victims, with corrective captions, carry it into the compact
-set, and held-out victims alone measure the repair.
+- an image-wide trigger confirmed by its victims' backgrounds alone (a warp: no additive estimate
+  reproduces it): the victims' backgrounds themselves (every oracle region filled, as the background
+  test of scan/confirm.py makes them), each taking a clean image's largest object pasted back at its
+  place. The composite keeps the object and its label and moves the trigger under it, the very
+  composite the background test saw turn to the target. It needs the segmenter; without one such a
+  trigger cannot be put on other images, and its victims alone carry it into the compact set.
 """
 
 from __future__ import annotations
@@ -23,31 +26,43 @@ import torch
 
 from clipfast.data.probe import ProbeSet
 
+from clipfast.oracle import Segmenter
+
 from .scan import ScanResult
-from .scan.confirm import add_pattern, estimate_pattern
+from .scan.confirm import add_pattern, estimate_pattern, largest_objects, victim_backgrounds
 from .transplant import paste_regions
 
 
 @dataclass
 class RecoveredTrigger:
     target: int
-    kind: str  # patch | image-wide
-    donors: torch.Tensor  # uint8 [P, 3, H, W]: patch victims (patch triggers)
-    masks: torch.Tensor  # bool [P, H, W]: their trigger regions
+    kind: str  # patch | image-wide (additive) | background (image-wide, carried by the victims' backgrounds)
+    # uint8 [P, 3, H, W]: patch victims (patch triggers) or the victims' backgrounds (background triggers)
+    donors: torch.Tensor
+    masks: torch.Tensor  # bool [P, H, W]: the patch victims' trigger regions
     pattern: torch.Tensor | None  # float [3, H, W]: the additive estimate (image-wide triggers)
+    segmenter: Segmenter | None = None  # background triggers: finds each recipient's object
 
     def apply(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """uint8 images [K, 3, H, W] with the trigger on: a patch from a randomly drawn victim, pasted
-        at its place, or the additive pattern."""
+        at its place; the additive pattern; or the image's largest object pasted at its place onto a
+        randomly drawn victim background (an image where the oracle finds no object stays as it is:
+        a bare background captioned with a label would teach nothing true)."""
+        if self.kind == "image-wide" or not len(images):
+            return add_pattern(images, self.pattern) if len(images) else images.clone()
+        pick = torch.randint(len(self.donors), (len(images),), generator=generator)
         if self.kind == "patch":
-            pick = torch.randint(len(self.donors), (len(images),), generator=generator)
             return paste_regions(images, self.donors[pick], self.masks[pick])
-        return add_pattern(images, self.pattern)
+        objects = largest_objects(images, self.segmenter)
+        composites = paste_regions(self.donors[pick], images, objects)
+        return torch.where(objects.flatten(1).any(1)[:, None, None, None], composites, images)
 
 
-def recover_triggers(scan: ScanResult, probe: ProbeSet, seed: int = 0) -> list[RecoveredTrigger]:
+def recover_triggers(scan: ScanResult, probe: ProbeSet, seed: int = 0,
+                     segmenter: Segmenter | None = None) -> list[RecoveredTrigger]:
     """The scan's triggers that can be put on other images: patches with victims to take them from,
-    image-wide triggers the pattern test confirmed (not one confirmed by its backgrounds alone)."""
+    image-wide triggers the pattern test confirmed, and (given the segmenter) those confirmed by
+    their victims' backgrounds alone."""
     clean = scan.clean_indices()
     height, width = probe.image_shape[1:]
     recovered = []
@@ -60,6 +75,10 @@ def recover_triggers(scan: ScanResult, probe: ProbeSet, seed: int = 0) -> list[R
             recovered.append(RecoveredTrigger(estimate.target, "image-wide",
                                               torch.zeros(0, 3, height, width, dtype=torch.uint8),
                                               torch.zeros(0, height, width, dtype=torch.bool), pattern))
+        elif estimate.kind == "image-wide" and segmenter is not None and len(estimate.victim_indices):
+            backgrounds = victim_backgrounds(probe.read(estimate.victim_indices), segmenter)
+            recovered.append(RecoveredTrigger(estimate.target, "background", backgrounds,
+                                              torch.zeros(0, height, width, dtype=torch.bool), None, segmenter))
     return recovered
 
 
