@@ -31,6 +31,7 @@ from clipfast.bench.efficacy import MATRIX, _recipe
 from clipfast.defense.curate import CurateConfig, curate
 from clipfast.defense.pipeline import SCAN_NAME, load_scan
 from clipfast.defense.repair import RepairConfig, repair
+from clipfast.data.world import zero_shot_prompts
 from clipfast.demo import DemoConfig, default_cache_dir
 from clipfast.eval import evaluate
 from clipfast.oracle import ClassicalSegmenter
@@ -95,7 +96,8 @@ def main(argv=None) -> int:
             compact = curate(scan, probe, curate_config, segmenter)
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as work:
-                result = repair(model, compact, scan, probe, work, config=repair_config,
+                # the demo's prompts: the held-out estimate, and so the early stop, are the matrix's
+                result = repair(model, compact, scan, probe, work, prompts=zero_shot_prompts, config=repair_config,
                                 segmenter=segmenter)
             seconds = time.perf_counter() - start
             after = evaluate(model, test, recipe.make_trigger(), recipe.target_label)

@@ -118,8 +118,7 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     # poisoned training pairs, memorised with the target caption: 5.9-29 % estimated against 2.0-5.1 %
     # measured on the test world, the four trusted WaNet cases of the b0d5586 matrix); with its
     # victims' backgrounds under held-out clean objects added (unlearning.py) the estimate was
-    # 1.2-4.6 % against 1.7-3.8 % measured (the same four cases on the 01f10af models,
-    # benchmarks/repair_variants.py; notes of issue 17).
+    # 2.9-6.7 % against 1.7-3.8 % measured (the same four cases at 68f76cd, this machine's models).
     if triggers:  # else (a warp and no segmenter) the held-out victims alone measure it
         triggered = torch.cat([triggered, with_triggers(clean_pictures[source], triggers, seed + 1)])
 
