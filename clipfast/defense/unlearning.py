@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 
 from clipfast.data.probe import ProbeSet
-
 from clipfast.oracle import Segmenter
 
 from .scan import ScanResult
@@ -48,8 +47,10 @@ class RecoveredTrigger:
         at its place; the additive pattern; or the image's largest object pasted at its place onto a
         randomly drawn victim background (an image where the oracle finds no object stays as it is:
         a bare background captioned with a label would teach nothing true)."""
-        if self.kind == "image-wide" or not len(images):
-            return add_pattern(images, self.pattern) if len(images) else images.clone()
+        if not len(images):  # nothing to put it on (and the segmenter refuses an empty batch)
+            return images.clone()
+        if self.kind == "image-wide":
+            return add_pattern(images, self.pattern)
         pick = torch.randint(len(self.donors), (len(images),), generator=generator)
         if self.kind == "patch":
             return paste_regions(images, self.donors[pick], self.masks[pick])
