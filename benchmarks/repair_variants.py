@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 from clipfast.bench.efficacy import MATRIX, _recipe
+from clipfast.data.world import zero_shot_prompts
 from clipfast.defense.curate import CurateConfig, curate
 from clipfast.defense.pipeline import SCAN_NAME, load_scan
 from clipfast.defense.repair import RepairConfig, repair
-from clipfast.data.world import zero_shot_prompts
 from clipfast.demo import DemoConfig, default_cache_dir
 from clipfast.eval import evaluate
 from clipfast.oracle import ClassicalSegmenter
