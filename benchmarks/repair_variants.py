@@ -32,6 +32,7 @@ from clipfast.data.world import zero_shot_prompts
 from clipfast.defense.curate import CurateConfig, curate
 from clipfast.defense.pipeline import SCAN_NAME, load_scan
 from clipfast.defense.repair import RepairConfig, repair
+from clipfast.defense.unlearning import recover_triggers
 from clipfast.demo import DemoConfig, default_cache_dir
 from clipfast.eval import evaluate
 from clipfast.oracle import ClassicalSegmenter
@@ -93,12 +94,13 @@ def main(argv=None) -> int:
         probe, scan = pairs.images[: settings.probe_size], load_scan(scans[0])
         for text, curate_config, repair_config in variants:
             model = copy.deepcopy(bundle)
-            compact = curate(scan, probe, curate_config, segmenter)
+            triggers = recover_triggers(scan, probe, curate_config.seed, segmenter)  # as defend does
+            compact = curate(scan, probe, curate_config, triggers)
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as work:
                 # the demo's prompts: the held-out estimate, and so the early stop, are the matrix's
                 result = repair(model, compact, scan, probe, work, prompts=zero_shot_prompts, config=repair_config,
-                                segmenter=segmenter)
+                                triggers=triggers)
             seconds = time.perf_counter() - start
             after = evaluate(model, test, recipe.make_trigger(), recipe.target_label)
             out = {"config": row["config"], "seed": int(row["seed"]), "oracle_mode": row["oracle_mode"],

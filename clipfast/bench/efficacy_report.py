@@ -4,6 +4,7 @@ from efficacy.csv so that every number in them comes from a committed run."""
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from .efficacy import summarise
@@ -24,11 +25,9 @@ def readme_table(rows: list[dict]) -> str:
     summary = summarise(rows)
     # A partial rerun (the families a change touches) leaves other rows at an older commit: say
     # which commit ran which cases, with the oracle mode and family, so no row's code is a guess.
-    ran: dict[str, dict[str, int]] = {}
+    ran: dict[str, Counter] = defaultdict(Counter)
     for row in rows:
-        part = f"{row['oracle_mode']} {row['family']}"
-        ran.setdefault(row["commit"], {}).setdefault(part, 0)
-        ran[row["commit"]][part] += 1
+        ran[row["commit"]][f"{row['oracle_mode']} {row['family']}"] += 1
     commits = "; ".join(f"{commit}: " + ", ".join(f"{part} {count}" for part, count in sorted(parts.items()))
                         for commit, parts in sorted(ran.items()))
     devices = sorted({row["device"] for row in rows})

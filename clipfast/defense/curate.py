@@ -19,12 +19,11 @@ import torch
 
 from clipfast.data.probe import ProbeSet, as_probe_set
 from clipfast.ops import region_topk
-from clipfast.oracle import Segmenter
 from clipfast.rundir import untied
 
 from .scan import ScanResult
 from .transplant import fill_with_median
-from .unlearning import recover_triggers, with_triggers
+from .unlearning import RecoveredTrigger, recover_triggers, with_triggers
 
 # Generic, attribute-free captions: the compact set pairs images with labels, not descriptions.
 # The label comes last, where the text augmentation never drops it.
@@ -89,10 +88,11 @@ class CompactSet:
 
 
 def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConfig = CurateConfig(),
-           segmenter: Segmenter | None = None) -> CompactSet:
+           triggers: list[RecoveredTrigger] | None = None) -> CompactSet:
     """Build the compact set from a scan of `images` (the same probe set; only the chosen images are
-    read). The segmenter (the scan's oracle) puts a trigger carried by its victims' backgrounds onto
-    other images (unlearning.py); without it, such a trigger's victims alone carry it."""
+    read). triggers: the scan's triggers as unlearning.recover_triggers puts them on other images
+    (defend recovers them once, with the scan's segmenter, for curate and repair); default: recovered
+    here without a segmenter, so a trigger carried by its victims' backgrounds has its victims alone."""
     if not scan.found:
         raise ValueError("curate: the scan found no target label; there is nothing to repair")
     images = as_probe_set(images)
@@ -120,7 +120,8 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     # composites (a clean object on a victim's background) on every non-target label, beside the
     # victims, did not lower the test ASR (4 trusted WaNet cases: median 3.1 -> 3.2 %, CA drop 1.38 ->
     # 1.37): it gets them, like any trigger, only on labels without a curated victim.
-    triggers = recover_triggers(scan, images, config.seed, segmenter)
+    if triggers is None:
+        triggers = recover_triggers(scan, images, config.seed)
     curated_victims = torch.bincount(scan.oracle_label[chosen], minlength=num_labels)
     # Victims that are mostly target-class images (label-consistent poisoning: in trusted mode the
     # matrix's cases have 9-16 % of victims of other labels, every other attack 96-100 %; a majority

@@ -22,6 +22,7 @@ from clipfast.rundir import check_same_run, remove_leftovers, save_json, tied_se
 
 from .curate import CompactSet, CurateConfig, curate
 from .repair import RepairConfig, RepairResult, repair
+from .unlearning import recover_triggers
 from .verdict import Verdict, judge
 from .scan import Flips, LabelTest, ScanConfig, ScanResult, TriggerEstimate, scan
 
@@ -123,14 +124,16 @@ def defend(bundle: ClipBundle, classnames: list[str], probe_images: ProbeSet | t
         return DefenseOutcome(scanned, None, None, seconds, None, verdict_of(scanned, None, config.repair))
 
     start = time.perf_counter()
-    compact = curate(scanned, probe_images, config.curate, segmenter)
+    # Recovered once for curate and repair: a background-carried trigger segments every victim.
+    triggers = recover_triggers(scanned, probe_images, config.curate.seed, segmenter)
+    compact = curate(scanned, probe_images, config.curate, triggers)
     if group.is_main:
         write_atomically(out_dir / COMPACT_NAME, lambda file: torch.save(asdict(compact), file))
     seconds["curate"] = time.perf_counter() - start
 
     start = time.perf_counter()
     repaired = repair(bundle, compact, scanned, probe_images, out_dir / "repair", prompts=prompts, config=config.repair,
-                      segmenter=segmenter)
+                      triggers=triggers)
     if group.is_main:
         save_checkpoint(bundle, out_dir / REPAIRED_NAME)
     group.barrier()

@@ -20,14 +20,13 @@ import torch
 
 from clipfast.data.probe import ProbeSet, as_probe_set
 from clipfast.models import ClipBundle, ZeroShotClassifier, freeze_text_tower, text_tower_trains
-from clipfast.oracle import Segmenter
 from clipfast.rundir import untied
 from clipfast.train.cleanclip import CleanCLIPObjective
 from clipfast.train.loop import TrainConfig, TrainResult, train
 
 from .curate import CompactSet
 from .scan import ScanResult
-from .unlearning import recover_triggers, with_triggers
+from .unlearning import RecoveredTrigger, recover_triggers, with_triggers
 
 
 @dataclass(frozen=True)
@@ -90,7 +89,7 @@ class RepairResult:
 
 
 def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: ProbeSet | torch.Tensor, prompts,
-                      holdout_clean: int, seed: int, segmenter: Segmenter | None = None
+                      holdout_clean: int, seed: int, triggers: list[RecoveredTrigger] | None = None
                       ) -> Callable[[ClipBundle], dict]:
     """eval_fn for the training loop: the attack success rate on held-out triggered images (victims
     not in the compact set whose oracle label is not a target, and held-out clean images of non-target
@@ -112,14 +111,15 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     fixed_classifier = None
     clean_pictures = probe_images.read(clean)  # read once
     source = ~torch.isin(scan.image_label[clean], targets)  # ASR counts images of other labels only
-    triggers = recover_triggers(scan, probe_images, seed, segmenter)
+    if triggers is None:
+        triggers = recover_triggers(scan, probe_images, seed)
     triggered = probe_images.read(victims)
     # A warp's held-out victims alone over-estimated its ASR after repair (in the matrix they are
     # poisoned training pairs, memorised with the target caption: 5.9-29 % estimated against 2.0-5.1 %
     # measured on the test world, the four trusted WaNet cases of the b0d5586 matrix); with its
     # victims' backgrounds under held-out clean objects added (unlearning.py) the estimate was
     # 2.9-6.7 % against 1.7-3.8 % measured (the same four cases at 68f76cd, this machine's models).
-    if triggers:  # else (a warp and no segmenter) the held-out victims alone measure it
+    if triggers:  # else (e.g. a warp recovered without a segmenter) the held-out victims alone measure it
         triggered = torch.cat([triggered, with_triggers(clean_pictures[source], triggers, seed + 1)])
 
     def estimate(bundle: ClipBundle) -> dict:
@@ -142,12 +142,13 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
 
 def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_images: ProbeSet | torch.Tensor,
            out_dir: str | Path,
-           *, prompts=None, config: RepairConfig = RepairConfig(), segmenter: Segmenter | None = None) -> RepairResult:
-    """Fine-tune bundle.model in place; resumable from out_dir like any training run. The segmenter
-    (the scan's oracle, as curate takes it) puts a background-carried trigger on held-out images."""
+           *, prompts=None, config: RepairConfig = RepairConfig(),
+           triggers: list[RecoveredTrigger] | None = None) -> RepairResult:
+    """Fine-tune bundle.model in place; resumable from out_dir like any training run. triggers: as
+    curate takes them (put on held-out clean images for the ASR estimate)."""
     if len(compact) == 0:
         raise ValueError("repair: the compact set is empty")
-    estimate = holdout_estimator(scan, compact, probe_images, prompts, config.holdout_clean, config.seed, segmenter)
+    estimate = holdout_estimator(scan, compact, probe_images, prompts, config.holdout_clean, config.seed, triggers)
 
     def good_enough(metrics: dict) -> bool:
         return metrics.get("asr_estimate", 0.0) <= config.target_asr

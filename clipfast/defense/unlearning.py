@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clipfast.data.probe import ProbeSet
+from clipfast.data.probe import ProbeSet, as_probe_set
 from clipfast.oracle import Segmenter
 
 from .scan import ScanResult
@@ -59,11 +59,12 @@ class RecoveredTrigger:
         return torch.where(objects.flatten(1).any(1)[:, None, None, None], composites, images)
 
 
-def recover_triggers(scan: ScanResult, probe: ProbeSet, seed: int = 0,
+def recover_triggers(scan: ScanResult, probe: ProbeSet | torch.Tensor, seed: int = 0,
                      segmenter: Segmenter | None = None) -> list[RecoveredTrigger]:
     """The scan's triggers that can be put on other images: patches with victims to take them from,
     image-wide triggers the pattern test confirmed, and (given the segmenter) those confirmed by
     their victims' backgrounds alone."""
+    probe = as_probe_set(probe)
     clean = scan.clean_indices()
     height, width = probe.image_shape[1:]
     recovered = []
