@@ -154,9 +154,9 @@ def test_killed_runs_resume_to_the_uninterrupted_result(poisoned_world, probe_ta
     assert 1 <= kept < -(-PROBE // SHARD_SIZE) and not (out / SCAN_NAME).exists()
     assert not list(out.rglob("*.tmp"))
 
-    # SIGKILL during the repair, after a random number of evaluations (each follows a checkpoint). The
-    # repair stops early once its ASR estimate is low, so the draw is bounded by the evaluations the
-    # uninterrupted run made, leaving at least one more to come after the kill.
+    # SIGKILL during the repair, after a random number of evaluations (each follows a checkpoint),
+    # drawn below the evaluations the uninterrupted run made, leaving at least one more to come after
+    # the kill.
     evaluations = evaluated_steps(single_process_run)
     assert evaluations >= 2, f"the uninterrupted repair evaluated {evaluations} times: nothing to interrupt"
     stop_after = chance.randint(1, evaluations - 1)

@@ -1,10 +1,12 @@
 """Stage 3, repair: fine-tune the poisoned model's image tower on the compact set with CleanCLIP's
-objective until the held-out ASR estimate reaches the target (early stop).
+objective for the whole step budget, measuring the held-out ASR and clean-agreement estimates as it
+goes (the verdict takes the last ones).
 
-DESIGN.md stops when the ASR estimate is below target AND clean accuracy is within tolerance. We
-stop on the ASR estimate alone: measured on the tiny world, training on past that point only moves
-clean predictions further (never back), so waiting for the clean condition cost accuracy. The
-clean-agreement estimate is still reported, and `clean_within_tolerance` says whether it held.
+DESIGN.md stops early when the ASR estimate is below target and clean accuracy is within tolerance.
+We do not stop by default (`RepairConfig.target_asr`): with the compact set's feature anchoring, the
+clean accuracy a repair loses is lost in its first tens of steps and comes back as it goes on, so
+a repair stopped at its first zero ASR estimate kept that loss (see RepairConfig.target_asr). The
+clean-agreement estimate is reported, and `clean_within_tolerance` says whether it held.
 
 The estimates use only what the scan knows: held-out victims (scan victims not in the compact set)
 for ASR, and held-out grounded probe images, scored by agreement with their pre-repair labels, for
@@ -36,8 +38,19 @@ class RepairConfig:
     lr: float = 2e-4
     freeze_text: bool = True  # keep the zero-shot head (text embeddings) fixed; only the image tower unlearns
     warmup_steps: int = 10
-    eval_every: int = 5
-    target_asr: float = 0.0  # stop once the held-out ASR estimate is at or below this
+    # The held-out estimates (and a checkpoint) every this many steps: the log's trend, and the
+    # verdict from the last. Each costs a forward pass over ~600 images, about 3 steps of batch 64.
+    eval_every: int = 25
+    # Stop once the held-out ASR estimate is at or below this; None (default) runs the whole budget.
+    # Measured (benchmarks/repair_variants.py on the 31e5e48 efficacy matrix's cached models and
+    # scans, the 14 patch cases that stopped at an estimate of 0 after 10-75 steps, both oracle
+    # modes): run to 150 steps instead, CA drop median 0.56 -> 0.24 points (worst 1.26 -> 0.64) at
+    # ASR median 0.65 -> 0.65 % (worst 1.03 -> 1.00); over all 18 patch cases per mode, CA drop
+    # median 0.53 -> 0.28 (self) and 0.37 -> 0.32 (trusted), ASR median 1.04 -> 0.97 % (self) and
+    # 0.82 -> 0.84 % (trusted). A trusted label-consistent model stopped at step 15 lost 2.2 points;
+    # run to the end it gained 2.4 (ASR 0 -> 1.1 %). It costs time only (tiny model, 2-core CPU:
+    # 2-11 s -> 15-21 s).
+    target_asr: float | None = None
     # "removed" needs the 95 % upper bound of the held-out ASR at or below this (defense/verdict.py)
     max_asr: float = 0.05
     clean_tolerance: float = 0.015  # report whether held-out clean agreement stayed >= 1 - this
@@ -167,7 +180,7 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     if config.freeze_text:
         freeze_text_tower(bundle.model)
     result = train(bundle, compact.images, compact.captions, train_config, out_dir, objective=objective,
-                   eval_fn=estimate, stop_when=good_enough)
+                   eval_fn=estimate, stop_when=None if config.target_asr is None else good_enough)
     estimates = result.last_eval or {}
     clean_ok = estimates.get("clean_agreement", 1.0) >= 1.0 - config.clean_tolerance
     return RepairResult(result, result.stopped_early, estimates, clean_ok)
