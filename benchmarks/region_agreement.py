@@ -11,8 +11,10 @@ uses), then scanned end to end in both modes. Reported per world:
   had 97 % there: a region must NOT say the target when the trigger is outside it); whether each
   image is grounded (some region gives L_i >= the threshold) in both modes; the correlation of the
   regions' probabilities for their image's label;
-- decisions: the targets found, the victim-set Jaccard of packed against crop, and the number of
-  victims; the wall time of each scan.
+- the poisoned images' regions split by whether they hold trigger pixels (the attack's footprint):
+  the share of each that says the target;
+- decisions: the targets found, the victim-set Jaccard of packed against crop, the number of
+  victims and their precision / recall against the poisoned probe images; the wall time of each scan.
 
     python benchmarks/region_agreement.py --images 2000 --configs "badnet 6px centre"
 """
@@ -33,7 +35,7 @@ from clipfast.demo import DemoConfig, default_cache_dir
 from clipfast.eval import evaluate
 from clipfast.models import ZeroShotClassifier
 from clipfast.oracle import ClassicalSegmenter
-from clipfast.recipes import cached_world_model, evaluation_world
+from clipfast.recipes import cached_world_model, evaluation_world, optimized_patch_recipe
 
 MODES = ("crop", "packed")
 
@@ -47,7 +49,7 @@ def world_model(name: str, seed: int, cache: Path):
         return settings.recipe, bundle, pairs
     config = next(c for c in MATRIX if c.name == name)
     for rate in config.rates:
-        recipe = _recipe(config, seed, rate, settings)
+        recipe = optimized_patch_recipe(_recipe(config, seed, rate, settings), cache)
         bundle, pairs, _ = cached_world_model(recipe, cache)
         if evaluate(bundle, evaluation_world(settings.test_size), recipe.make_trigger(), recipe.target_label)["asr"] \
                 >= ASR_GOAL:
@@ -76,6 +78,15 @@ def compare(name: str, seed: int, count: int, cache: Path) -> dict:
     scores = {mode: region_scores(bundle, images, segmentation, mode) for mode in MODES}
     crop, packed = scores["crop"], scores["packed"]
     on_poisoned = valid & poisoned[:, None]
+    # Which regions of the poisoned images hold trigger pixels (the attack's true footprint): a
+    # region must say the target only if the trigger is inside it.
+    footprints = recipe.make_trigger().footprint(len(pairs.poisoned_indices), *images.shape[2:],
+                                                 seed=recipe.trigger_seed)
+    holds_trigger = torch.zeros_like(valid)
+    for k, index in enumerate(pairs.poisoned_indices.tolist()):
+        if index < len(images):
+            holds_trigger[index] = (segmentation.masks[index] & footprints[k]).flatten(1).any(1)
+    with_trigger, without_trigger = on_poisoned & holds_trigger, on_poisoned & ~holds_trigger
     same_label = crop.region_label == packed.region_label
     grounded = {mode: ((s.region_image_prob >= threshold) & valid).any(-1) for mode, s in scores.items()}
     a, b = crop.region_image_prob[valid], packed.region_image_prob[valid]
@@ -88,6 +99,12 @@ def compare(name: str, seed: int, count: int, cache: Path) -> dict:
         "region_top_label_agreement_poisoned_images": float(same_label[on_poisoned].float().mean()),
         "poisoned_image_regions_saying_target": {
             mode: float((s.region_label == target)[on_poisoned].float().mean()) for mode, s in scores.items()},
+        "poisoned_image_regions": {"with_trigger_pixels": int(with_trigger.sum()),
+                                   "without": int(without_trigger.sum())},
+        "regions_with_trigger_pixels_saying_target": {
+            mode: float((s.region_label == target)[with_trigger].float().mean()) for mode, s in scores.items()},
+        "regions_without_trigger_pixels_saying_target": {
+            mode: float((s.region_label == target)[without_trigger].float().mean()) for mode, s in scores.items()},
         "grounded_agreement": float((grounded["crop"] == grounded["packed"]).float().mean()),
         "region_image_label_prob_correlation": float(torch.corrcoef(torch.stack([a, b]))[0, 1]),
     }
@@ -102,8 +119,16 @@ def compare(name: str, seed: int, count: int, cache: Path) -> dict:
     for t in set(decisions["crop"].targets) | set(decisions["packed"].targets):
         a_set, b_set = (set(decisions[m].victims(t).tolist()) if t in decisions[m].targets else set() for m in MODES)
         jaccard[CLASSES[t]] = len(a_set & b_set) / max(1, len(a_set | b_set))
+    truth = set(torch.nonzero(poisoned).flatten().tolist())
+
+    def against_truth(result) -> dict:  # the target's victims against the poisoned probe images
+        found_victims = set(result.victims(target).tolist()) if target in result.targets else set()
+        hits = len(found_victims & truth)
+        return {"precision": hits / max(1, len(found_victims)), "recall": hits / max(1, len(truth))}
+
     result |= {"targets": found, "same_targets": found["crop"] == found["packed"], "victim_jaccard": jaccard,
                "victims": {m: {CLASSES[t]: len(r.victims(t)) for t in r.targets} for m, r in decisions.items()},
+               "victims_against_truth": {m: against_truth(r) for m, r in decisions.items()},
                "scan_seconds": seconds}
     print(json.dumps(result), flush=True)
     return result
