@@ -224,3 +224,22 @@ def test_the_held_out_asr_leaves_out_victims_whose_oracle_label_is_the_target():
     assert sorted(set(compact.victim_indices.tolist()) - set(compact.source_indices.tolist())) == [0, 5]
     estimates = holdout_estimator(scan, compact, images, None, holdout_clean=4, seed=0)(load_model("clipfast-tiny"))
     assert estimates["asr_n"] == 1 and 0 <= estimates["asr_hits"] <= 1
+
+
+@pytest.mark.parametrize("target_asr, steps, stopped", [(None, 4, False), (1.0, 2, True)])
+def test_repair_runs_its_whole_budget_unless_a_target_asr_is_set(tmp_path, target_asr, steps, stopped):
+    """By default the repair trains every step (the estimates are measured, not acted on); with a
+    target_asr it stops at the first estimate at or below it (every estimate is <= 1.0)."""
+    from clipfast.defense.repair import RepairConfig, repair
+    from clipfast.models import load_model
+
+    torch.manual_seed(0)
+    scan = hand_made_scan()
+    scan.classnames = ["circle", "square", "star", "heart"]  # words the tiny model's tokenizer knows
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1))
+    config = RepairConfig(max_steps=4, batch_size=4, warmup_steps=1, eval_every=2, holdout_clean=4,
+                          target_asr=target_asr, progress=False)
+    result = repair(load_model("clipfast-tiny"), compact, scan, images, tmp_path, config=config)
+    assert (result.train.step, result.stopped_early) == (steps, stopped)
+    assert "asr_estimate" in result.estimates
