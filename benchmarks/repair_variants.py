@@ -98,7 +98,7 @@ def main(argv=None) -> int:
             compact = curate(scan, probe, curate_config, triggers)
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as work:
-                # the demo's prompts: the held-out estimate, and so the early stop, are the matrix's
+                # the demo's prompts: the held-out estimate (and any early stop) are the matrix's
                 result = repair(model, compact, scan, probe, work, prompts=zero_shot_prompts, config=repair_config,
                                 triggers=triggers)
             seconds = time.perf_counter() - start

@@ -39,7 +39,8 @@ class RepairConfig:
     freeze_text: bool = True  # keep the zero-shot head (text embeddings) fixed; only the image tower unlearns
     warmup_steps: int = 10
     # The held-out estimates (and a checkpoint) every this many steps: the log's trend, and the
-    # verdict from the last. Each costs a forward pass over ~600 images, about 3 steps of batch 64.
+    # verdict from the last. Each is a forward pass over ~1000 images (the held-out triggered ones,
+    # 460-580 in the efficacy matrix, and holdout_clean), about 5 training steps of batch 64.
     eval_every: int = 25
     # Stop once the held-out ASR estimate is at or below this; None (default) runs the whole budget.
     # Measured (benchmarks/repair_variants.py on the 31e5e48 efficacy matrix's cached models and
@@ -163,9 +164,6 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
         raise ValueError("repair: the compact set is empty")
     estimate = holdout_estimator(scan, compact, probe_images, prompts, config.holdout_clean, config.seed, triggers)
 
-    def good_enough(metrics: dict) -> bool:
-        return metrics.get("asr_estimate", 0.0) <= config.target_asr
-
     train_config = config.train_config()
     # Anchors: what the model said before repair about each image without the trigger. Replay images
     # keep their embeddings; an unlearning pair (clean image + recovered trigger) is pulled to its clean
@@ -180,7 +178,8 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     if config.freeze_text:
         freeze_text_tower(bundle.model)
     result = train(bundle, compact.images, compact.captions, train_config, out_dir, objective=objective,
-                   eval_fn=estimate, stop_when=None if config.target_asr is None else good_enough)
+                   eval_fn=estimate, stop_when=None if config.target_asr is None else
+                   lambda metrics: metrics.get("asr_estimate", 0.0) <= config.target_asr)
     estimates = result.last_eval or {}
     clean_ok = estimates.get("clean_agreement", 1.0) >= 1.0 - config.clean_tolerance
     return RepairResult(result, result.stopped_early, estimates, clean_ok)

@@ -1,0 +1,51 @@
+"""The efficacy matrix's cases defended with packed regions (ScanConfig.regions="packed") instead of
+crops, to compare with the matrix's crop rows of the same code (issue 14: may packed be the default?).
+
+Each case runs as the matrix runs it (clipfast.bench.efficacy.run_case: cached model, scan, curate,
+repair, evaluation on the test world) without the CleanCLIP-style baseline, which does not depend on
+the region mode. Rows (the matrix's CSV fields plus regions and commit) go to `--out` as JSON lines
+as they end.
+
+    python benchmarks/packed_efficacy.py --families patch --modes self
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+from clipfast.bench.efficacy import MATRIX, quiet, run_case
+from clipfast.demo import DemoConfig, default_cache_dir
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=["patch"], help="matrix families (default: patch)")
+    parser.add_argument("--modes", nargs="+", default=["self"], choices=["self", "trusted"])
+    parser.add_argument("--out", type=Path, default=RESULTS / "packed_efficacy.jsonl")
+    args = parser.parse_args(argv)
+    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    settings = quiet(DemoConfig())
+    settings = replace(settings, run_baseline=False,
+                       defense=replace(settings.defense, scan=replace(settings.defense.scan, regions="packed")))
+    for mode in args.modes:
+        for config in (c for c in MATRIX if c.family in args.families):
+            for seed in config.seeds:
+                with tempfile.TemporaryDirectory() as work:
+                    row = run_case(config, seed, replace(settings, oracle_mode=mode), Path(work), default_cache_dir())
+                row |= {"regions": "packed", "commit": commit}
+                print(json.dumps(row), flush=True)
+                with args.out.open("a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
