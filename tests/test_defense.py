@@ -243,3 +243,14 @@ def test_repair_runs_its_whole_budget_unless_a_target_asr_is_set(tmp_path, targe
     result = repair(load_model("clipfast-tiny"), compact, scan, images, tmp_path, config=config)
     assert (result.train.step, result.stopped_early) == (steps, stopped)
     assert "asr_estimate" in result.estimates
+
+
+def test_repair_checkpoints_on_their_own_cadence_and_it_does_not_tie_a_run():
+    """checkpoint_every sets how much an interrupted repair can lose, apart from the estimates'
+    cadence, and (like every untied field) a run directory resumes under another value."""
+    from clipfast.defense.repair import RepairConfig
+    from clipfast.rundir import untied_fields
+
+    train = RepairConfig(eval_every=25, checkpoint_every=100).train_config()
+    assert (train.eval_every, train.checkpoint_every) == (25, 100)
+    assert "checkpoint_every" in untied_fields(RepairConfig) and "eval_every" not in untied_fields(RepairConfig)

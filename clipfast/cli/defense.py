@@ -49,7 +49,8 @@ def defense_arguments(parser: argparse.ArgumentParser) -> None:
                     "--precision": (ScanConfig, "precision"), "--compile": (ScanConfig, "compile"),
                     "--batch-size": (ScanConfig, "batch_size"), "--shard-size": (ScanConfig, "shard_size"),
                     "--accumulation-steps": (RepairConfig, "accumulation_steps"),
-                    "--grad-checkpointing": (RepairConfig, "grad_checkpointing"), "--sharding": (RepairConfig, "sharding")}
+                    "--grad-checkpointing": (RepairConfig, "grad_checkpointing"), "--sharding": (RepairConfig, "sharding"),
+                    "--checkpoint-every": (RepairConfig, "checkpoint_every")}
     neutral = [flag for flag, (config, name) in speed_fields.items() if name in untied_fields(config)]
     speed = parser.add_argument_group(f"speed ({', '.join(neutral)} never change results; the others can, and "
                                       "the output directory records them)")
@@ -72,6 +73,9 @@ def defense_arguments(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--sharding", choices=SHARDING_MODES, default=repair.sharding,
                        help="under torchrun, repair with the model replicated (ddp) or its image tower sharded across "
                        f"ranks (fsdp: for models whose training state does not fit one GPU) (default: {repair.sharding})")
+    speed.add_argument("--checkpoint-every", type=positive_int, default=repair.checkpoint_every,
+                       help="repair steps between checkpoints: what an interrupted repair can lose; each writes the "
+                       f"whole training state, so raise it for big models (default: {repair.checkpoint_every})")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--out", required=True, type=Path, help="output directory (a rerun resumes here)")
 
@@ -133,7 +137,8 @@ def _run_defense_on_rank(args: argparse.Namespace, run_repair: bool, labels: lis
             curate=CurateConfig(backend=args.backend),
             repair=RepairConfig(progress=progress, engine=args.engine, compile=args.compile and args.engine == "fast",
                                 accumulation_steps=args.accumulation_steps,
-                                grad_checkpointing=args.grad_checkpointing, sharding=args.sharding))
+                                grad_checkpointing=args.grad_checkpointing, sharding=args.sharding,
+                                checkpoint_every=args.checkpoint_every))
     except ValueError as error:
         raise CliError(str(error)) from None
     identity = {"model": args.model, "pretrained": args.pretrained, "checkpoint": args.checkpoint,

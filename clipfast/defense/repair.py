@@ -38,10 +38,14 @@ class RepairConfig:
     lr: float = 2e-4
     freeze_text: bool = True  # keep the zero-shot head (text embeddings) fixed; only the image tower unlearns
     warmup_steps: int = 10
-    # The held-out estimates (and a checkpoint) every this many steps: the log's trend, and the
-    # verdict from the last. Each is a forward pass over ~1000 images (the held-out triggered ones,
-    # 460-580 in the efficacy matrix, and holdout_clean), about 5 training steps of batch 64.
+    # The held-out estimates every this many steps: the log's trend, and the verdict from the last.
+    # Each is a forward pass over ~1000 images (the held-out triggered ones, 460-580 in the efficacy
+    # matrix, and holdout_clean), about 5 training steps of batch 64.
     eval_every: int = 25
+    # A checkpoint (model, optimiser, step) every this many steps and at the end: an interrupted
+    # repair resumes there, losing at most this many steps. Each writes the whole training state
+    # (tiny model: ~1 MB; ViT-bigG: tens of GB), so raise it for big models; it never changes results.
+    checkpoint_every: int = untied(25)
     # Stop once the held-out ASR estimate is at or below this; None (default) runs the whole budget.
     # Measured (benchmarks/repair_variants.py on the 31e5e48 efficacy matrix's cached models and
     # scans, the 14 patch cases that stopped at an estimate of 0 after 10-75 steps, both oracle
@@ -87,7 +91,7 @@ class RepairConfig:
                       grad_checkpointing=self.grad_checkpointing))
         return TrainConfig(steps=self.max_steps, batch_size=self.batch_size, lr=self.lr,
                            warmup_steps=self.warmup_steps, seed=self.seed, eval_every=self.eval_every,
-                           checkpoint_every=self.eval_every, progress=self.progress, sharding=self.sharding, **speed)
+                           checkpoint_every=self.checkpoint_every, progress=self.progress, sharding=self.sharding, **speed)
 
 
 @dataclass
