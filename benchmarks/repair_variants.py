@@ -70,6 +70,35 @@ def matrix_cases(commit: str, configs: list[str] | None, modes: list[str]) -> li
     return rows
 
 
+def saved_case(row: dict, commit: str, cache: Path, settings: DemoConfig):
+    """(recipe, cached model, poisoned pairs, saved scan) of a matrix row, or None without a saved scan."""
+    scans = sorted((cache / "efficacy").glob(f"{commit}*/{row['case_key']}/defense/{SCAN_NAME}"))
+    if not scans:
+        return None
+    config = next(config for config in MATRIX if config.name == row["config"])
+    recipe = optimized_patch_recipe(_recipe(config, int(row["seed"]), float(row["rate"]), settings), cache / "models")
+    bundle, pairs, _ = cached_world_model(recipe, cache / "models")
+    return recipe, bundle, pairs, load_scan(scans[0])
+
+
+def repaired_on_test(bundle, scan, probe, recipe, test, segmenter, curate_config: CurateConfig,
+                     repair_config: RepairConfig) -> dict:
+    """Curate and repair a copy of bundle from `scan` as defend does, then CA / ASR on the test world."""
+    model = copy.deepcopy(bundle)
+    triggers = recover_triggers(scan, probe, curate_config.seed, segmenter)  # as defend does
+    compact = curate(scan, probe, curate_config, triggers)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        # the demo's prompts: the held-out estimate (and any early stop) are the matrix's
+        result = repair(model, compact, scan, probe, work, prompts=zero_shot_prompts, config=repair_config,
+                        triggers=triggers)
+    seconds = time.perf_counter() - start
+    after = evaluate(model, test, recipe.make_trigger(), recipe.target_label)
+    return {"compact_set_size": len(compact), "ca_repaired": after["ca"], "asr_repaired": after["asr"],
+            "repair_steps": result.train.step, "repair_asr_estimate": result.estimates.get("asr_estimate"),
+            "seconds_repair": round(seconds, 1)}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commit", required=True, help="the matrix run whose rows, models and scans to reuse")
@@ -81,33 +110,19 @@ def main(argv=None) -> int:
     variants = [(text, *parse_variant(text)) for text in args.variant or ["default"]]
     cache, settings = default_cache_dir(), DemoConfig()
     test = evaluation_world(settings.test_size)
-    by_name = {config.name: config for config in MATRIX}
     segmenter = ClassicalSegmenter()  # the matrix's oracle (clipfast demo's)
     for row in matrix_cases(args.commit, args.configs, args.modes):
-        scans = sorted((cache / "efficacy").glob(f"{args.commit}*/{row['case_key']}/defense/{SCAN_NAME}"))
-        if not scans:
+        case = saved_case(row, args.commit, cache, settings)
+        if case is None:
             print(f"{row['config']} seed {row['seed']} ({row['oracle_mode']}): no saved scan, skipped", flush=True)
             continue
-        recipe = _recipe(by_name[row["config"]], int(row["seed"]), float(row["rate"]), settings)
-        recipe = optimized_patch_recipe(recipe, cache / "models")
-        bundle, pairs, _ = cached_world_model(recipe, cache / "models")
-        probe, scan = pairs.images[: settings.probe_size], load_scan(scans[0])
+        recipe, bundle, pairs, scan = case
+        probe = pairs.images[: settings.probe_size]
         for text, curate_config, repair_config in variants:
-            model = copy.deepcopy(bundle)
-            triggers = recover_triggers(scan, probe, curate_config.seed, segmenter)  # as defend does
-            compact = curate(scan, probe, curate_config, triggers)
-            start = time.perf_counter()
-            with tempfile.TemporaryDirectory() as work:
-                # the demo's prompts: the held-out estimate (and any early stop) are the matrix's
-                result = repair(model, compact, scan, probe, work, prompts=zero_shot_prompts, config=repair_config,
-                                triggers=triggers)
-            seconds = time.perf_counter() - start
-            after = evaluate(model, test, recipe.make_trigger(), recipe.target_label)
             out = {"config": row["config"], "seed": int(row["seed"]), "oracle_mode": row["oracle_mode"],
-                   "variant": text, "compact_set_size": len(compact), "ca_poisoned": float(row["ca_poisoned"]),
-                   "ca_repaired": after["ca"], "asr_repaired": after["asr"],
-                   "asr_clean_model": float(row["asr_clean_model"]), "repair_steps": result.train.step,
-                   "repair_asr_estimate": result.estimates.get("asr_estimate"), "seconds_repair": round(seconds, 1)}
+                   "variant": text, "ca_poisoned": float(row["ca_poisoned"]),
+                   "asr_clean_model": float(row["asr_clean_model"]),
+                   **repaired_on_test(bundle, scan, probe, recipe, test, segmenter, curate_config, repair_config)}
             print(json.dumps(out), flush=True)
             with args.out.open("a") as handle:
                 handle.write(json.dumps(out) + "\n")
