@@ -10,8 +10,8 @@ probe set (run here once, cached beside the matrix's scans), and
   is the image's), the share of grounded images whose whole-image label is right (the replay pool's
   captions) and of ungrounded ones (what grounding turns away);
 - repairs (curate + repair as defend does, CA / ASR on the test world) from the crop scan, the
-  packed scan, and the packed scan with one column taken from the crop scan: `grounded` (which
-  images the replay may draw) or `oracle_label` (the victims' captions).
+  packed scan, and the packed scan with columns taken from the crop scan: `grounded` (which images
+  the replay may draw), `oracle_label` (the victims' captions), or both.
 
 Rows go to `--out` as JSON lines as they end.
 
@@ -40,6 +40,8 @@ from clipfast.recipes import evaluation_world
 from repair_variants import matrix_cases, repaired_on_test, saved_case
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ARMS = ("crop", "packed", "packed, crop's grounded", "packed, crop's oracle labels",
+        "packed, crop's grounded and oracle labels")
 
 
 def label_quality(scanned: ScanResult, truth: torch.Tensor) -> dict:
@@ -65,6 +67,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--commit", required=True, help="the matrix run whose models and crop scans to reuse")
     parser.add_argument("--configs", nargs="+", default=None, help="matrix configuration names (default: all)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="the scans to repair from (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS / "packed_ca_causes.jsonl")
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
@@ -89,7 +92,9 @@ def main(argv=None) -> int:
             save_scan(packed, packed_path)
         scans = {"crop": crop, "packed": packed,
                  "packed, crop's grounded": with_columns(packed, crop, ("grounded",)),
-                 "packed, crop's oracle labels": with_columns(packed, crop, ("oracle_label",))}
+                 "packed, crop's oracle labels": with_columns(packed, crop, ("oracle_label",)),
+                 "packed, crop's grounded and oracle labels": with_columns(packed, crop, ("grounded", "oracle_label"))}
+        scans = {name: scanned for name, scanned in scans.items() if name in args.arms}
         quality = {"crop": label_quality(crop, truth), "packed": label_quality(packed, truth)}
         for name, scanned in scans.items():
             out = {"config": row["config"], "seed": int(row["seed"]), "oracle_mode": "self", "scan": name,
