@@ -1,5 +1,7 @@
 """The efficacy matrix's cases defended with packed regions (ScanConfig.regions="packed") instead of
 crops, to compare with the matrix's crop rows of the same code (issue 14: may packed be the default?).
+`--grounding-regions` says how the grounding model names the regions (ScanConfig.grounding_regions:
+crop, the default, or packed too; rows before that option existed, at fbe86dc, named packed).
 
 Each case runs as the matrix runs it (clipfast.bench.efficacy.run_case: cached model, scan, curate,
 repair, evaluation on the test world) without the CleanCLIP-style baseline, which does not depend on
@@ -28,19 +30,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=["patch"], help="matrix families (default: patch)")
     parser.add_argument("--modes", nargs="+", default=["self"], choices=["self", "trusted"])
+    parser.add_argument("--grounding-regions", default="crop", choices=["crop", "packed"])
     parser.add_argument("--out", type=Path, default=RESULTS / "packed_efficacy.jsonl")
     args = parser.parse_args(argv)
     commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).resolve().parent).stdout.strip() or None
     settings = quiet(DemoConfig())
     settings = replace(settings, run_baseline=False,
-                       defense=replace(settings.defense, scan=replace(settings.defense.scan, regions="packed")))
+                       defense=replace(settings.defense, scan=replace(settings.defense.scan, regions="packed",
+                                                                         grounding_regions=args.grounding_regions)))
     for mode in args.modes:
         for config in (c for c in MATRIX if c.family in args.families):
             for seed in config.seeds:
                 with tempfile.TemporaryDirectory() as work:
                     row = run_case(config, seed, replace(settings, oracle_mode=mode), Path(work), default_cache_dir())
-                row |= {"regions": "packed", "commit": commit}
+                row |= {"regions": "packed", "grounding_regions": args.grounding_regions, "commit": commit}
                 print(json.dumps(row), flush=True)
                 with args.out.open("a") as handle:
                     handle.write(json.dumps(row) + "\n")

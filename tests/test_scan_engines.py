@@ -53,8 +53,12 @@ def test_prefetch_keeps_order_and_passes_errors_on():
 def test_scan_settings_are_checked():
     with pytest.raises(ValueError, match="engine"):
         ScanConfig(engine="turbo")
-    with pytest.raises(ValueError, match="regions='packed' needs engine='fast'"):
+    with pytest.raises(ValueError, match="packed regions need engine='fast'"):
         ScanConfig(engine="reference", regions="packed")
+    with pytest.raises(ValueError, match="packed regions need engine='fast'"):
+        ScanConfig(engine="reference", grounding_regions="packed")
+    with pytest.raises(ValueError, match="grounding_regions"):
+        ScanConfig(grounding_regions="pool")
     with pytest.raises(ValueError, match="packed_min_coverage"):
         ScanConfig(packed_min_coverage=1.5)
     with pytest.raises(ValueError, match="precision"):
@@ -79,6 +83,22 @@ def test_every_engine_scans_an_odd_sized_probe_set(small_world, settings):
     assert len(result.image_label) == 61 and (result.region_counts > 0).any()
     assert 0 < result.image_prob.min() and result.image_prob.max() <= 1
     assert result.seconds["regions"] > 0 and result.seconds["segment"] > 0
+
+
+def test_packed_regions_find_triggers_while_crops_name_them(poisoned_world):
+    """regions sets how the suspect's own region scores are encoded (the trigger evidence),
+    grounding_regions how the grounding model names regions: with packed + crop (self mode, the
+    suspect encoded both ways) the scores are the packed scan's and the grounding the crop scan's."""
+    bundle, pairs, _ = poisoned_world
+    images = pairs.images[:200]
+    scans = {(regions, naming): scan(bundle, list(CLASSES), images, ClassicalSegmenter(), prompts=zero_shot_prompts,
+                                     config=ScanConfig(progress=False, precision="fp32", regions=regions,
+                                                       grounding_regions=naming))
+             for regions, naming in [("crop", "crop"), ("packed", "packed"), ("packed", "crop")]}
+    mixed, crop, packed = scans["packed", "crop"], scans["crop", "crop"], scans["packed", "packed"]
+    assert torch.equal(mixed.discrepancy, packed.discrepancy) and torch.equal(mixed.grounded, crop.grounded)
+    assert not torch.equal(crop.grounded, packed.grounded)  # the two namings differ: the check above can fail
+    assert (mixed.reference_label == -1).all() and not mixed.discordant.any()  # still the self oracle
 
 
 def test_fast_and_reference_scores_agree_on_an_untrained_model(small_world):

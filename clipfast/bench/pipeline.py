@@ -150,7 +150,7 @@ def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segm
                "fast crop fp32": ScanConfig(progress=False, precision="fp32"),
                "fast crop prefetch=0": ScanConfig(progress=False, prefetch=0),
                "fast crop prefetch=2": ScanConfig(progress=False, prefetch=2),
-               "fast packed": ScanConfig(progress=False, regions="packed")}
+               "fast packed": ScanConfig(progress=False, regions="packed", grounding_regions="packed")}
     for variant in ["reference"] + [v for v in variants if v != "reference"]:
         config = configs[variant]
         synchronize(device)

@@ -61,6 +61,15 @@ class ScanConfig:
     # fast engine: crop (each region's crop re-encoded as a whole image) | packed (each region its own
     # sequence of its masked patches, all packed into one encoder pass; clipfast/models/packed.py)
     regions: str = "crop"
+    # How the grounding model sees the regions it names (the images' grounding, the victims' oracle
+    # labels): crop (default) or packed; the model under test's own region scores, which find the
+    # trigger, follow `regions`. Crops name regions better on the tiny world, whose 4x4 token grid
+    # leaves an object a few native-resolution tokens while a crop gives it all 16
+    # (benchmarks/packed_ca_causes.py, 9 self-mode patch cases at e353012: victims' oracle labels right
+    # 0.97 vs 0.76 (medians), grounded images' labels 0.993 vs 0.968 right); repairs from a packed scan
+    # that names with crops lost CA 0.19 points (median; worst 0.58) against 0.60 (1.70) naming packed.
+    # In self mode packed regions with crop naming encode the suspect's regions twice.
+    grounding_regions: str = "crop"
     # packed regions: a patch is a region's token from this share of its pixels on (0: any pixel, so
     # that every mask pixel is seen, as in a crop); a region with no such patch keeps its best ones.
     packed_min_coverage: float = 0.0
@@ -101,8 +110,10 @@ class ScanConfig:
             raise ValueError(f"ScanConfig.engine must be fast or reference, got {self.engine!r}")
         if self.regions not in REGION_MODES:
             raise ValueError(f"ScanConfig.regions must be one of {REGION_MODES}, got {self.regions!r}")
-        if self.engine == "reference" and self.regions != "crop":
-            raise ValueError(f"the reference scan crops regions; regions={self.regions!r} needs engine='fast'")
+        if self.grounding_regions not in REGION_MODES:
+            raise ValueError(f"ScanConfig.grounding_regions must be one of {REGION_MODES}, got {self.grounding_regions!r}")
+        if self.engine == "reference" and "packed" in (self.regions, self.grounding_regions):
+            raise ValueError("the reference scan crops regions; packed regions need engine='fast'")
         if not 0.0 <= self.packed_min_coverage <= 1.0:
             raise ValueError(f"packed_min_coverage must be in [0, 1], got {self.packed_min_coverage}")
         if self.prefetch is not None and self.prefetch < 0:

@@ -11,7 +11,7 @@ batch size; the few donors that come before the pool is complete wait for it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -75,9 +75,17 @@ class ShardScanner:
         self.seconds = dict.fromkeys(STAGES, 0.0)
         prompt_kwargs = {} if prompts is None else {"prompts": prompts}
         start = time.perf_counter()
-        self.suspect = make_scorer(bundle, ZeroShotClassifier(bundle, classnames, **prompt_kwargs), config)
-        self.grounder = self.suspect if grounding_bundle is None else make_scorer(
-            grounding_bundle, ZeroShotClassifier(grounding_bundle, classnames, **prompt_kwargs), config)
+        classifier = ZeroShotClassifier(bundle, classnames, **prompt_kwargs)
+        self.suspect = make_scorer(bundle, classifier, config)
+        # The grounding model names regions as config.grounding_regions says; without a trusted model
+        # it is the suspect itself, one scorer when it sees regions as its own scores do.
+        naming = replace(config, regions=config.grounding_regions)
+        self.trusted = grounding_bundle is not None
+        if self.trusted:
+            self.grounder = make_scorer(grounding_bundle, ZeroShotClassifier(grounding_bundle, classnames, **prompt_kwargs),
+                                        naming)
+        else:
+            self.grounder = self.suspect if naming.regions == config.regions else make_scorer(bundle, classifier, naming)
         self.seconds["text_encoding"] = time.perf_counter() - start
         _, _, self.width = probe.image_shape
         self.pin = bundle.device.type == "cuda"  # page-locked host batches: asynchronous copies to the GPU
@@ -127,9 +135,11 @@ class ShardScanner:
         label, size = own.image_label, len(readable)
         if self.grounder is self.suspect:  # region_score already has q_ij(L_i) for the suspect's own L_i
             grounded = (own.region_image_prob >= config.grounding_threshold).any(-1)
-            reference_label, discordant = torch.full((size,), -1), torch.zeros(size, dtype=torch.bool)
         else:  # threshold >= 0.5: q'_ij(L_i) passes it only as region j's top label
             grounded = ((ground.region_label == label[:, None]) & (ground.region_prob >= config.grounding_threshold)).any(-1)
+        if not self.trusted:
+            reference_label, discordant = torch.full((size,), -1), torch.zeros(size, dtype=torch.bool)
+        else:
             reference_label = ground.image_label
             discordant = (reference_label != label) & (ground.image_prob >= config.grounding_threshold) & ~grounded
         start = time.perf_counter()
