@@ -42,6 +42,9 @@ def defense_arguments(parser: argparse.ArgumentParser) -> None:
     oracle.add_argument("--trusted-pretrained", help="open_clip pretrained tag of --trusted-model")
     oracle.add_argument("--trusted-checkpoint", help="weights of the trusted clean CLIP (a clipfast checkpoint needs "
                         "no --trusted-model)")
+    oracle.add_argument("--grounding-regions", choices=REGION_MODES, default=scan.grounding_regions,
+                        help="how the grounding model (the trusted one, or the model itself) sees the regions it "
+                        f"names: crops name small objects better than packed sequences (default: {scan.grounding_regions})")
     oracle.add_argument("--backend", default=scan.backend, choices=("auto",) + BACKENDS,
                         help=f"op backend (default: {scan.backend})")
     # The config field each speed option sets; the untied ones never change results (rundir.untied).
@@ -57,8 +60,9 @@ def defense_arguments(parser: argparse.ArgumentParser) -> None:
     speed.add_argument("--engine", choices=ENGINES, default=scan.engine,
                        help=f"fast or the straightforward reference pipeline, for comparison (default: {scan.engine})")
     speed.add_argument("--regions", choices=REGION_MODES, default=scan.regions,
-                       help="region embeddings: re-encode each region's crop, or packed (each region its own "
-                       f"sequence of masked patches, all in one encoder pass) (default: {scan.regions})")
+                       help="the model's own region embeddings (the trigger evidence): re-encode each region's crop, "
+                       "or packed (each region its own sequence of masked patches, all in one encoder pass) "
+                       f"(default: {scan.regions})")
     speed.add_argument("--precision", choices=PRECISIONS, default=scan.precision,
                        help="scan encoder precision (auto: bf16 where native)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the encoder and the repair step")
@@ -132,6 +136,7 @@ def _run_defense_on_rank(args: argparse.Namespace, run_repair: bool, labels: lis
     try:
         config = DefenseConfig(
             scan=ScanConfig(backend=args.backend, progress=progress, engine=args.engine, regions=args.regions,
+                            grounding_regions=args.grounding_regions,
                             precision=args.precision, compile=args.compile, batch_size=args.batch_size,
                             shard_size=args.shard_size),
             curate=CurateConfig(backend=args.backend),
