@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import subprocess
 from dataclasses import replace
 from pathlib import Path
@@ -37,7 +36,7 @@ from clipfast.defense.scan import ScanResult, scan
 from clipfast.demo import DemoConfig, default_cache_dir
 from clipfast.oracle import ClassicalSegmenter
 from clipfast.recipes import evaluation_world
-from repair_variants import matrix_cases, repaired_on_test, saved_case
+from repair_variants import append_row, matrix_cases, repaired_on_test, saved_case
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ("crop", "packed", "packed, crop's grounded", "packed, crop's oracle labels",
@@ -103,9 +102,7 @@ def main(argv=None) -> int:
                    **repaired_on_test(bundle, scanned, probe, recipe, test, segmenter, CurateConfig(),
                                       RepairConfig(progress=False)),
                    "crop_scan_commit": args.commit, "commit": commit}
-            print(json.dumps(out), flush=True)
-            with args.out.open("a") as handle:
-                handle.write(json.dumps(out) + "\n")
+            append_row(out, args.out)
     return 0
 
 

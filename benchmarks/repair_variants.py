@@ -70,6 +70,13 @@ def matrix_cases(commit: str, configs: list[str] | None, modes: list[str]) -> li
     return rows
 
 
+def append_row(row: dict, path: Path) -> None:
+    """Print a result row and append it to the JSON-lines file `path` as it ends."""
+    print(json.dumps(row), flush=True)
+    with path.open("a") as handle:
+        handle.write(json.dumps(row) + "\n")
+
+
 def saved_case(row: dict, commit: str, cache: Path, settings: DemoConfig):
     """(recipe, cached model, poisoned pairs, saved scan) of a matrix row, or None without a saved scan."""
     scans = sorted((cache / "efficacy").glob(f"{commit}*/{row['case_key']}/defense/{SCAN_NAME}"))
@@ -123,9 +130,7 @@ def main(argv=None) -> int:
                    "variant": text, "ca_poisoned": float(row["ca_poisoned"]),
                    "asr_clean_model": float(row["asr_clean_model"]),
                    **repaired_on_test(bundle, scan, probe, recipe, test, segmenter, curate_config, repair_config)}
-            print(json.dumps(out), flush=True)
-            with args.out.open("a") as handle:
-                handle.write(json.dumps(out) + "\n")
+            append_row(out, args.out)
     return 0
 
 
