@@ -67,7 +67,7 @@ class ScanConfig:
     # leaves an object a few native-resolution tokens while a crop gives it all 16
     # (benchmarks/packed_ca_causes.py, 9 self-mode patch cases at e353012: victims' oracle labels right
     # 0.97 vs 0.76 (medians), grounded images' labels 0.993 vs 0.968 right); repairs from a packed scan
-    # that names with crops lost CA 0.19 points (median; worst 0.58) against 0.60 (1.70) naming packed.
+    # that names with crops lost CA 0.24 points (median; worst 1.20) against 0.60 (1.70) naming packed.
     # In self mode packed regions with crop naming encode the suspect's regions twice.
     grounding_regions: str = "crop"
     # packed regions: a patch is a region's token from this share of its pixels on (0: any pixel, so
