@@ -85,6 +85,7 @@ def test_every_engine_scans_an_odd_sized_probe_set(small_world, settings):
     assert result.seconds["regions"] > 0 and result.seconds["segment"] > 0
 
 
+@pytest.mark.slow  # the session's trained model (~1 min), three scans
 def test_packed_regions_find_triggers_while_crops_name_them(poisoned_world):
     """regions sets how the suspect's own region scores are encoded (the trigger evidence),
     grounding_regions how the grounding model names regions: with packed + crop (self mode, the
