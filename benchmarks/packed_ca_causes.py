@@ -74,7 +74,8 @@ def main(argv=None) -> int:
     cache, settings = default_cache_dir(), DemoConfig()
     test = evaluation_world(settings.test_size)
     segmenter = ClassicalSegmenter()  # the matrix's oracle (clipfast demo's)
-    packed_config = replace(settings.defense.scan, regions="packed", progress=False)
+    # the pure packed scan: packed sequences name the regions too (ScanConfig.grounding_regions)
+    packed_config = replace(settings.defense.scan, regions="packed", grounding_regions="packed", progress=False)
     for row in matrix_cases(args.commit, args.configs, ["self"]):
         case = saved_case(row, args.commit, cache, settings)
         if case is None or row["family"] != "patch":
