@@ -112,7 +112,7 @@ def compare(name: str, seed: int, count: int, cache: Path) -> dict:
     for mode in MODES:
         start = time.perf_counter()
         decisions[mode] = scan(bundle, list(CLASSES), images, ClassicalSegmenter(), prompts=zero_shot_prompts,
-                               config=ScanConfig(regions=mode, progress=False))
+                               config=ScanConfig(regions=mode, grounding_regions=mode, progress=False))
         seconds[mode] = time.perf_counter() - start
     found = {mode: [CLASSES[t] for t in r.targets] for mode, r in decisions.items()}
     jaccard = {}
