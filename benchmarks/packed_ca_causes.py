@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import subprocess
 from dataclasses import replace
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from clipfast.defense.repair import RepairConfig
 from clipfast.defense.scan import ScanResult, scan
 from clipfast.demo import DemoConfig, default_cache_dir
 from clipfast.oracle import ClassicalSegmenter
+from clipfast.provenance import git_commit
 from clipfast.recipes import evaluation_world
 from repair_variants import append_row, matrix_cases, repaired_on_test, saved_case
 
@@ -43,12 +43,16 @@ ARMS = ("crop", "packed", "packed, crop's grounded", "packed, crop's oracle labe
         "packed, crop's grounded and oracle labels")
 
 
+def share(mask: torch.Tensor) -> float | None:
+    """The share of True in a bool tensor (None when it is empty)."""
+    return round(float(mask.float().mean()), 4) if mask.numel() else None
+
+
 def label_quality(scanned: ScanResult, truth: torch.Tensor) -> dict:
     """How right the labels the compact set takes from a scan are (shares of the probe set's images)."""
     victims = torch.cat([scanned.victims(t) for t in scanned.targets]).unique()
     right = scanned.image_label == truth
     grounded = scanned.grounded & scanned.readable
-    share = lambda mask: round(float(mask.float().mean()), 4) if mask.numel() else None  # noqa: E731
     return {"victims": len(victims), "victim_oracle_right": share(scanned.oracle_label[victims] == truth[victims]),
             "grounded": share(grounded), "grounded_right": share(right[grounded]),
             "ungrounded_right": share(right[scanned.readable & ~grounded])}
@@ -69,8 +73,7 @@ def main(argv=None) -> int:
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, help="the scans to repair from (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS / "packed_ca_causes.jsonl")
     args = parser.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    commit = git_commit()
     cache, settings = default_cache_dir(), DemoConfig()
     test = evaluation_world(settings.test_size)
     segmenter = ClassicalSegmenter()  # the matrix's oracle (clipfast demo's)

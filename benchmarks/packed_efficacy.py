@@ -14,14 +14,14 @@ as they end.
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 from clipfast.bench.efficacy import MATRIX, quiet, run_case
 from clipfast.demo import DemoConfig, default_cache_dir
+from clipfast.provenance import git_commit
+from repair_variants import append_row
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -33,8 +33,7 @@ def main(argv=None) -> int:
     parser.add_argument("--grounding-regions", default="crop", choices=["crop", "packed"])
     parser.add_argument("--out", type=Path, default=RESULTS / "packed_efficacy.jsonl")
     args = parser.parse_args(argv)
-    commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip() or None
+    commit = git_commit()
     settings = quiet(DemoConfig())
     settings = replace(settings, run_baseline=False,
                        defense=replace(settings.defense, scan=replace(settings.defense.scan, regions="packed",
@@ -44,10 +43,8 @@ def main(argv=None) -> int:
             for seed in config.seeds:
                 with tempfile.TemporaryDirectory() as work:
                     row = run_case(config, seed, replace(settings, oracle_mode=mode), Path(work), default_cache_dir())
-                row |= {"regions": "packed", "grounding_regions": args.grounding_regions, "commit": commit}
-                print(json.dumps(row), flush=True)
-                with args.out.open("a") as handle:
-                    handle.write(json.dumps(row) + "\n")
+                append_row(row | {"regions": "packed", "grounding_regions": args.grounding_regions, "commit": commit},
+                           args.out)
     return 0
 
 

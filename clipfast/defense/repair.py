@@ -44,7 +44,8 @@ class RepairConfig:
     eval_every: int = 25
     # A checkpoint (model, optimiser, step) every this many steps and at the end: an interrupted
     # repair resumes there, losing at most this many steps. Each writes the whole training state
-    # (tiny model: ~1 MB; ViT-bigG: tens of GB), so raise it for big models; it never changes results.
+    # (the world's tiny model: 5.2 MB on disk; ViT-bigG: ~25 GB by parameter count, weights plus AdamW's
+    # two moments), so raise it for big models; it never changes results.
     checkpoint_every: int = untied(25)
     # Stop once the held-out ASR estimate is at or below this; None (default) runs the whole budget.
     # Measured (benchmarks/repair_variants.py on the 31e5e48 efficacy matrix's cached models and
