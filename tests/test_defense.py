@@ -6,9 +6,11 @@ import torch
 
 from clipfast.defense.curate import CurateConfig, curate
 from clipfast.defense.pipeline import claim_run_directory, load_scan, save_scan
-from clipfast.defense.scan import LabelTest, ScanConfig, ScanResult, decide_targets
+from clipfast.defense.scan import ImageColumns, LabelTest, ScanConfig, ScanResult, ScanShard, decide_targets
+from clipfast.defense.scan.decide import decide
 from clipfast.defense.scan.result import Flips, TriggerEstimate
 from clipfast.errors import RunMismatchError
+from clipfast.ops import pack_mask_bits
 from clipfast.train.cleanclip import augment_caption
 
 
@@ -52,6 +54,28 @@ def test_a_confusion_from_one_or_two_classes_is_not_a_target_but_victims_from_ma
     from_many[(labels == 3).nonzero().flatten()[:30]] = torch.tensor([0, 1, 2, 4, 5] * 6)  # a backdoor's victims
     test, targets = decide_targets(labels, candidate, from_many, 6, ScanConfig())
     assert targets == [3] and test.candidates[3] == 18 and test.sources[3] == 5
+
+
+def test_a_target_is_a_patch_when_its_patch_victims_alone_are_significant():
+    """Trusted mode: a patch target's candidates also hold discordant clean confusions. Label 3 has 30
+    patch victims and 40 discordant images without patch evidence (more than the patch victims: a
+    majority rule called this image-wide); label 5 has discordance alone (an image-wide trigger)."""
+    labels, candidate = labels_with_candidates([400] * 6, [3, 2, 4, 70, 1, 70])
+    patch = torch.zeros_like(candidate)
+    patch[(labels == 3).nonzero().flatten()[:30]] = True  # the first 30 of label 3's 70 candidates
+    columns = ImageColumns.empty(len(labels))
+    columns.readable[:] = True
+    columns.image_label = labels
+    columns.flip_rate = torch.where(patch, 0.9, -1.0)
+    columns.discordant = candidate & ~patch
+    shard = ScanShard(**vars(columns), lo=0, hi=len(labels), width=4,
+                      trigger_masks={int(i): pack_mask_bits(torch.ones(4, 4, dtype=torch.bool))[0]
+                                     for i in patch.nonzero().flatten()})
+    result = decide([f"label{k}" for k in range(6)], [shard], ScanConfig(), {})
+    assert result.targets == [3, 5]
+    assert [trigger.kind for trigger in result.triggers] == ["patch", "image-wide"]
+    assert len(result.triggers[0].victim_indices) == 70 and len(result.triggers[0].patch_indices) == 30
+    assert result.triggers[0].box == (0, 0, 4, 4)
 
 
 def hand_made_scan():

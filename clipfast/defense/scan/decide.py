@@ -30,7 +30,14 @@ def decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, s
     candidate = (patch_evidence | columns.discordant) & columns.readable
     sources = torch.where(columns.reference_label >= 0, columns.reference_label, columns.oracle_label)
     label_test, targets = decide_targets(columns.image_label, candidate, sources, len(classnames), config)
-    triggers = [trigger_estimate(target, candidate, patch_evidence, columns, trigger_masks) for target in targets]
+    # A target's trigger is a patch when its patch evidence alone passes the same test: with a trusted
+    # model a patch target's candidates also hold discordant images (the two models' confusions), which
+    # can outnumber the patch victims on a label clean models confuse (a 4px patch on 'star': 58 patch
+    # victims and 61 other discordant images, which a majority rule called image-wide).
+    _, patch_targets = decide_targets(columns.image_label, patch_evidence & columns.readable, sources,
+                                      len(classnames), config)
+    triggers = [trigger_estimate(target, candidate, patch_evidence, columns, trigger_masks, target in patch_targets)
+                for target in targets]
     return ScanResult(**vars(columns), classnames=classnames, patch_evidence=patch_evidence, candidate=candidate,
                       label_test=label_test, targets=targets, triggers=triggers, seconds=seconds)
 
@@ -76,13 +83,13 @@ def decide_targets(image_label: torch.Tensor, candidate: torch.Tensor, sources: 
 
 
 def trigger_estimate(target: int, candidate: torch.Tensor, patch_evidence: torch.Tensor, columns: ImageColumns,
-                     trigger_masks: dict[int, torch.Tensor]) -> TriggerEstimate:
-    """What the target's victims say about its trigger: a patch when most of them have a region that
-    passed the transplant test (its box: the pixels in at least half of those regions), else
-    image-wide."""
+                     trigger_masks: dict[int, torch.Tensor], is_patch: bool) -> TriggerEstimate:
+    """What the target's victims say about its trigger: a patch when its victims with a region that
+    passed the transplant test are by themselves significant (is_patch; its box: the pixels in at
+    least half of those regions), else image-wide."""
     victims = torch.nonzero(candidate & (columns.image_label == target)).flatten()
     patched = victims[patch_evidence[victims]]
-    kind = "patch" if 2 * len(patched) >= len(victims) else "image-wide"
+    kind = "patch" if is_patch else "image-wide"
     height, width = next(iter(trigger_masks.values())).shape if trigger_masks else (0, 0)
     region_masks = (torch.stack([trigger_masks[int(i)] for i in patched]) if len(patched) else
                     torch.zeros(0, height, width, dtype=torch.bool))

@@ -86,7 +86,7 @@ class Flips:
 @dataclass
 class TriggerEstimate:
     target: int
-    kind: str  # "patch" (most victims have a region that flips other images) or "image-wide"
+    kind: str  # "patch" (its victims with a region that flips other images are by themselves significant) or "image-wide"
     victim_indices: torch.Tensor  # [V] probe indices of the victims
     patch_indices: torch.Tensor  # [P] the victims whose explaining region passed the transplant test
     region_masks: torch.Tensor  # bool [P, H, W]: their trigger regions
