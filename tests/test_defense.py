@@ -250,6 +250,28 @@ def test_the_held_out_asr_leaves_out_victims_whose_oracle_label_is_the_target():
     assert estimates["asr_n"] == 1 and 0 <= estimates["asr_hits"] <= 1
 
 
+def test_a_patch_targets_held_out_asr_counts_only_victims_with_patch_evidence():
+    """With a trusted model a patch target's victims also hold discordant images without patch
+    evidence (mostly the two models' confusions, which repair leaves as they are): the estimate counts
+    held-out victims with patch evidence (here held-out victim 0, only when it has it) and the
+    trigger pasted on held-out clean images."""
+    from clipfast.defense.repair import holdout_estimator
+    from clipfast.models import load_model
+
+    scan = hand_made_scan()
+    scan.classnames = ["circle", "square", "star", "heart"]  # words the tiny model's tokenizer knows
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    corner = torch.zeros(4, 32, 32, dtype=torch.bool)
+    corner[:, :4, :4] = True
+    model, counts = load_model("clipfast-tiny"), []
+    for patched in ([1, 2, 4, 5], [0, 1, 2, 4]):
+        scan.triggers = [TriggerEstimate(3, "patch", torch.tensor([0, 1, 2, 4, 5]), torch.tensor(patched), corner,
+                                         torch.ones(4), corner[0], (0, 0, 4, 4))]
+        compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1))
+        counts.append(holdout_estimator(scan, compact, images, None, holdout_clean=4, seed=0)(model)["asr_n"])
+    assert counts[1] == counts[0] + 1
+
+
 @pytest.mark.parametrize("target_asr, steps, stopped", [(None, 4, False), (1.0, 2, True)])
 def test_repair_runs_its_whole_budget_unless_a_target_asr_is_set(tmp_path, target_asr, steps, stopped):
     """By default the repair trains every step (the estimates are measured, not acted on); with a

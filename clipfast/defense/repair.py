@@ -111,14 +111,22 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
                       holdout_clean: int, seed: int, triggers: list[RecoveredTrigger] | None = None
                       ) -> Callable[[ClipBundle], dict]:
     """eval_fn for the training loop: the attack success rate on held-out triggered images (victims
-    not in the compact set whose oracle label is not a target, and held-out clean images of non-target
+    not in the compact set whose oracle label is not a target, those with patch evidence for a patch
+    target, and held-out clean images of non-target
     labels with the recovered trigger put on where it can be: asr_hits of asr_n), and agreement with
     the pre-repair labels on held-out clean images."""
     probe_images = as_probe_set(probe_images)
     in_compact = torch.zeros(len(probe_images), dtype=torch.bool)
     in_compact[compact.source_indices] = True
     targets = torch.tensor(scan.targets)
-    victims = compact.victim_indices[~in_compact[compact.victim_indices]]
+    # A patch target's held-out victims are those with patch evidence: its other candidates are
+    # discordant images (trusted mode) that are mostly the two models' confusions, which repair
+    # rightly leaves as they are. Counted, they held the estimate above the bar on the trusted 'star'
+    # (7.8 % estimated, 3.5 % measured) and 'bar' targets (3.4 %, 0.5 %) of the e353012 matrix.
+    patch_victims = {trigger.target: trigger.patch_indices for trigger in scan.triggers if trigger.kind == "patch"}
+    victims = torch.cat([torch.as_tensor(patch_victims.get(target, scan.victims(target)), dtype=torch.long)
+                         for target in scan.targets]).unique()
+    victims = victims[~in_compact[victims]]
     # A victim whose oracle label is a target is right to be called the target after repair (a
     # label-consistent attack's victims are target-class images; a real target-class image can be
     # among the victims): the attack success rate counts images of other labels only.
