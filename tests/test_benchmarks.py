@@ -47,10 +47,12 @@ def test_pipeline_rows_report_throughput_speedup_and_agreement(tiny, tmp_path):
     bench_repair(bundle, "tiny", world.images[:64], world.captions[:64], 32, 4, "cpu", rows)
     scans = [r for r in rows if r["stage"] == "scan"]
     assert {r["variant"] for r in scans} == {"reference", "fast crop", "fast crop fp32", "fast crop prefetch=0",
-                                             "fast crop prefetch=2", "fast packed"}
+                                             "fast crop prefetch=2", "fast packed", "fast hybrid"}
     assert {r["unit"] for r in scans} == {"images/s", "regions/s", "encoder GFLOP/image", "images/s region stage"}
     flops = {r["variant"]: float(r["throughput"]) for r in scans if r["unit"] == "encoder GFLOP/image"}
     assert flops["fast packed"] < flops["fast crop"] == flops["reference"]  # 5 discs: fewer tokens than 5 crops
+    # self mode: the hybrid encodes the regions both ways (the whole images once)
+    assert flops["fast crop"] < flops["fast hybrid"] < flops["fast crop"] + flops["fast packed"]
     packed = next(r for r in scans if r["variant"] == "fast packed" and r["unit"] == "images/s")
     assert "vs fast crop" in packed["agreement"]
     fast = next(r for r in scans if r["variant"] == "fast crop" and r["unit"] == "images/s")

@@ -3,7 +3,7 @@ machine, in one run.
 
 Stages (--stages):
 - scan: probe images/s and regions/s of ScanConfig(engine="reference") vs engine="fast" (crop
-  regions, and packed regions), the region encoder's FLOPs per image and utilisation, and how far the decisions
+  regions, packed regions, and packed regions named from crops), the region encoder's FLOPs per image and utilisation, and how far the decisions
   agree with the reference (same targets, victim-set Jaccard).
 - repair: steady-state samples/s and model FLOPs utilisation of the fp32 reference loop vs the fast
   loop (autocast, fused AdamW, torch.compile on a GPU), on CleanCLIP's objective with a frozen text tower.
@@ -56,7 +56,7 @@ FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "stage", "
           "throughput", "unit", "speedup_vs_reference", "mfu", "agreement"]
 STAGES = ("scan", "repair", "defend", "capacity")
 SCAN_VARIANTS = ("reference", "fast crop", "fast crop fp32", "fast crop prefetch=0", "fast crop prefetch=2",
-                 "fast packed")
+                 "fast packed", "fast hybrid")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -123,20 +123,23 @@ def _row(stage, model, variant, sizes, seconds, throughput, unit, reference_seco
 
 
 def _encoder_flops(bundle: ClipBundle, images: torch.Tensor, oracle: Segmenter, config: ScanConfig) -> int:
-    """FLOPs of the encoder passes that embed the scan's images and scored regions (models.packed.
-    tower_flops on the sequences each mode runs: a whole image per crop, or the packed sequences).
-    The causal test's and transplant test's whole-image encodes are the same in every mode: not counted."""
+    """FLOPs of the encoder passes that embed the scan's images and scored regions in self mode (models.
+    packed.tower_flops on the sequences each mode runs: a whole image per crop, or the packed sequences;
+    both when the regions are packed and named from crops). The causal test's and transplant test's
+    whole-image encodes are the same in every mode: not counted."""
     visual = check_vision_tower(bundle.model)
     whole = 1 + visual.grid_size[0] * visual.grid_size[1]
     segmentation = oracle.segment(images)
     scored = segmentation.valid & segmentation.masks.flatten(2).any(-1)
-    lengths = torch.full((len(images) + int(scored.sum()),), whole)
+    lengths = [torch.full((len(images),), whole)]
+    if "crop" in (config.regions, config.grounding_regions):
+        lengths.append(torch.full((int(scored.sum()),), whole))
     if config.regions == "packed":
         masks = bundle.resize_masks(segmentation.masks.to(bundle.device)) & scored.to(bundle.device)[..., None, None]
         kept = region_patches(bundle.resize(images), masks, visual.grid_size, min_coverage=config.packed_min_coverage,
                               background=config.crop_background).offsets.diff().cpu()
-        lengths = torch.cat([lengths[: len(images)], 1 + kept[kept > 0]])
-    return tower_flops(visual, lengths)
+        lengths.append(1 + kept[kept > 0])
+    return tower_flops(visual, torch.cat(lengths))
 
 
 def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segmenter, sizes: str, device: str,
@@ -150,7 +153,10 @@ def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segm
                "fast crop fp32": ScanConfig(progress=False, precision="fp32"),
                "fast crop prefetch=0": ScanConfig(progress=False, prefetch=0),
                "fast crop prefetch=2": ScanConfig(progress=False, prefetch=2),
-               "fast packed": ScanConfig(progress=False, regions="packed", grounding_regions="packed")}
+               "fast packed": ScanConfig(progress=False, regions="packed", grounding_regions="packed"),
+               # packed trigger evidence, regions named from crops (`--regions packed`): in self mode, as
+               # here, the suspect encodes its regions both ways
+               "fast hybrid": ScanConfig(progress=False, regions="packed")}
     for variant in ["reference"] + [v for v in variants if v != "reference"]:
         config = configs[variant]
         synchronize(device)
@@ -161,7 +167,7 @@ def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segm
     for variant, result in results.items():
         regions = int(result.region_counts.sum())
         agreement = "" if variant == "reference" else _agreement(reference, result)
-        if variant == "fast packed" and "fast crop" in results:  # the mode it would replace
+        if variant in ("fast packed", "fast hybrid") and "fast crop" in results:  # the mode it would replace
             agreement += "; vs fast crop: " + _agreement(results["fast crop"], result)
         flops = _encoder_flops(bundle, images, oracle, configs[variant])
         rows.append(_row("scan", name, variant, sizes, seconds[variant], len(images) / seconds[variant], "images/s",
