@@ -29,6 +29,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=["patch"], help="matrix families (default: patch)")
+    parser.add_argument("--configs", nargs="+", default=None, help="matrix configuration names (default: all of the families)")
     parser.add_argument("--modes", nargs="+", default=["self"], choices=["self", "trusted"])
     parser.add_argument("--grounding-regions", default="crop", choices=["crop", "packed"])
     parser.add_argument("--out", type=Path, default=RESULTS / "packed_efficacy.jsonl")
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
                        defense=replace(settings.defense, scan=replace(settings.defense.scan, regions="packed",
                                                                          grounding_regions=args.grounding_regions)))
     for mode in args.modes:
-        for config in (c for c in MATRIX if c.family in args.families):
+        for config in (c for c in MATRIX if c.family in args.families and (not args.configs or c.name in args.configs)):
             for seed in config.seeds:
                 with tempfile.TemporaryDirectory() as work:
                     row = run_case(config, seed, replace(settings, oracle_mode=mode), Path(work), default_cache_dir())
