@@ -121,8 +121,8 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     targets = torch.tensor(scan.targets)
     # A patch target's held-out victims are those with patch evidence: its other candidates are
     # discordant images (trusted mode) that are mostly the two models' confusions, which repair
-    # rightly leaves as they are. Counted, they held the estimate above the bar on the trusted 'star'
-    # (7.8 % estimated, 3.5 % measured) and 'bar' targets (3.4 %, 0.5 %) of the e353012 matrix.
+    # rightly leaves as they are. Counted, they held the trusted 'star' target's estimate at 7.4 %
+    # (b83ddc0's matrix row; 1.0 % without them, 2.8 % measured on the test world).
     patch_victims = {trigger.target: trigger.patch_indices for trigger in scan.triggers if trigger.kind == "patch"}
     victims = torch.cat([torch.as_tensor(patch_victims.get(target, scan.victims(target)), dtype=torch.long)
                          for target in scan.targets]).unique()
