@@ -34,8 +34,9 @@ def decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, s
     # model a patch target's candidates also hold discordant images (the two models' confusions), which
     # can outnumber the patch victims on a label clean models confuse (a 4px patch on 'star': 58 patch
     # victims and 61 other discordant images, which a majority rule called image-wide).
-    _, patch_targets = decide_targets(columns.image_label, patch_evidence & columns.readable, sources,
-                                      len(classnames), config)
+    # (Without discordant candidates, self mode, the candidates are the patch evidence: the same test.)
+    patch_targets = targets if not (candidate & ~patch_evidence).any() else \
+        decide_targets(columns.image_label, patch_evidence & columns.readable, sources, len(classnames), config)[1]
     triggers = [trigger_estimate(target, candidate, patch_evidence, columns, trigger_masks, target in patch_targets)
                 for target in targets]
     return ScanResult(**vars(columns), classnames=classnames, patch_evidence=patch_evidence, candidate=candidate,
