@@ -47,9 +47,9 @@ class CurateConfig:
     # the whole matrix at b0d5586; notes of issue 17): the previous set (victims + 32 pasted images on
     # every label + 150 replay per label, ~1850 images) lost 0.60 CA points (median over trusted patch
     # cases, up to 1.70). Pasted images beside victims cost clean accuracy, per pair and not because a
-    # pasted patch hides the object (e353012 self optimised centre patch, pairs added on every non-target label: +82
-    # on recipients whose object the patch misses, ASR 4.86 -> 2.79 %, CA drop 1.18 -> 1.86; +144 on
-    # any recipients, 1.89 %, 2.36; notes of issue 17); without any, label-consistent models kept 20-48 % ASR, with
+    # pasted patch hides the object (e353012 self optimised centre patch, pairs added on every non-target label: +97
+    # on recipients whose object the patch misses, ASR 4.86 -> 2.56 %, CA drop 1.18 -> 1.66; +144 on
+    # any recipients, 1.92 %, 2.32; benchmarks/pasted_pairs.py); without any, label-consistent models kept 20-48 % ASR, with
     # them on labels lacking a victim only, 15 %. 40 replay per label lost 0.70 points (median), 60 lost
     # 0.33 (up to 1.02) at a patch ASR of 0.98 % (median). The set stays under 800 images, a tenth of
     # the CleanCLIP-style baseline's 8000.
