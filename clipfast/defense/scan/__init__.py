@@ -21,6 +21,7 @@ The package, in the order the data flows:
 - shards.py   a shard's results, and the shard directory a resumed run reads them from
 - decide.py   the probe-set-wide statistics: target labels, trigger boxes
 - confirm.py  the pattern and background transplants that confirm an image-wide target
+- victim_labels.py  a patch victim's oracle label, with its trigger inpainted
 - result.py   ImageColumns, ScanResult and the other result types
 """
 
@@ -44,6 +45,7 @@ from .result import Flips, ImageColumns, LabelTest, ScanResult, TriggerEstimate
 from .scanner import STAGES, NonFiniteScoresError, ShardScanner
 from .scorers import FastRegionScorer, ReferenceRegionScorer, RegionScorer, make_scorer, reference_crop
 from .shards import ScanShard, ShardDirectory, scan_fingerprint, shard_ranges
+from .victim_labels import relabel_patch_victims
 
 __all__ = ["FastRegionScorer", "Flips", "ImageColumns", "LabelTest", "NonFiniteScoresError", "ReferenceRegionScorer",
            "RegionScorer", "ScanConfig", "ScanResult", "ScanShard", "ShardDirectory", "TriggerEstimate",
@@ -93,6 +95,7 @@ def scan(
     every = {k: shard for shards_of_rank, _ in gathered for k, shard in shards_of_rank.items()}
     seconds = {name: max(times[name] for _, times in gathered) for name in STAGES}
     result = decide(classnames, [every[k] for k in range(len(ranges))], config, seconds)
-    return confirm_image_wide(result, probe, segmenter, bundle, grounding_bundle, prompts, config.min_flip_rate,
-                              config.min_background_flip)
+    result = confirm_image_wide(result, probe, segmenter, bundle, grounding_bundle, prompts, config.min_flip_rate,
+                                config.min_background_flip)
+    return relabel_patch_victims(result, probe, segmenter, bundle, grounding_bundle, prompts, config)
 
