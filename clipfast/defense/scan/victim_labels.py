@@ -9,10 +9,15 @@ the grounding model often names something else. The oracle label is the victim's
 compact set and says which held-out victims the repair's ASR estimate counts, so a wrong one teaches
 the repair a wrong class and counts a right answer as an attack.
 
-Measured on the e353012 efficacy matrix's saved scans (`python benchmarks/victim_labels.py`, rows in
-benchmarks/results/victim_labels.jsonl): the share of patch victims whose oracle label is their true
-class. This runs only after the decision, on found patch targets: it changes no target decision, so
-the false-alarm rate on clean models is untouched.
+Measured on saved scans of the efficacy matrix (`python benchmarks/victim_labels.py`, rows in
+benchmarks/results/victim_labels.jsonl), the share of patch victims whose oracle label is their true
+class: 6 px centre patch 0.65 -> 0.85 (self) / 0.88 (trusted), optimised centre patch 0.55 -> 0.93 /
+0.59 -> 0.86, random place 0.80 -> 0.86; corner patches unchanged but for 2 of 30 bottom-left victims
+(1.00 -> 0.93). The repairs (matrix rows at e1fd052): optimised centre ASR 4.86 -> 3.30 % (self),
+3.50 -> 3.01 (trusted), 6 px centre 2.65 -> 3.70 / 1.63 -> 2.34, within a repair's seed-to-seed spread
+of about a point; 3 repair seeds each on the saved scans moved the optimised patch's mean 3.9 -> 3.0 %
+(self) and the 6 px centre's 2.3 -> 3.2. This runs only after the decision, on found patch targets:
+it changes no target decision, so the false-alarm rate on clean models is untouched.
 """
 
 from __future__ import annotations
