@@ -63,7 +63,8 @@ def _harmonic_fill(pixels: torch.Tensor, holes: torch.Tensor) -> torch.Tensor:
         start = ((pixels * known).sum((2, 3), keepdim=True) / known.sum((2, 3), keepdim=True).clamp(min=1)).expand_as(pixels)
     holes = holes[:, None].expand_as(pixels)
     filled = torch.where(holes, start, pixels)
-    neighbours = torch.tensor([[0.0, 0.25, 0.0], [0.25, 0.0, 0.25], [0.0, 0.25, 0.0]], dtype=pixels.dtype)
+    neighbours = torch.tensor([[0.0, 0.25, 0.0], [0.25, 0.0, 0.25], [0.0, 0.25, 0.0]], dtype=pixels.dtype,
+                              device=pixels.device)
     neighbours = neighbours.expand(pixels.shape[1], 1, 3, 3)
     for _ in range(INPAINT_SWEEPS):
         mean = F.conv2d(F.pad(filled, (1, 1, 1, 1), mode="replicate"), neighbours, groups=pixels.shape[1])
