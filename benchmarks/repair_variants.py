@@ -13,7 +13,12 @@ a variant that changes the scan needs the matrix itself. Rows go to `--out` (JSO
         --variant default --variant replay_per_label=150 --variant replay_per_label=150,lr=1e-4
 
 A variant is a comma-separated list of FIELD=VALUE over CurateConfig and RepairConfig fields (the
-field names as they are; `default` changes nothing).
+field names as they are, `seed` setting both; `default` changes nothing). `--relabel` names the saved
+scans' patch victims with their trigger inpainted first (scan/victim_labels.py), as scans saved since
+e1fd052 are: the same repairs with either labelling, e.g. across repair seeds:
+
+    python benchmarks/repair_variants.py --commit e353012 --modes self --configs "badnet 6px centre" \
+        --variant seed=0 --variant seed=1 --variant seed=2 [--relabel]
 """
 
 from __future__ import annotations
@@ -28,15 +33,18 @@ import time
 from pathlib import Path
 
 from clipfast.bench.efficacy import MATRIX, _recipe
+from clipfast.data.probe import as_probe_set
 from clipfast.data.world import zero_shot_prompts
 from clipfast.defense.curate import CurateConfig, curate
 from clipfast.defense.pipeline import SCAN_NAME, load_scan
 from clipfast.defense.repair import RepairConfig, repair
+from clipfast.defense.scan import ScanConfig
+from clipfast.defense.scan.victim_labels import relabel_patch_victims
 from clipfast.defense.unlearning import recover_triggers
 from clipfast.demo import DemoConfig, default_cache_dir
 from clipfast.eval import evaluate
 from clipfast.oracle import ClassicalSegmenter
-from clipfast.recipes import cached_world_model, evaluation_world, optimized_patch_recipe
+from clipfast.recipes import cached_world_model, evaluation_world, optimized_patch_recipe, trusted_recipe
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -49,14 +57,15 @@ def parse_variant(text: str) -> tuple[CurateConfig, RepairConfig]:
     for item in [] if text == "default" else text.split(","):
         name, _, value = item.partition("=")
         owners = [owner for owner, names in fields.items() if name in names]
-        if len(owners) != 1 or not value:
+        if not owners or not value:
             raise SystemExit(f"variant {text!r}: {name!r} is not a CurateConfig or RepairConfig field "
                              f"(or has no value)")
         try:
             parsed = json.loads(value)
         except json.JSONDecodeError:
             parsed = value
-        changes[owners[0]][name] = parsed
+        for owner in owners:  # `seed`: both configs
+            changes[owner][name] = parsed
     return CurateConfig(**changes["curate"]), RepairConfig(**changes["repair"])
 
 
@@ -88,6 +97,14 @@ def saved_case(row: dict, commit: str, cache: Path, settings: DemoConfig):
     return recipe, bundle, pairs, load_scan(scans[0])
 
 
+def relabel(scan, row: dict, recipe, bundle, probe, cache: Path, segmenter) -> None:
+    """Name the saved scan's patch victims as scans since e1fd052 do (trigger inpainted), with the
+    row's grounding model: the trusted clean model in trusted mode, the suspect in self mode."""
+    trusted = cached_world_model(trusted_recipe(recipe), cache / "models")[0] if row["oracle_mode"] == "trusted" else None
+    relabel_patch_victims(scan, as_probe_set(probe), segmenter, bundle, trusted, zero_shot_prompts,
+                          ScanConfig(progress=False))
+
+
 def repaired_on_test(bundle, scan, probe, recipe, test, segmenter, curate_config: CurateConfig,
                      repair_config: RepairConfig) -> dict:
     """Curate and repair a copy of bundle from `scan` as defend does, then CA / ASR on the test world."""
@@ -112,6 +129,8 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=None, help="matrix configuration names (default: all)")
     parser.add_argument("--modes", nargs="+", default=["self", "trusted"], choices=["self", "trusted"])
     parser.add_argument("--variant", action="append", default=None, help="FIELD=VALUE,... or 'default' (repeatable)")
+    parser.add_argument("--relabel", action="store_true",
+                        help="name the patch victims with their trigger inpainted first (scans saved before e1fd052)")
     parser.add_argument("--out", type=Path, default=Path("repair_variants.jsonl"))
     args = parser.parse_args(argv)
     variants = [(text, *parse_variant(text)) for text in args.variant or ["default"]]
@@ -125,9 +144,11 @@ def main(argv=None) -> int:
             continue
         recipe, bundle, pairs, scan = case
         probe = pairs.images[: settings.probe_size]
+        if args.relabel:
+            relabel(scan, row, recipe, bundle, probe, cache, segmenter)
         for text, curate_config, repair_config in variants:
-            out = {"config": row["config"], "seed": int(row["seed"]), "oracle_mode": row["oracle_mode"],
-                   "variant": text, "ca_poisoned": float(row["ca_poisoned"]),
+            out = {"commit": args.commit, "config": row["config"], "seed": int(row["seed"]),
+                   "oracle_mode": row["oracle_mode"], "relabel": args.relabel, "variant": text, "ca_poisoned": float(row["ca_poisoned"]),
                    "asr_clean_model": float(row["asr_clean_model"]),
                    **repaired_on_test(bundle, scan, probe, recipe, test, segmenter, curate_config, repair_config)}
             append_row(out, args.out)

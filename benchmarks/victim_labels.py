@@ -16,14 +16,9 @@ from pathlib import Path
 
 import torch
 
-from clipfast.data.probe import as_probe_set
-from clipfast.data.world import zero_shot_prompts
-from clipfast.defense.scan import ScanConfig
-from clipfast.defense.scan.victim_labels import relabel_patch_victims
 from clipfast.demo import DemoConfig, default_cache_dir
 from clipfast.oracle import ClassicalSegmenter
-from clipfast.recipes import cached_world_model, trusted_recipe
-from repair_variants import RESULTS, append_row, matrix_cases, saved_case
+from repair_variants import RESULTS, append_row, matrix_cases, relabel, saved_case
 
 
 def main(argv=None) -> int:
@@ -41,10 +36,8 @@ def main(argv=None) -> int:
             continue
         recipe, bundle, pairs, scan = case
         probe, truth = pairs.images[: settings.probe_size], pairs.labels[: settings.probe_size]
-        trusted = cached_world_model(trusted_recipe(recipe), cache / "models")[0] if row["oracle_mode"] == "trusted" else None
         before = scan.oracle_label.clone()
-        relabel_patch_victims(scan, as_probe_set(probe), segmenter, bundle, trusted, zero_shot_prompts,
-                              ScanConfig(progress=False))
+        relabel(scan, row, recipe, bundle, probe, cache, segmenter)
         victims = torch.cat([torch.as_tensor(t.patch_indices, dtype=torch.long) for t in scan.triggers if t.kind == "patch"])
         append_row({"commit": args.commit, "config": row["config"], "seed": int(row["seed"]),
                     "oracle_mode": row["oracle_mode"], "patch_victims": len(victims),

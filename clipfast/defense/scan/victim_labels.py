@@ -14,10 +14,11 @@ benchmarks/results/victim_labels.jsonl), the share of patch victims whose oracle
 class: 6 px centre patch 0.65 -> 0.85 (self) / 0.88 (trusted), optimised centre patch 0.55 -> 0.93 /
 0.59 -> 0.86, random place 0.80 -> 0.86; corner patches unchanged but for 2 of 30 bottom-left victims
 (1.00 -> 0.93). The repairs (matrix rows at e1fd052): optimised centre ASR 4.86 -> 3.30 % (self),
-3.50 -> 3.01 (trusted), 6 px centre 2.65 -> 3.70 / 1.63 -> 2.34, within a repair's seed-to-seed spread
-of about a point; 3 repair seeds each on the saved scans moved the optimised patch's mean 3.9 -> 3.0 %
-(self) and the 6 px centre's 2.3 -> 3.2. This runs only after the decision, on found patch targets:
-it changes no target decision, so the false-alarm rate on clean models is untouched.
+3.50 -> 3.01 (trusted), 6 px centre 2.65 -> 3.70 / 1.63 -> 2.34; over three repair seeds on the saved
+scans the optimised patch gains and the 6 px centre patch loses about a point (`benchmarks/
+repair_variants.py --variant seed=0..2 [--relabel]`, rows in benchmarks/results/repair_seeds.jsonl).
+This runs only after the decision, on found patch targets: it changes no target decision, so the
+false-alarm rate on clean models is untouched.
 """
 
 from __future__ import annotations
@@ -43,8 +44,9 @@ def trigger_free_labels(images: torch.Tensor, triggers: torch.Tensor, segmenter:
     image [K, 3, H, W] with its trigger region (bool [K, H, W]) inpainted, where the trigger sat on
     that object: at least half of its pixels are the object's once inpainted (the midpoint between
     "beside" and "on"). -1 elsewhere: a trigger beside the object left it whole, and the first guess
-    named it so (inpainting it from an object's edge only adds a bump: relabelling every victim
-    changed 2-3 of 30 corner-patch victims' labels, for the worse), or the oracle finds no region."""
+    named it so (inpainting it from an object's edge only adds a bump: without this rule an ad-hoc run
+    renamed 3 of the 31 victims of the 10 px corner patch, for the worse; with it they keep their
+    labels), or the oracle finds no region."""
     labels = []
     for lo in range(0, len(images), batch_size):
         masks = triggers[lo:lo + batch_size]
