@@ -118,13 +118,22 @@ def test_curate_picks_top_victims_per_affected_label_and_balanced_replay():
     corner[0, 0, 0] = True
     scan.triggers = [TriggerEstimate(3, "patch", torch.tensor([0, 1, 2, 4, 5]), torch.tensor([0]), corner,
                                      torch.ones(1), corner[0], (0, 0, 1, 1))]
-    compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1))
+    compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1, triggered_per_label=0))
     synthesized = compact.source_indices[compact.is_synthesized]
     replay = compact.source_indices[~compact.is_victim & ~compact.is_synthesized].tolist()
     assert sorted(synthesized.tolist()) == sorted({7, 11} - set(replay)) and len(synthesized) == 1
     pasted = compact.images[compact.is_synthesized]
     assert (pasted[:, :, 0, 0] == 0).all() and torch.equal(pasted[:, 0, 1, 1], synthesized.to(torch.uint8))
     assert torch.equal(compact.clean_views[compact.is_synthesized][:, 0, 0, 0], synthesized.to(torch.uint8))
+
+    # a patch trigger tops every non-target label up to triggered_per_label trigger-bearing images:
+    # label 0 has its 2 curated victims, label 1 one victim and one pasted image, label 2 a pasted
+    # image (its only clean image besides the replay one), label 3 (the target) none
+    compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1, triggered_per_label=2))
+    synthesized = compact.source_indices[compact.is_synthesized]
+    replay = compact.source_indices[~compact.is_victim & ~compact.is_synthesized].tolist()
+    assert sorted(synthesized.tolist()) == sorted({6, 10, 7, 11} - set(replay)) and len(synthesized) == 2
+    assert sorted(scan.image_label[synthesized].tolist()) == [1, 2]
 
     # victims mostly of the target class (label-consistent poisoning: their captions correct nothing):
     # every non-target label gets pasted images, curated victim or not
@@ -267,7 +276,8 @@ def test_a_patch_targets_held_out_asr_counts_only_victims_with_patch_evidence():
     for patched in ([1, 2, 4, 5], [0, 1, 2, 4]):
         scan.triggers = [TriggerEstimate(3, "patch", torch.tensor([0, 1, 2, 4, 5]), torch.tensor(patched), corner,
                                          torch.ones(4), corner[0], (0, 0, 4, 4))]
-        compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1))
+        # (no top-up: in 12 images it would leave no held-out clean image to paste the trigger on)
+        compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1, triggered_per_label=0))
         counts.append(holdout_estimator(scan, compact, images, None, holdout_clean=4, seed=0)(model)["asr_n"])
     assert counts[1] == counts[0] + 1
 

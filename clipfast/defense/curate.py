@@ -41,6 +41,9 @@ class CurateConfig:
     # Clean replay per label: probe images whose label a region grounds, captioned with the model's
     # own label (self-labelled: no outside data) and anchored to their pre-repair embeddings.
     replay_per_label: int = 60
+    # Patch triggers: every non-target label carries at least this many trigger-bearing images, its
+    # curated victims topped up with unlearning pairs.
+    triggered_per_label: int = 8
     seed: int = 0
     backend: str = untied("auto")  # region_topk's op backend (see clipfast.ops)
     # Why these counts (repairs rerun on the b366873 efficacy matrix's cached models and scans, then
@@ -55,8 +58,8 @@ class CurateConfig:
     # the CleanCLIP-style baseline's 8000.
 
     def __post_init__(self):
-        if self.victims_per_label < 1 or self.replay_per_label < 0:
-            raise ValueError("victims_per_label must be >= 1 and replay_per_label >= 0")
+        if self.victims_per_label < 1 or self.replay_per_label < 0 or self.triggered_per_label < 0:
+            raise ValueError("victims_per_label must be >= 1, replay_per_label and triggered_per_label >= 0")
 
 
 @dataclass
@@ -133,11 +136,16 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     # something else): a stated limit, see the README.
     uncorrected = bool(len(victims)) and bool(torch.isin(scan.oracle_label[victims], torch.tensor(scan.targets))
                                               .float().mean() >= 0.5)
+    # A patch trigger's few victims per label (33 poisoned images among 5000 probe images in the
+    # matrix: 3-5 per label) are topped up with pasted pairs (see CurateConfig.triggered_per_label).
+    patch_triggers = bool(triggers) and all(trigger.kind == "patch" for trigger in triggers)
     parts: list[list[torch.Tensor]] = [[], []]  # replay, unlearning pairs
     for label in range(num_labels):  # every label, the targets too: a class-balanced set keeps every class
         # (a target-class image with the trigger on is the target either way: nothing to unlearn there)
         needs = uncorrected or not curated_victims[label]
         pasted = config.victims_per_label if triggers and needs and label not in scan.targets else 0
+        if patch_triggers and label not in scan.targets:  # topped up to triggered_per_label
+            pasted = max(pasted, config.triggered_per_label - int(curated_victims[label]))
         pool = torch.nonzero(clean & (scan.image_label == label)).flatten()
         pool = pool[torch.randperm(len(pool), generator=generator)]
         start = 0
