@@ -111,8 +111,7 @@ def test_only_a_patch_targets_patch_victims_are_relabelled_and_a_regionless_one_
         targets=[TARGET], triggers=[TriggerEstimate(TARGET, "patch", torch.arange(count), torch.arange(1, count),
                                                     triggers[1:], torch.ones(count - 1), triggers[0], None)],
         seconds={})
-    monkeypatch.setattr(victim_labels, "ZeroShotClassifier", lambda *args, **kwargs: None)
-    monkeypatch.setattr(victim_labels, "make_scorer", lambda *args: StandInGrounder())
+    monkeypatch.setattr(victim_labels, "make_grounder", lambda *args: StandInGrounder())
     relabelled = victim_labels.relabel_patch_victims(result, as_probe_set(images), ObjectSegmenter(), None, None,
                                                      None, victim_labels.ScanConfig())
     # victim 0 has no patch evidence (it stays), 1-2 are named after their whole object, 3 has no region

@@ -288,6 +288,14 @@ def read_rows(path: Path) -> list[dict]:
         latest = {}
         for row in csv.DictReader(handle):
             latest[row["config"], row["seed"], row["oracle_mode"]] = row
+    # The baseline does not depend on the oracle (run() runs it with the first mode only): a row
+    # without one takes the same case's from the other mode, the same poisoned model.
+    baselines = {(row["config"], row["seed"]): row for row in latest.values()
+                 if row.get("asr_baseline") not in (None, "", "None")}
+    for row in latest.values():
+        other = baselines.get((row["config"], row["seed"]))
+        if row.get("asr_baseline") in (None, "", "None") and other is not None:
+            row.update(ca_baseline=other["ca_baseline"], asr_baseline=other["asr_baseline"])
     return list(latest.values())
 
 

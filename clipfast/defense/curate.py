@@ -7,7 +7,8 @@ victims' oracle labels. The compact set is the top-k victims per affected label 
 unlearns trigger -> t*; a patch victim is also anchored to its view with the trigger region filled);
 for a non-target label with no such victim (every non-target label when the victims are mostly
 target-class images), as many unlearning pairs: clean images of that label with
-the recovered trigger put back on (unlearning.py), captioned with their own label; and a small
+the recovered trigger put back on (unlearning.py), captioned with their own label, and for a patch
+trigger as many as top each label up to a minimum of trigger-bearing images; and a small
 class-balanced clean replay set of every label.
 """
 
@@ -42,7 +43,19 @@ class CurateConfig:
     # own label (self-labelled: no outside data) and anchored to their pre-repair embeddings.
     replay_per_label: int = 60
     # Patch triggers: every non-target label carries at least this many trigger-bearing images, its
-    # curated victims topped up with unlearning pairs.
+    # curated victims topped up with unlearning pairs. A patch's victims are few (the matrix's probe
+    # sets hold 33 poisoned images among 5000: 3-5 victims per label, ~40 trigger-bearing images in a
+    # set of ~640), too few to unlearn a patch that lies on the object: the two centre patches kept
+    # 2.3-3.7 % ASR over 3 repair seeds in both modes (clean-model floor 1.7-1.9 %). Topped up to 8
+    # (repairs on the e1fd052 / e353012 / 578d79f matrices' saved scans with repair_variants.py, rows
+    # in benchmarks/results/top_up_sweep.jsonl, each with its variant in today's fields), the
+    # centre cases reached 1.7-3.1 % for +0.4 CA points on them (mean 0.63 -> 1.06, worst 1.46); over
+    # the 18 patch cases (repair seed 0) self ASR median 0.97 -> 0.81 %, worst 3.70 -> 2.62, CA drop
+    # median 0.28 -> 0.41, worst 1.36 -> 1.28; trusted 0.81 -> 0.80 %, worst 3.01 -> 3.08, CA drop
+    # 0.34 -> 0.36, worst 1.30 -> 1.08. 4 left the centre at 2.0-3.3 %; 16 reached 1.6-2.6 % for
+    # 0.9-2.2 CA points. (The whole matrix at this rule: the README's table.) Other triggers keep
+    # the rule above: an image-wide trigger has tens to hundreds of victims, and composites did not
+    # lower a warp's ASR (below).
     triggered_per_label: int = 8
     seed: int = 0
     backend: str = untied("auto")  # region_topk's op backend (see clipfast.ops)

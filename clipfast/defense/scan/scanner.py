@@ -11,7 +11,7 @@ batch size; the few donors that come before the pool is complete wait for it.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -27,7 +27,7 @@ from clipfast.oracle import Segmentation, Segmenter
 from .evidence import RecipientPool, flip_rates, removal_drops
 from .config import ScanConfig
 from .result import ImageColumns
-from .scorers import PendingScores, make_scorer
+from .scorers import PendingScores, make_grounder, make_scorer
 from .shards import ScanShard
 
 STAGES = ("text_encoding", "segment", "regions", "evidence")  # the scan's stage times, in seconds
@@ -77,15 +77,8 @@ class ShardScanner:
         start = time.perf_counter()
         classifier = ZeroShotClassifier(bundle, classnames, **prompt_kwargs)
         self.suspect = make_scorer(bundle, classifier, config)
-        # The grounding model names regions as config.grounding_regions says; without a trusted model
-        # it is the suspect itself, one scorer when it sees regions as its own scores do.
-        naming = replace(config, regions=config.grounding_regions)
         self.trusted = grounding_bundle is not None
-        if self.trusted:
-            self.grounder = make_scorer(grounding_bundle, ZeroShotClassifier(grounding_bundle, classnames, **prompt_kwargs),
-                                        naming)
-        else:
-            self.grounder = self.suspect if naming.regions == config.regions else make_scorer(bundle, classifier, naming)
+        self.grounder = make_grounder(bundle, grounding_bundle, classnames, prompts, config, self.suspect, classifier)
         self.seconds["text_encoding"] = time.perf_counter() - start
         _, _, self.width = probe.image_shape
         self.pin = bundle.device.type == "cuda"  # page-locked host batches: asynchronous copies to the GPU

@@ -17,7 +17,8 @@ scorer through the RegionScorer protocol and never asks which engine it is.
 
 from __future__ import annotations
 
-from typing import Protocol
+from dataclasses import replace
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -59,6 +60,21 @@ def make_scorer(bundle: ClipBundle, classifier: ZeroShotClassifier, config: Scan
     """The scorer of config.engine: the one place the engine is chosen."""
     scorer = ReferenceRegionScorer if config.engine == "reference" else FastRegionScorer
     return scorer(bundle, classifier, config)
+
+
+def make_grounder(bundle: ClipBundle, grounding_bundle: ClipBundle | None, classnames: list[str],
+                  prompts: Callable[[str], list[str]] | None, config: ScanConfig,
+                  suspect: RegionScorer | None = None, classifier: ZeroShotClassifier | None = None) -> RegionScorer:
+    """The scorer that names regions (the oracle labels): the trusted model's when there is one, else
+    the suspect's, seeing regions as config.grounding_regions says; the one place that rule lives.
+    suspect / classifier: the suspect's own scorer and classifier, reused where they fit."""
+    naming = replace(config, regions=config.grounding_regions)
+    kwargs = {} if prompts is None else {"prompts": prompts}
+    if grounding_bundle is not None:
+        return make_scorer(grounding_bundle, ZeroShotClassifier(grounding_bundle, classnames, **kwargs), naming)
+    if suspect is not None and naming.regions == config.regions:  # one scorer when it sees regions one way
+        return suspect
+    return make_scorer(bundle, classifier or ZeroShotClassifier(bundle, classnames, **kwargs), naming)
 
 
 class _HostCopy:

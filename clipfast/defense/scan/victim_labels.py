@@ -23,19 +23,18 @@ false-alarm rate on clean models is untouched.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Callable
 
 import torch
 
 from clipfast.data.probe import ProbeSet
 from clipfast.defense.transplant import inpaint
-from clipfast.models import ClipBundle, ZeroShotClassifier
+from clipfast.models import ClipBundle
 from clipfast.oracle import Segmenter
 
 from .config import ScanConfig
 from .result import ScanResult
-from .scorers import make_scorer
+from .scorers import make_grounder
 
 
 def trigger_free_labels(images: torch.Tensor, triggers: torch.Tensor, segmenter: Segmenter, grounder,
@@ -67,10 +66,7 @@ def relabel_patch_victims(result: ScanResult, probe: ProbeSet, segmenter: Segmen
     patches = [trigger for trigger in result.triggers if trigger.kind == "patch" and len(trigger.patch_indices)]
     if not patches:
         return result
-    grounding = grounding_bundle if grounding_bundle is not None else bundle
-    kwargs = {} if prompts is None else {"prompts": prompts}
-    grounder = make_scorer(grounding, ZeroShotClassifier(grounding, result.classnames, **kwargs),
-                           replace(config, regions=config.grounding_regions))
+    grounder = make_grounder(bundle, grounding_bundle, result.classnames, prompts, config)
     for trigger in patches:
         indices = torch.as_tensor(trigger.patch_indices, dtype=torch.long)
         labels = trigger_free_labels(probe.read(indices), trigger.region_masks, segmenter, grounder, config.batch_size)
