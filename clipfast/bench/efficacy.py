@@ -280,6 +280,11 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
     return []
 
 
+def _blank(value) -> bool:
+    """A CSV cell with no value (a column the case did not measure)."""
+    return value in (None, "", "None")
+
+
 def read_rows(path: Path) -> list[dict]:
     """The CSV's rows, the latest one of each (configuration, seed, oracle mode)."""
     if not path.exists():
@@ -290,11 +295,10 @@ def read_rows(path: Path) -> list[dict]:
             latest[row["config"], row["seed"], row["oracle_mode"]] = row
     # The baseline does not depend on the oracle (run() runs it with the first mode only): a row
     # without one takes the same case's from the other mode, the same poisoned model.
-    baselines = {(row["config"], row["seed"]): row for row in latest.values()
-                 if row.get("asr_baseline") not in (None, "", "None")}
+    baselines = {(row["config"], row["seed"]): row for row in latest.values() if not _blank(row.get("asr_baseline"))}
     for row in latest.values():
         other = baselines.get((row["config"], row["seed"]))
-        if row.get("asr_baseline") in (None, "", "None") and other is not None:
+        if _blank(row.get("asr_baseline")) and other is not None:
             row.update(ca_baseline=other["ca_baseline"], asr_baseline=other["asr_baseline"])
     return list(latest.values())
 
@@ -309,7 +313,7 @@ def summarise(rows: list[dict]) -> list[dict]:
     out = []
     for mode, name in sorted(groups, key=lambda g: (g[0], order.get(g[1], len(order)), g[1])):
         group = groups[mode, name]
-        number = lambda key: [float(r[key]) for r in group if r.get(key) not in (None, "", "None")]  # noqa: E731
+        number = lambda key: [float(r[key]) for r in group if not _blank(r.get(key))]  # noqa: E731
         found = [r["target_found"] == "True" for r in group if r["target_found"] not in ("", "None")]
         out.append({
             "config": name, "oracle_mode": mode, "family": group[0]["family"], "seeds": len(group),

@@ -48,7 +48,8 @@ class CurateConfig:
     # set of ~640), too few to unlearn a patch that lies on the object: the two centre patches kept
     # 2.3-3.7 % ASR over 3 repair seeds in both modes (clean-model floor 1.7-1.9 %). Topped up to 8
     # (repairs on the e1fd052 / e353012 / 578d79f matrices' saved scans with repair_variants.py, rows
-    # in benchmarks/results/top_up_sweep.jsonl, each with its variant in today's fields), the
+    # in benchmarks/results/top_up_sweep.jsonl, each with its variant in today's fields; the sweep's
+    # top-up also capped victims and the pairs of a label without a victim at 8, not 16), the
     # centre cases reached 1.7-3.1 % for +0.4 CA points on them (mean 0.63 -> 1.06, worst 1.46); over
     # the 18 patch cases (repair seed 0) self ASR median 0.97 -> 0.81 %, worst 3.70 -> 2.62, CA drop
     # median 0.28 -> 0.41, worst 1.36 -> 1.28; trusted 0.81 -> 0.80 %, worst 3.01 -> 3.08, CA drop
@@ -149,8 +150,7 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     # something else): a stated limit, see the README.
     uncorrected = bool(len(victims)) and bool(torch.isin(scan.oracle_label[victims], torch.tensor(scan.targets))
                                               .float().mean() >= 0.5)
-    # A patch trigger's few victims per label (33 poisoned images among 5000 probe images in the
-    # matrix: 3-5 per label) are topped up with pasted pairs (see CurateConfig.triggered_per_label).
+    # A patch trigger's few victims per label are topped up with pasted pairs (CurateConfig.triggered_per_label).
     patch_triggers = bool(triggers) and all(trigger.kind == "patch" for trigger in triggers)
     parts: list[list[torch.Tensor]] = [[], []]  # replay, unlearning pairs
     for label in range(num_labels):  # every label, the targets too: a class-balanced set keeps every class
