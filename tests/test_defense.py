@@ -243,6 +243,44 @@ def test_a_flip_rate_needs_enough_recipients():
         ScanConfig(min_recipients=9)
 
 
+def test_the_transplant_test_stops_early_only_where_the_decision_is_settled():
+    """flip_rates with min_rate: a donor none of whose first n - c + 1 recipients flips (c: the flips
+    min_rate needs) gets no more encodes; every donor's pass / fail and every passing rate stay those
+    of the full test."""
+    from clipfast.defense.scan.evidence import RecipientPool, flip_rates
+
+    size, recipients = 16, 10
+    images = torch.zeros(recipients, 3, size, size, dtype=torch.uint8)
+    images[:, :, 0, 15] = torch.arange(recipients, dtype=torch.uint8)[:, None] * 20  # a per-recipient "susceptibility"
+    largest = torch.zeros(recipients, size, size, dtype=torch.bool)
+    largest[:, 8:, :] = True
+    pool = RecipientPool(images, torch.full((recipients,), 1), largest, torch.arange(100, 100 + recipients))
+    encoded = []
+
+    def class_probs(batch):  # label 0 where the donor's marker value beats the recipient's susceptibility
+        encoded.append(len(batch))
+        hit = batch[:, 0, 0, 0].int() >= 255 - batch[:, 0, 0, 15].int()
+        return torch.stack([hit.float(), (~hit).float()], 1)
+
+    strengths = [255, 0, 130, 175, 215, 100]  # flips every / no / some recipients
+    donors = torch.zeros(len(strengths), 3, size, size, dtype=torch.uint8)
+    donors[:, :, :2, :2] = torch.tensor(strengths, dtype=torch.uint8)[:, None, None, None]
+    masks = torch.zeros(len(strengths), size, size, dtype=torch.bool)
+    masks[:, :2, :2] = True
+    args = (class_probs, donors, masks, torch.zeros(len(strengths), dtype=torch.int64), torch.arange(len(strengths)),
+            pool, 8, 0.1, 2.0, 64)
+    full = flip_rates(*args, min_recipients=4)
+    full_encodes, encoded[:] = sum(encoded), []
+    for min_rate in (0.5, 0.3, 0.8):
+        early = flip_rates(*args, min_recipients=4, min_rate=min_rate)
+        assert ((early >= min_rate) == (full >= min_rate)).all(), min_rate
+        assert torch.equal(early[full >= min_rate], full[full >= min_rate])
+        assert (early[full < min_rate] <= full[full < min_rate]).all()
+    assert full.tolist()[:2] == [1.0, 0.0] and 0 < float(full[3]) < 1  # the cases above are all exercised
+    early = flip_rates(*args, min_recipients=4, min_rate=0.5)
+    assert sum(encoded[-2:]) < full_encodes
+
+
 def test_the_held_out_asr_leaves_out_victims_whose_oracle_label_is_the_target():
     """A label-consistent attack's victims are target-class images: called the target after repair,
     they are right, not attack successes (held-out victims here: 0, and 5 whose oracle says the target)."""

@@ -30,12 +30,6 @@ def fill_with_median(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return torch.where(masks[:, None], median, images)
 
 
-def overlap_fraction(masks: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
-    """float [K]: the share of object k's pixels that mask k covers (0 for an empty object)."""
-    covered = (masks & objects).flatten(1).sum(1).float()
-    return covered / objects.flatten(1).sum(1).clamp(min=1).float()
-
-
 def inpaint(images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """images uint8 [K, 3, H, W] with the pixels under masks (bool [K, H, W]) continued from their
     surroundings: the harmonic fill (each filled pixel the mean of its four neighbours, the unmasked

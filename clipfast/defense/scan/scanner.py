@@ -193,7 +193,7 @@ class ShardScanner:
                            torch.stack([d.mask for d in donors]), torch.tensor([d.label for d in donors]),
                            torch.tensor([d.index for d in donors]), pool, self.config.transplant_recipients,
                            self.config.max_recipient_overlap, self.config.recipient_size_ratio, self.config.batch_size,
-                           self.config.min_recipients)
+                           self.config.min_recipients, self.config.min_flip_rate)
         shard.flips.update({d.index: (float(rate), d) for d, rate in zip(donors, rates)})
         shard.waiting = []
 
