@@ -193,3 +193,52 @@ def test_zero_shot_averages_prompts_and_ranks_classes():
     assert torch.allclose(probabilities.sum(dim=1), torch.ones(3))  # two classes: top-2 is everything
     logits = classifier.logits(images)
     assert torch.allclose(logits, 10.0 * torch.nn.functional.normalize(images, dim=-1) @ classifier.class_embeddings.T)
+
+
+# --- text encoding without the padding (clipfast/models/text.py) -----------------------------
+
+
+@pytest.mark.parametrize("name", ["clipfast-tiny", "ViT-B-16"])
+def test_text_encoded_without_padding_equals_the_full_context(name):
+    """A causal tower's pooled (EOT) token never sees the padding after it: encoding up to the
+    batch's last EOT gives model.encode_text's features, fp32 and bf16, for prompts of every length."""
+    import copy
+
+    from clipfast.models.text import encode_text, pooled_positions
+
+    torch.manual_seed(0)
+    bundle = load_model(name)
+    texts = ["a photo of a heart.", "star", "a photo of the red star in the top left .", ""]
+    tokens = bundle.tokenizer(texts)
+    positions = pooled_positions(bundle.model, tokens)
+    assert positions is not None and int(positions.max()) + 1 < tokens.shape[1]  # it is trimmed
+    with torch.no_grad():
+        assert torch.allclose(encode_text(bundle.model, tokens, normalize=True),
+                              bundle.model.encode_text(tokens, normalize=True), atol=1e-5)
+        # bf16: as close to the fp32 features as bf16's own full-context encode is (cosine 0.998 on
+        # ViT-B-16's random weights; the two GEMM shapes round differently, so not equal to it)
+        reference = bundle.model.encode_text(tokens, normalize=True)
+        half = copy.deepcopy(bundle.model).to(torch.bfloat16)
+        for features in (encode_text(half, tokens, normalize=True), half.encode_text(tokens, normalize=True)):
+            cosine = (features.float() * reference).sum(-1)
+            assert (cosine > 0.995).all(), cosine
+        # one prompt alone: its own length, the same features as within the batch
+        assert torch.allclose(encode_text(bundle.model, tokens[1:2]), bundle.model.encode_text(tokens[1:2]), atol=1e-5)
+
+
+def test_text_towers_that_could_see_the_padding_are_encoded_whole(tiny):
+    """No causal mask, or pooling at the last position: the padding can reach the pooled feature,
+    so pooled_positions refuses and encode_text is the model's own."""
+    import copy
+
+    from clipfast.models.text import encode_text, pooled_positions
+
+    tokens = tiny.tokenizer(["a photo of a heart.", "star"])
+    bidirectional = copy.deepcopy(tiny.model)
+    bidirectional.attn_mask = torch.zeros_like(bidirectional.attn_mask)
+    last = copy.deepcopy(tiny.model)
+    last.text_pool_type = "last"
+    for model in (bidirectional, last):
+        assert pooled_positions(model, tokens) is None
+        with torch.no_grad():
+            assert torch.equal(encode_text(model, tokens), model.encode_text(tokens))

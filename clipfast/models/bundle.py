@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .text import encode_text
+
 DEFAULT_BATCH_SIZE = 256
 
 
@@ -97,7 +99,7 @@ class ClipBundle:
         texts = list(texts)
         _require_nonempty(texts, "texts")
         chunks = [
-            self.model.encode_text(self.tokenizer(texts[start : start + batch_size]).to(self.device), normalize=normalize).float()
+            encode_text(self.model, self.tokenizer(texts[start : start + batch_size]).to(self.device), normalize=normalize).float()
             for start in range(0, len(texts), batch_size)
         ]
         return torch.cat(chunks)

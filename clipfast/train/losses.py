@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from clipfast import distributed
 from clipfast.models.bundle import text_tower_trains
+from clipfast.models.text import encode_text
 
 
 @dataclass
@@ -75,7 +76,7 @@ class ClipForward:
         if self.text_frozen:
             with torch.no_grad():
                 distinct, inverse = torch.unique(tokens, dim=0, return_inverse=True)
-                features = torch.cat([model.encode_text(chunk, normalize=True) for chunk in distinct.split(1024)])
+                features = torch.cat([encode_text(model, chunk, normalize=True) for chunk in distinct.split(1024)])
             self._text_bank = features[inverse]
 
     def compiled(self) -> "ClipForward":
