@@ -352,7 +352,7 @@ def plot_speedups(table: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     shown = [r for r in table if r["speedup_vs_reference"] and r["unit"] in ("images/s", "samples/s")]
-    bars = [(f"{r['stage']}\n{r['model']}\n{r['variant']}", float(r["speedup_vs_reference"])) for r in shown]
+    bars = [(f"{r['stage']}\n{r['model']}\n{r['variant']}\n{r['sizes']}", float(r["speedup_vs_reference"])) for r in shown]
     if not bars:
         return
     figure, axis = plt.subplots(figsize=(max(6, 1.3 * len(bars)), 4.5))
