@@ -125,8 +125,10 @@ def _row(stage, model, variant, sizes, seconds, throughput, unit, reference_seco
 def _encoder_flops(bundle: ClipBundle, images: torch.Tensor, oracle: Segmenter, config: ScanConfig) -> int:
     """FLOPs of the encoder passes that embed the scan's images and scored regions in self mode (models.
     packed.tower_flops on the sequences each mode runs: a whole image per crop, or the packed sequences;
-    both when the regions are packed and named from crops). The causal test's and transplant test's
-    whole-image encodes are the same in every mode: not counted."""
+    both when the regions are packed and named from crops). The causal and transplant tests' whole-image
+    encodes are not counted: they are not region encodes, and how many there are depends on what the
+    regions said (ViT-B-16 with random weights, 12 images x 16 regions: no crop says the image's label
+    in 9 images, which then take 144 removal encodes; packed sequences leave 1, 16 encodes)."""
     visual = check_vision_tower(bundle.model)
     whole = 1 + visual.grid_size[0] * visual.grid_size[1]
     segmentation = oracle.segment(images)
