@@ -53,10 +53,14 @@ def matrix_rate(device: str, dtype: torch.dtype | None = None) -> float:
     """Measured TFLOP/s of a large square matmul: the practical peak MFU is reported against. By
     default the bf16 rate, and on a CPU the faster of bf16 and fp32: a CPU without native bf16
     emulates it far below its fp32 rate (this 2-core machine type, 2026-12-01: 0.0009 vs 0.05-0.08
-    TFLOP/s), and the fast paths run in fp32 there."""
+    TFLOP/s), and the fast paths run in fp32 there. Such a CPU's bf16 rate is not measured: at
+    0.0009 TFLOP/s the timing alone took 6.5 s (of a 23 s demo repair, which logs MFU) to find the
+    fp32 rate the faster."""
+    from clipfast.models.precision import native_bf16
+
     cuda = torch.device(device).type == "cuda"
     if dtype is None:
-        dtypes = [torch.bfloat16] if cuda else [torch.bfloat16, torch.float32]
+        dtypes = [torch.bfloat16] if cuda else [torch.float32] + ([torch.bfloat16] if native_bf16(torch.device(device)) else [])
         return max(matrix_rate(device, d) for d in dtypes)
     n = 8192 if cuda else 1024
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
