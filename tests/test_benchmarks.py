@@ -48,7 +48,10 @@ def test_pipeline_rows_report_throughput_speedup_and_agreement(tiny, tmp_path):
     scans = [r for r in rows if r["stage"] == "scan"]
     assert {r["variant"] for r in scans} == {"reference", "fast crop", "fast crop fp32", "fast crop prefetch=0",
                                              "fast crop prefetch=2", "fast packed", "fast hybrid"}
-    assert {r["unit"] for r in scans} == {"images/s", "regions/s", "encoder GFLOP/image", "images/s region stage"}
+    assert {r["unit"] for r in scans} == {"images/s", "regions/s", "encoder GFLOP/image", "images/s region stage",
+                                          "removal encodes/image"}
+    removals = [float(r["throughput"]) for r in scans if r["unit"] == "removal encodes/image"]
+    assert len(removals) == 7 and all(0 <= value <= 5 for value in removals)  # at most one per region
     flops = {r["variant"]: float(r["throughput"]) for r in scans if r["unit"] == "encoder GFLOP/image"}
     assert flops["fast packed"] < flops["fast crop"] == flops["reference"]  # 5 discs: fewer tokens than 5 crops
     # self mode: the hybrid encodes the regions both ways (the whole images once)
