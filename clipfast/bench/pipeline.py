@@ -112,8 +112,8 @@ def _demo_model(device: str) -> tuple[ClipBundle, object]:
 def _random_model(name: str, device: str) -> ClipBundle:
     """An open_clip architecture with random weights, the same ones every run (seed 0): what the
     regions of a random model say decides how many images take the causal test's removal encodes,
-    and unseeded runs depend on what consumed the global RNG before (ViT-B-16, 12 images x 16 regions:
-    seed 0 leaves 9 images to the causal test in crop mode, an unseeded run at 1c46e2b left 2)."""
+    and unseeded runs depend on what consumed the global RNG before (the two unseeded ViT-B-16 runs
+    of pipeline.csv, 7d8551a and 1c46e2b, need not have measured the same model)."""
     torch.manual_seed(0)
     return load_model(name, device=device)
 
@@ -136,8 +136,8 @@ def _encoder_flops(bundle: ClipBundle, images: torch.Tensor, oracle: Segmenter, 
     packed.tower_flops on the sequences each mode runs: a whole image per crop, or the packed sequences;
     both when the regions are packed and named from crops). The causal and transplant tests' whole-image
     encodes are not counted: they are not region encodes, and how many there are depends on what the
-    regions said (ViT-B-16 with seed 0's random weights, 12 images x 16 regions: no crop says the image's label
-    in 9 images, which then take 144 removal encodes; packed sequences leave 1, 16 encodes)."""
+    regions said: bench_scan's `removal encodes/image` rows (ViT-B-16 at 1c46e2b, 16 regions: 2.7 per
+    image crop, 0 packed)."""
     visual = check_vision_tower(bundle.model)
     whole = 1 + visual.grid_size[0] * visual.grid_size[1]
     segmentation = oracle.segment(images)

@@ -4,8 +4,8 @@ it, so the context can be cut after the batch's last pooled position with the sa
 CLIP tokenizers pad every prompt to the full context (77 tokens for open_clip's models) while a
 zero-shot prompt is ~5-15 tokens long: the full-context encode spends ~80 % of its FLOPs on padding
 that no pooled feature depends on (causal mask). The scan's text stage (every class x every prompt
-template, once per scan: 10 classes x the world's prompts took 11-14 s of a 34 s ViT-B-16 scan on a
-2-core CPU) and the repair's frozen caption bank are such encodes.
+template, once per scan) and the repair's frozen caption bank are such encodes: ViT-B-16's 150 world
+prompts cut to 10 tokens, 7.6 -> 0.8 s on a 2-core CPU (benchmarks/text_trim.py).
 
 Applies to open_clip's CLIP class (token_embedding, positional_embedding, a causal attn_mask, pooling
 at the EOT token: 'argmax' or 'eos'); any other text tower (CustomTextCLIP, CoCa, SigLIP-style towers
