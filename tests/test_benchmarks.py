@@ -47,13 +47,15 @@ def test_pipeline_rows_report_throughput_speedup_and_agreement(tiny, tmp_path):
     bench_repair(bundle, "tiny", world.images[:64], world.captions[:64], 32, 4, "cpu", rows)
     scans = [r for r in rows if r["stage"] == "scan"]
     assert {r["variant"] for r in scans} == {"reference", "fast crop", "fast crop fp32", "fast crop prefetch=0",
-                                             "fast crop prefetch=2", "fast packed", "fast hybrid"}
+                                             "fast crop prefetch=2", "fast packed", "fast packed coverage=0.5",
+                                             "fast hybrid"}
     assert {r["unit"] for r in scans} == {"images/s", "regions/s", "encoder GFLOP/image", "images/s region stage",
                                           "removal encodes/image"}
     removals = [float(r["throughput"]) for r in scans if r["unit"] == "removal encodes/image"]
-    assert len(removals) == 7 and all(0 <= value <= 5 for value in removals)  # at most one per region
+    assert len(removals) == 8 and all(0 <= value <= 5 for value in removals)  # at most one per region
     flops = {r["variant"]: float(r["throughput"]) for r in scans if r["unit"] == "encoder GFLOP/image"}
     assert flops["fast packed"] < flops["fast crop"] == flops["reference"]  # 5 discs: fewer tokens than 5 crops
+    assert flops["fast packed coverage=0.5"] < flops["fast packed"]  # boundary patches kept by fewer regions
     # self mode: the hybrid encodes the regions both ways (the whole images once)
     assert flops["fast crop"] < flops["fast hybrid"] < flops["fast crop"] + flops["fast packed"]
     packed = next(r for r in scans if r["variant"] == "fast packed" and r["unit"] == "images/s")
@@ -73,6 +75,15 @@ def test_the_fixed_oracle_gives_the_asked_number_of_regions():
     segmentation = FixedOracle(7).segment(images)
     assert segmentation.masks.shape == (3, 7, 32, 32) and segmentation.valid.all()
     assert segmentation.masks.flatten(2).any(-1).all()
+
+
+def test_the_fixed_oracle_cells_partition_the_image():
+    images = generate_world(3, seed=1).images
+    masks = FixedOracle(9, "cells").segment(images).masks
+    assert masks.shape == (3, 9, 32, 32) and torch.equal(masks.sum(1), torch.ones(3, 32, 32, dtype=torch.long))
+    assert masks.flatten(2).any(-1).all()
+    with pytest.raises(ValueError, match="shape"):
+        FixedOracle(9, "squares")
 
 
 def test_the_fixed_oracle_makes_its_masks_once(monkeypatch):

@@ -45,6 +45,21 @@ def blob_masks(batch, num_masks, height, width, device, seed=0):
     return masks.to(device)
 
 
+def cell_masks(batch, num_masks, height, width, device, seed=0):
+    """A partition of each image into num_masks disjoint cells (the pixels nearest each of num_masks
+    random points: a Voronoi tessellation), as a segmenter that assigns every pixel to one region
+    returns them (superpixels, SAM's automatic masks after overlap removal). Together with
+    blob_masks' overlapping discs it brackets what region encoders see: disjoint regions are the
+    packed encoding's best case (about one image's tokens for all of an image's regions)."""
+    gen = torch.Generator().manual_seed(seed)
+    yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    cy = torch.randint(0, height, (batch, num_masks, 1, 1), generator=gen)
+    cx = torch.randint(0, width, (batch, num_masks, 1, 1), generator=gen)
+    nearest = ((yy - cy) ** 2 + (xx - cx) ** 2).argmin(1)  # [B, H, W]; ties to the lower index
+    masks = nearest[:, None] == torch.arange(num_masks)[None, :, None, None]
+    return masks.to(device)
+
+
 def usable_backends(op: str, device: str) -> list[str]:
     names = []
     for name in backends.BACKENDS:

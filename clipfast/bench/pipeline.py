@@ -50,13 +50,13 @@ from clipfast.train import TrainConfig, train
 from clipfast.train.cleanclip import CleanCLIPObjective
 
 from .common import open_rows
-from .ops import blob_masks
+from .ops import blob_masks, cell_masks
 
 FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "stage", "model", "variant", "sizes", "seconds",
           "throughput", "unit", "speedup_vs_reference", "mfu", "agreement"]
 STAGES = ("scan", "repair", "defend", "capacity")
 SCAN_VARIANTS = ("reference", "fast crop", "fast crop fp32", "fast crop prefetch=0", "fast crop prefetch=2",
-                 "fast packed", "fast hybrid")
+                 "fast packed", "fast packed coverage=0.5", "fast hybrid")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,6 +67,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="pipeline suite, full mode: open_clip architectures (default: ViT-B-16 ViT-L-14)")
     parser.add_argument("--regions", nargs="+", type=int, default=[16, 32],
                         help="pipeline suite, full mode: oracle regions per image")
+    parser.add_argument("--region-shapes", nargs="+", choices=FixedOracle.SHAPES, default=["discs"],
+                        help="pipeline suite, full mode: the fixed oracle's regions: overlapping discs and/or "
+                             "cells partitioning the image")
     parser.add_argument("--scan-variants", nargs="+", choices=SCAN_VARIANTS, default=list(SCAN_VARIANTS),
                         help="pipeline suite: scan variants (the reference is always run)")
     parser.add_argument("--repair-steps", type=int, default=30, help="pipeline suite: steps per repair measurement")
@@ -74,21 +77,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class FixedOracle(Segmenter):
-    """`regions` disc masks per image, generated once and handed out for every batch: an oracle of
-    known cost (about zero), so the scan benchmark measures clipfast's work, not a segmenter's.
-    (Generating them per batch cost ~10 s per 256 images at 32 regions on one CPU thread: the fast
-    scans would have timed the mask generator.)"""
+    """`regions` masks per image, generated once and handed out for every batch: an oracle of known
+    cost (about zero), so the scan benchmark measures clipfast's work, not a segmenter's. (Generating
+    them per batch cost ~10 s per 256 images at 32 regions on one CPU thread: the fast scans would
+    have timed the mask generator.) shape: "discs", overlapping discs of assorted sizes (blob_masks:
+    their areas add up to ~2-4 images, so packed sequences hold that many images' tokens), or
+    "cells", a partition of the image (cell_masks: disjoint, one image's area in all)."""
 
-    def __init__(self, regions: int):
-        self.regions = regions
+    SHAPES = ("discs", "cells")
+
+    def __init__(self, regions: int, shape: str = "discs"):
+        if shape not in self.SHAPES:
+            raise ValueError(f"FixedOracle shape must be one of {self.SHAPES}, got {shape!r}")
+        self.regions, self.shape = regions, shape
         self._bank: Segmentation | None = None
 
     def segment(self, images: torch.Tensor) -> Segmentation:
         n, _, height, width = images.shape
         bank = self._bank
         if bank is None or len(bank) < n or tuple(bank.masks.shape[-2:]) != (height, width):
-            masks = blob_masks(n, self.regions + 1, height, width, "cpu", seed=n)[:, :-1]
-            masks[..., 0, 0] = True  # never empty
+            if self.shape == "cells":
+                masks = cell_masks(n, self.regions, height, width, "cpu", seed=n)
+            else:
+                masks = blob_masks(n, self.regions + 1, height, width, "cpu", seed=n)[:, :-1]
+            masks[..., 0, 0] |= ~masks.flatten(2).any(-1)  # never empty
             bank = self._bank = Segmentation(masks, torch.full((n,), self.regions), torch.ones(n, self.regions))
         return Segmentation(bank.masks[:n], bank.counts[:n], bank.scores[:n])
 
@@ -165,6 +177,10 @@ def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segm
                "fast crop prefetch=0": ScanConfig(progress=False, prefetch=0),
                "fast crop prefetch=2": ScanConfig(progress=False, prefetch=2),
                "fast packed": ScanConfig(progress=False, regions="packed", grounding_regions="packed"),
+               # the token rule's cost: a patch is a region's token only from half its pixels on (the
+               # default, any pixel, repeats a patch on a boundary in every region it touches)
+               "fast packed coverage=0.5": ScanConfig(progress=False, regions="packed", grounding_regions="packed",
+                                                      packed_min_coverage=0.5),
                # packed trigger evidence, regions named from crops (`--regions packed`): in self mode, as
                # here, the suspect encodes its regions both ways
                "fast hybrid": ScanConfig(progress=False, regions="packed")}
@@ -178,7 +194,7 @@ def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segm
     for variant, result in results.items():
         regions = int(result.region_counts.sum())
         agreement = "" if variant == "reference" else _agreement(reference, result)
-        if variant in ("fast packed", "fast hybrid") and "fast crop" in results:  # the mode it would replace
+        if variant.startswith(("fast packed", "fast hybrid")) and "fast crop" in results:  # the mode it would replace
             agreement += "; vs fast crop: " + _agreement(results["fast crop"], result)
         flops = _encoder_flops(bundle, images, oracle, configs[variant])
         rows.append(_row("scan", name, variant, sizes, seconds[variant], len(images) / seconds[variant], "images/s",
@@ -328,10 +344,12 @@ def run(args: argparse.Namespace, device: str, mode: str) -> list[dict]:
             for name in args.models or ["ViT-B-16", "ViT-L-14"]:
                 bundle = _random_model(name, device)
                 images = _world_images(args.probe or 512, bundle.image_size)
-                for regions in args.regions:
-                    print(f"scan: {name}, {len(images)} images x {regions} regions ...", flush=True)
-                    bench_scan(bundle, name, images, FixedOracle(regions), f"images={len(images)} regions={regions}",
-                               device, rows, args.scan_variants)
+                for shape in args.region_shapes:
+                    for regions in args.regions:
+                        print(f"scan: {name}, {len(images)} images x {regions} regions ({shape}) ...", flush=True)
+                        sizes = f"images={len(images)} regions={regions}" + ("" if shape == "discs" else f" {shape}")
+                        bench_scan(bundle, name, images, FixedOracle(regions, shape), sizes, device, rows,
+                                   args.scan_variants)
                 del bundle
     if "repair" in stages:
         steps = args.repair_steps
