@@ -5,7 +5,7 @@ own rows are checked for what they must report. No speed is asserted."""
 import pytest
 import torch
 
-from clipfast.bench.pipeline import FixedOracle, bench_repair, bench_scan, plot_speedups
+from clipfast.bench.pipeline import SCAN_VARIANTS, FixedOracle, bench_repair, bench_scan, plot_speedups
 from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
 from clipfast.defense.scan import ScanConfig, scan
 from clipfast.models import load_model
@@ -43,7 +43,8 @@ def test_repair_step_speed(benchmark, tiny, engine, tmp_path):
 def test_pipeline_rows_report_throughput_speedup_and_agreement(tiny, tmp_path):
     bundle, world = tiny
     rows = []
-    bench_scan(bundle, "tiny", world.images[:40], FixedOracle(5), "images=40 regions=5", "cpu", rows)
+    bench_scan(bundle, "tiny", world.images[:40], FixedOracle(5), "images=40 regions=5", "cpu", rows,
+               variants=SCAN_VARIANTS)
     bench_repair(bundle, "tiny", world.images[:64], world.captions[:64], 32, 4, "cpu", rows)
     scans = [r for r in rows if r["stage"] == "scan"]
     assert {r["variant"] for r in scans} == {"reference", "fast crop", "fast crop fp32", "fast crop prefetch=0",
