@@ -141,6 +141,7 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     if triggers is None:
         triggers = recover_triggers(scan, probe_images, seed)
     triggered = probe_images.read(victims)
+    held_out_victims = len(triggered)  # the rest: held-out clean images with the trigger pasted on
     # A warp's held-out victims alone over-estimated its ASR after repair (in the matrix they are
     # poisoned training pairs, memorised with the target caption: 5.9-29 % estimated against 2.0-5.1 %
     # measured on the test world, the four trusted WaNet cases of the b0d5586 matrix); with its
@@ -157,8 +158,12 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
             fixed_classifier = classifier
         out = {}
         if len(triggered):
-            hits = int(torch.isin(classifier.predict(triggered)[0][:, 0], targets).sum())
-            out.update(asr_estimate=hits / len(triggered), asr_hits=hits, asr_n=len(triggered))
+            success = torch.isin(classifier.predict(triggered)[0][:, 0], targets)
+            hits = int(success.sum())
+            # Both parts, to calibrate each against the measured ASR: the victims' labels are the
+            # oracle's, the pasted images' are the grounded clean images' own.
+            out.update(asr_estimate=hits / len(triggered), asr_hits=hits, asr_n=len(triggered),
+                       asr_victim_hits=int(success[:held_out_victims].sum()), asr_victim_n=held_out_victims)
         if len(clean):
             predicted = classifier.predict(clean_pictures)[0][:, 0]
             out["clean_agreement"] = float((predicted == scan.image_label[clean]).float().mean())
