@@ -295,6 +295,8 @@ def test_the_held_out_asr_leaves_out_victims_whose_oracle_label_is_the_target():
     assert sorted(set(compact.victim_indices.tolist()) - set(compact.source_indices.tolist())) == [0, 5]
     estimates = holdout_estimator(scan, compact, images, None, holdout_clean=4, seed=0)(load_model("clipfast-tiny"))
     assert estimates["asr_n"] == 1 and 0 <= estimates["asr_hits"] <= 1
+    # the one image is victim 0 (no trigger recovered here, so none pasted)
+    assert estimates["asr_victim_n"] == 1 and estimates["asr_victim_hits"] == estimates["asr_hits"]
 
 
 def test_a_patch_targets_held_out_asr_counts_only_victims_with_patch_evidence():
