@@ -46,7 +46,8 @@ FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "case_key"
           "false_alarm", "trigger_iou", "victims_found", "victim_precision", "victim_recall", "poisoned_in_probe",
           "compact_set_size", "baseline_set_size", "ca_poisoned", "asr_poisoned", "asr_clean_model", "ca_repaired", "asr_repaired",
           "ca_baseline", "asr_baseline", "repair_steps", "repair_stopped_early", "repair_asr_estimate",
-          "repair_asr_hits", "repair_asr_n", "repair_victim_hits", "repair_victim_n", "repair_clean_agreement", "verdict", "verdict_asr_upper_bound", "trigger_kind", "seconds_model",
+          "repair_asr_hits", "repair_asr_n", "repair_victim_hits", "repair_victim_n", "repair_clean_agreement",
+          "verdict", "verdict_asr_upper_bound", "trigger_kind", "seconds_model",
           "seconds_scan", "seconds_curate", "seconds_repair", "seconds_baseline", "seconds_case"]
 
 
