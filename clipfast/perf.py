@@ -54,8 +54,8 @@ def matrix_rate(device: str, dtype: torch.dtype | None = None) -> float:
     default the bf16 rate, and on a CPU the faster of bf16 and fp32: a CPU without native bf16
     emulates it far below its fp32 rate (this 2-core machine type, 2026-12-01: 0.0009 vs 0.05-0.08
     TFLOP/s), and the fast paths run in fp32 there. Such a CPU's bf16 rate is not measured: at
-    0.0009 TFLOP/s one 1024^3 matmul takes 2.4 s, and the timing runs several, in every process that
-    logs MFU (the repair), only to find the fp32 rate the faster."""
+    0.0009 TFLOP/s one 1024^3 matmul takes 2.4 s, and the timing runs it at least twice (a warm-up,
+    then timed runs), in every process that logs MFU (the repair), only to find the fp32 rate the faster."""
     from clipfast.models.precision import native_bf16  # here: clipfast.models imports open_clip
 
     cuda = torch.device(device).type == "cuda"
