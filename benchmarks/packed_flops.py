@@ -11,8 +11,12 @@ mode-independent causal and transplant encodes are left out, as in the pipeline 
 ViT-B-16 at 224 px, `--images` random images, per region count, oracle layout and min_coverage:
 - discs: the pipeline benchmark's fixed oracle (discs of assorted sizes that overlap, as a
   segment-anything-style oracle's multi-granularity masks do);
-- partition: a Voronoi partition of the image into M cells (disjoint regions covering it once, the
-  premise of "about one image's tokens per image").
+- partition: a Voronoi partition of the image into M cells (FixedOracle's "cells": disjoint regions
+  covering it once, the premise of "about one image's tokens per image");
+- ideal: the bound no oracle beats, the whole image plus M sequences that hold every patch exactly
+  once between them (one class token each): the share of crop mode's FLOPs the packed encoding
+  cannot go below while every region keeps a patch (a coverage rule that leaves a small cell no
+  patch drops its sequence too, and goes a hair below it).
 Writes benchmarks/results/packed_flops.json.
 
     python benchmarks/packed_flops.py --images 64 --regions 16 32
@@ -29,26 +33,7 @@ import torch
 from clipfast.bench.pipeline import FixedOracle, _encoder_flops
 from clipfast.defense.scan import ScanConfig
 from clipfast.models import load_model
-from clipfast.models.packed import check_vision_tower
-from clipfast.oracle import Segmentation
-
-
-class PartitionOracle:
-    """M Voronoi cells per image: every pixel belongs to exactly one region."""
-
-    def __init__(self, regions: int):
-        self.regions = regions
-
-    def segment(self, images: torch.Tensor) -> Segmentation:
-        n, _, height, width = images.shape
-        gen = torch.Generator().manual_seed(n)
-        centres = torch.rand(n, self.regions, 2, generator=gen) * torch.tensor([height, width])
-        yy, xx = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-        pixels = torch.stack([yy, xx], -1).reshape(-1, 2).float()
-        nearest = torch.cdist(pixels[None].expand(n, -1, -1), centres).argmin(-1)  # [n, H*W]
-        masks = nearest[:, None, :] == torch.arange(self.regions)[None, :, None]
-        return Segmentation(masks.view(n, self.regions, height, width), torch.full((n,), self.regions),
-                            torch.ones(n, self.regions))
+from clipfast.models.packed import check_vision_tower, tower_flops
 
 
 @torch.no_grad()
@@ -62,14 +47,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     bundle = load_model("ViT-B-16")
     images = torch.randint(0, 256, (args.images, 3, 224, 224), dtype=torch.uint8)
-    grid = check_vision_tower(bundle.model).grid_size
-    whole = 1 + grid[0] * grid[1]
+    visual = check_vision_tower(bundle.model)
+    whole = 1 + visual.grid_size[0] * visual.grid_size[1]
     rows = []
     for regions in args.regions:
-        for layout, oracle in (("discs", FixedOracle(regions)), ("partition", PartitionOracle(regions))):
+        for layout, oracle in (("discs", FixedOracle(regions)), ("partition", FixedOracle(regions, "cells"))):
             crop = _encoder_flops(bundle, images, oracle, ScanConfig(regions="crop")) / len(images)
             for coverage in args.min_coverage:
-                config = ScanConfig(regions="packed", packed_min_coverage=coverage)
+                config = ScanConfig(regions="packed", grounding_regions="packed", packed_min_coverage=coverage)
                 packed = _encoder_flops(bundle, images, oracle, config) / len(images)
                 row = {"regions": regions, "layout": layout, "min_coverage": coverage,
                        "crop_gflop_per_image": round(crop / 1e9, 1), "packed_gflop_per_image": round(packed / 1e9, 1),
@@ -77,6 +62,15 @@ def main(argv=None) -> int:
                        "packed_images_equivalent": round(packed / (crop / (1 + regions)), 2)}
                 print(json.dumps(row), flush=True)
                 rows.append(row)
+        patches = torch.full((regions,), (whole - 1) // regions) + (torch.arange(regions) < (whole - 1) % regions)
+        ideal = tower_flops(visual, torch.cat([torch.tensor([whole]), 1 + patches]))
+        crop = (1 + regions) * tower_flops(visual, torch.tensor([whole]))
+        row = {"regions": regions, "layout": "ideal", "min_coverage": None,
+               "crop_gflop_per_image": round(crop / 1e9, 1), "packed_gflop_per_image": round(ideal / 1e9, 1),
+               "packed_share_of_crop": round(ideal / crop, 4),
+               "packed_images_equivalent": round(ideal / (crop / (1 + regions)), 2)}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
     summary = {"model": "ViT-B-16 224 px (random weights)", "images": args.images, "whole_image_tokens": whole,
                "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
