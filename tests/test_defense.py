@@ -295,8 +295,9 @@ def test_the_held_out_asr_leaves_out_victims_whose_oracle_label_is_the_target():
     assert sorted(set(compact.victim_indices.tolist()) - set(compact.source_indices.tolist())) == [0, 5]
     estimates = holdout_estimator(scan, compact, images, None, holdout_clean=4, seed=0)(load_model("clipfast-tiny"))
     assert estimates["asr_n"] == 1 and 0 <= estimates["asr_hits"] <= 1
-    # the one image is victim 0 (no trigger recovered here, so none pasted)
+    # the one image is victim 0 (no trigger recovered here, so none pasted: self mode counts the victims)
     assert estimates["asr_victim_n"] == 1 and estimates["asr_victim_hits"] == estimates["asr_hits"]
+    assert estimates["asr_pasted_n"] == 0
 
 
 def test_a_patch_targets_held_out_asr_counts_only_victims_with_patch_evidence():
@@ -307,19 +308,46 @@ def test_a_patch_targets_held_out_asr_counts_only_victims_with_patch_evidence():
     from clipfast.defense.repair import holdout_estimator
     from clipfast.models import load_model
 
-    scan = hand_made_scan()
-    scan.classnames = ["circle", "square", "star", "heart"]  # words the tiny model's tokenizer knows
+    scan = patch_target_scan()
+    scan.reference_label = scan.image_label.clone()  # a trusted model that agrees on every image
     images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    corner = torch.zeros(4, 32, 32, dtype=torch.bool)
-    corner[:, :4, :4] = True
     model, counts = load_model("clipfast-tiny"), []
     for patched in ([1, 2, 4, 5], [0, 1, 2, 4]):
-        scan.triggers = [TriggerEstimate(3, "patch", torch.tensor([0, 1, 2, 4, 5]), torch.tensor(patched), corner,
-                                         torch.ones(4), corner[0], (0, 0, 4, 4))]
+        scan.triggers[0].patch_indices = torch.tensor(patched)
         # (no top-up: in 12 images it would leave no held-out clean image to paste the trigger on)
         compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1, triggered_per_label=0))
-        counts.append(holdout_estimator(scan, compact, images, None, holdout_clean=4, seed=0)(model)["asr_n"])
+        estimates = holdout_estimator(scan, compact, images, None, holdout_clean=4, seed=0)(model)
+        assert estimates["asr_n"] == estimates["asr_victim_n"] + estimates["asr_pasted_n"] > estimates["asr_victim_n"]
+        counts.append(estimates["asr_n"])
     assert counts[1] == counts[0] + 1
+
+
+def test_the_self_mode_held_out_asr_counts_the_pasted_images_alone():
+    """Without a trusted model the victims' labels are the suspect's (a label-consistent attack makes
+    it misname its target class): the estimate is the trigger pasted on held-out clean images, and the
+    held-out victims are reported beside it."""
+    from clipfast.defense.repair import holdout_estimator
+    from clipfast.models import load_model
+
+    scan = patch_target_scan()
+    scan.triggers[0].patch_indices = torch.tensor([0, 1, 2, 4])
+    images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1, triggered_per_label=0))
+    estimates = holdout_estimator(scan, compact, images, None, holdout_clean=4, seed=0)(load_model("clipfast-tiny"))
+    assert estimates["asr_victim_n"] == 1 and estimates["asr_pasted_n"] > 0
+    assert (estimates["asr_hits"], estimates["asr_n"]) == (estimates["asr_pasted_hits"], estimates["asr_pasted_n"])
+    assert estimates["asr_estimate"] == estimates["asr_pasted_hits"] / estimates["asr_pasted_n"]
+
+
+def patch_target_scan():
+    """hand_made_scan with a corner patch trigger recovered for target 3 (patch victims 1, 2, 4, 5)."""
+    scan = hand_made_scan()
+    scan.classnames = ["circle", "square", "star", "heart"]  # words the tiny model's tokenizer knows
+    corner = torch.zeros(4, 32, 32, dtype=torch.bool)
+    corner[:, :4, :4] = True
+    scan.triggers = [TriggerEstimate(3, "patch", torch.tensor([0, 1, 2, 4, 5]), torch.tensor([1, 2, 4, 5]), corner,
+                                     torch.ones(4), corner[0], (0, 0, 4, 4))]
+    return scan
 
 
 @pytest.mark.parametrize("target_asr, steps, stopped", [(None, 4, False), (1.0, 2, True)])

@@ -46,7 +46,8 @@ FIELDS = ["timestamp", "device", "torch", "triton", "commit", "mode", "case_key"
           "false_alarm", "trigger_iou", "victims_found", "victim_precision", "victim_recall", "poisoned_in_probe",
           "compact_set_size", "baseline_set_size", "ca_poisoned", "asr_poisoned", "asr_clean_model", "ca_repaired", "asr_repaired",
           "ca_baseline", "asr_baseline", "repair_steps", "repair_stopped_early", "repair_asr_estimate",
-          "repair_asr_hits", "repair_asr_n", "repair_victim_hits", "repair_victim_n", "repair_clean_agreement",
+          "repair_asr_hits", "repair_asr_n", "repair_victim_hits", "repair_victim_n", "repair_pasted_hits",
+          "repair_pasted_n", "repair_clean_agreement",
           "verdict", "verdict_asr_upper_bound", "trigger_kind", "seconds_model",
           "seconds_scan", "seconds_curate", "seconds_repair", "seconds_baseline", "seconds_case"]
 
@@ -199,9 +200,11 @@ def run_case(config: AttackConfig, seed: int, settings: DemoConfig, work_dir: Pa
         "asr_baseline": models.get("CleanCLIP baseline", {}).get("asr"),
         "repair_steps": repair.get("steps", 0), "repair_stopped_early": repair.get("stopped_early"),
         "repair_asr_estimate": estimates.get("asr_estimate"), "repair_clean_agreement": estimates.get("clean_agreement"),
-        # the estimate's two parts: held-out victims, then clean images with the trigger pasted on
+        # what the verdict counted, then the estimate's two parts: held-out victims, and clean images
+        # with the trigger pasted on (repair.holdout_estimator: self mode counts the latter alone)
         "repair_asr_hits": estimates.get("asr_hits"), "repair_asr_n": estimates.get("asr_n"),
         "repair_victim_hits": estimates.get("asr_victim_hits"), "repair_victim_n": estimates.get("asr_victim_n"),
+        "repair_pasted_hits": estimates.get("asr_pasted_hits"), "repair_pasted_n": estimates.get("asr_pasted_n"),
         "verdict": report["verdict"]["status"], "verdict_asr_upper_bound": report["verdict"]["asr_upper_bound"],
         "trigger_kind": " ".join(t["kind"] for t in report["scan"]["triggers"]),
         "seconds_model": round(seconds_model, 1), "seconds_scan": seconds.get("scan"),

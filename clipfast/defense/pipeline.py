@@ -163,4 +163,18 @@ def verdict_of(scanned: ScanResult, repaired: RepairResult | None, config: Repai
             for name, tests in scanned.unconfirmed.items())
     estimates = repaired.estimates if repaired else {}
     return judge(scanned.found, description, repaired is not None, estimates.get("asr_hits"), estimates.get("asr_n"),
-                 config.max_asr)
+                 config.max_asr, measured_on(estimates))
+
+
+def measured_on(estimates: dict) -> str:
+    """The images the held-out ASR counted (repair.holdout_estimator's parts), for the verdict."""
+    victims, pasted = estimates.get("asr_victim_n", 0), estimates.get("asr_pasted_n", 0)
+    if not pasted:
+        return "held-out victims"
+    if estimates.get("asr_n") == victims + pasted and victims:
+        return "held-out victims and clean images with the recovered trigger pasted on"
+    text = "held-out clean images with the recovered trigger pasted on"
+    if victims:  # self mode: shown, not counted
+        text += (f"; not counted: {estimates['asr_victim_hits']}/{victims} held-out victims, whose labels "
+                 "are the model's own without a trusted oracle")
+    return text

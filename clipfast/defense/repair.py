@@ -8,9 +8,10 @@ clean accuracy a repair loses is lost in its first tens of steps and comes back 
 a repair stopped at its first zero ASR estimate kept that loss (see RepairConfig.target_asr). The
 clean-agreement estimate is reported, and `clean_within_tolerance` says whether it held.
 
-The estimates use only what the scan knows: held-out victims (scan victims not in the compact set)
-for ASR, and held-out grounded probe images, scored by agreement with their pre-repair labels, for
-clean accuracy. Ground truth is never consulted here."""
+The estimates use only what the scan knows: for ASR, held-out victims (scan victims not in the
+compact set) and held-out clean images with the recovered trigger pasted on (in self mode the pasted
+images alone, see holdout_estimator); for clean accuracy, held-out grounded probe images, scored by
+agreement with their pre-repair labels. Ground truth is never consulted here."""
 
 from __future__ import annotations
 
@@ -112,9 +113,10 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
                       ) -> Callable[[ClipBundle], dict]:
     """eval_fn for the training loop: the attack success rate on held-out triggered images (victims
     not in the compact set whose oracle label is not a target, those with patch evidence for a patch
-    target, and held-out clean images of non-target
-    labels with the recovered trigger put on where it can be: asr_hits of asr_n), and agreement with
-    the pre-repair labels on held-out clean images."""
+    target, and held-out clean images of non-target labels with the recovered trigger put on where it
+    can be: asr_hits of asr_n; in self mode the pasted images alone when there are any), and agreement
+    with the pre-repair labels on held-out clean images. Both parts are reported on their own too
+    (asr_victim_hits / _n, asr_pasted_hits / _n)."""
     probe_images = as_probe_set(probe_images)
     in_compact = torch.zeros(len(probe_images), dtype=torch.bool)
     in_compact[compact.source_indices] = True
@@ -149,6 +151,15 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     # 2.9-6.7 % against 1.7-3.8 % measured (the same four cases at 68f76cd, this machine's models).
     if triggers:  # else (e.g. a warp recovered without a segmenter) the held-out victims alone measure it
         triggered = torch.cat([triggered, with_triggers(clean_pictures[source], triggers, seed + 1)])
+    # Without a trusted model a victim's oracle label is the suspect's own name for its object, and a
+    # label-consistent attack teaches the suspect to misname its target class: held-out victims that
+    # are true target-class images, rightly called the target after repair, counted as attack
+    # successes (self-mode label-consistent cases at 4013548: victims 18-80 % hits against the pasted
+    # images' 0-4 % and 0.02-5.6 % measured on the test world). So in self mode the estimate counts
+    # the pasted images, whose labels are the held-out clean images' own, and the victims only when
+    # nothing could be pasted. The counts behind this choice over the self-mode patch family:
+    # benchmarks/estimate_calibration.py, results/estimate_calibration.json.
+    count_victims = scan.oracle_mode == "trusted" or len(triggered) == held_out_victims
 
     def estimate(bundle: ClipBundle) -> dict:
         nonlocal fixed_classifier
@@ -159,11 +170,13 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
         out = {}
         if len(triggered):
             success = torch.isin(classifier.predict(triggered)[0][:, 0], targets)
-            hits = int(success.sum())
             # Both parts, to calibrate each against the measured ASR: the victims' labels are the
             # oracle's, the pasted images' are the grounded clean images' own.
-            out.update(asr_estimate=hits / len(triggered), asr_hits=hits, asr_n=len(triggered),
-                       asr_victim_hits=int(success[:held_out_victims].sum()), asr_victim_n=held_out_victims)
+            parts = {"victim": success[:held_out_victims], "pasted": success[held_out_victims:]}
+            for part, hits in parts.items():
+                out.update({f"asr_{part}_hits": int(hits.sum()), f"asr_{part}_n": len(hits)})
+            counted = success if count_victims else parts["pasted"]  # not empty: see count_victims
+            out.update(asr_estimate=float(counted.float().mean()), asr_hits=int(counted.sum()), asr_n=len(counted))
         if len(clean):
             predicted = classifier.predict(clean_pictures)[0][:, 0]
             out["clean_agreement"] = float((predicted == scan.image_label[clean]).float().mean())

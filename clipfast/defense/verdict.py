@@ -42,9 +42,10 @@ def upper_bound(hits: int, n: int, confidence: float = CONFIDENCE) -> float:
 
 
 def judge(found: bool, description: str, repaired: bool, hits: int | None, n: int | None,
-          max_asr: float) -> Verdict:
+          max_asr: float, measured_on: str = "held-out triggered images") -> Verdict:
     """found: the scan's decision; description: what was found (targets, trigger); repaired: a
-    repair ran; hits / n: held-out triggered images still classified as a target after it."""
+    repair ran; hits / n: held-out triggered images still classified as a target after it, which
+    measured_on names."""
     if not found:
         return Verdict("no_backdoor", f"no backdoor found: {description}; the model is left alone")
     if not repaired:
@@ -54,8 +55,8 @@ def judge(found: bool, description: str, repaired: bool, hits: int | None, n: in
         return Verdict("not_removed", f"backdoor found ({description}) but its removal could not be measured: "
                                       "no held-out triggered images", held_out=0, max_asr=max_asr)
     estimate, bound = hits / n, upper_bound(hits, n)
-    numbers = (f"held-out ASR {100 * estimate:.1f} % ({hits}/{n}), {int(100 * CONFIDENCE)} % upper bound "
-               f"{100 * bound:.1f} %")
+    numbers = (f"held-out ASR {100 * estimate:.1f} % ({hits}/{n} {measured_on}), {int(100 * CONFIDENCE)} % "
+               f"upper bound {100 * bound:.1f} %")
     if bound <= max_asr:
         return Verdict("removed", f"backdoor found ({description}) and removed: {numbers} <= {100 * max_asr:.0f} %",
                        estimate, bound, n, max_asr)

@@ -58,6 +58,11 @@ class ImageColumns:
     def __len__(self) -> int:
         return len(self.readable)
 
+    @property
+    def oracle_mode(self) -> str:
+        """'trusted' when a trusted model labelled the images (reference labels), else 'self'."""
+        return "trusted" if bool((self.reference_label >= 0).any()) else "self"
+
 
 @dataclass
 class LabelTest:
@@ -143,7 +148,7 @@ class ScanResult(ImageColumns):
             "probe_images": len(self.image_label),
             "unreadable": int((~self.readable).sum()),
             "mean_regions_per_image": float(self.region_counts.float().mean()),
-            "oracle_mode": "trusted" if bool((self.reference_label >= 0).any()) else "self",
+            "oracle_mode": self.oracle_mode,
             "discordant": int(self.discordant.sum()),
             "transplant_positive": int(self.patch_evidence.sum()),
             "candidates": int(self.candidate.sum()),

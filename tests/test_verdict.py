@@ -1,0 +1,38 @@
+"""The verdict every defence ends with: its statuses, exit codes, the Clopper-Pearson bound, and the
+images its held-out ASR was counted on."""
+
+import pytest
+
+from clipfast.defense.pipeline import measured_on
+from clipfast.defense.verdict import EXIT_NOT_REMOVED, judge, upper_bound
+
+
+def test_the_upper_bound_is_the_one_sided_clopper_pearson_bound():
+    n = 448
+    assert upper_bound(0, n) == pytest.approx(1 - 0.05 ** (1 / n))  # closed form with no hits
+    assert upper_bound(n, n) == 1.0 and upper_bound(0, 0) == 1.0
+    assert upper_bound(4, 512) > 4 / 512 and upper_bound(4, 512) < upper_bound(5, 512)
+
+
+@pytest.mark.parametrize("found, repaired, hits, n, status", [
+    (False, False, None, None, "no_backdoor"),
+    (True, False, None, None, "not_removed"),  # found and left in place
+    (True, True, None, 0, "not_removed"),  # nothing to measure the removal on
+    (True, True, 0, 448, "removed"),  # bound 0.67 %
+    (True, True, 20, 479, "not_removed"),  # 4.2 % measured, bound 6.0 % > 5 %
+])
+def test_the_verdict_says_removed_only_when_the_bound_is_below_max_asr(found, repaired, hits, n, status):
+    verdict = judge(found, "target 'heart'", repaired, hits, n, 0.05, "held-out victims")
+    assert verdict.status == status
+    assert verdict.exit_code == (EXIT_NOT_REMOVED if status == "not_removed" else 0)
+    if n:
+        assert f"({hits}/{n} held-out victims)" in verdict.message
+        assert (verdict.asr_upper_bound <= 0.05) == (status == "removed")
+
+
+def test_the_verdict_names_the_images_its_estimate_counted():
+    assert measured_on({"asr_n": 3, "asr_victim_n": 3, "asr_pasted_n": 0}) == "held-out victims"
+    both = measured_on({"asr_n": 10, "asr_victim_n": 3, "asr_victim_hits": 1, "asr_pasted_n": 7})
+    assert both.startswith("held-out victims and clean images")
+    self_mode = measured_on({"asr_n": 7, "asr_victim_n": 3, "asr_victim_hits": 2, "asr_pasted_n": 7})
+    assert self_mode.startswith("held-out clean images with the recovered trigger") and "not counted: 2/3" in self_mode
