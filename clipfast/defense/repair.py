@@ -157,8 +157,9 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     # successes (self-mode label-consistent cases at 4013548: victims 18-80 % hits against the pasted
     # images' 0-4 % and 0.02-5.6 % measured on the test world). So in self mode the estimate counts
     # the pasted images, whose labels are the held-out clean images' own, and the victims only when
-    # nothing could be pasted. The counts behind this choice over the self-mode patch family:
-    # benchmarks/estimate_calibration.py, results/estimate_calibration.json.
+    # nothing could be pasted. Over 27 self-mode cases (the patch family, label-consistent models) the
+    # pasted images alone gave the verdict the measured ASR's answer in all 27, the victims counted
+    # too in 22 (benchmarks/estimate_calibration.py, results/estimate_calibration.json).
     count_victims = scan.oracle_mode == "trusted" or len(triggered) == held_out_victims
 
     def estimate(bundle: ClipBundle) -> dict:
