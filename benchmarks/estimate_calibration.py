@@ -28,7 +28,7 @@ import statistics
 from pathlib import Path
 
 from clipfast.defense.repair import RepairConfig
-from clipfast.defense.verdict import upper_bound
+from clipfast.defense.verdict import judge
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -54,9 +54,10 @@ def parts(row: dict) -> dict:
 
 
 def judged(hits: int, n: int, max_asr: float) -> dict:
-    bound = upper_bound(hits, n) if n else None
-    return {"hits": hits, "n": n, "estimate": hits / n if n else None, "upper_bound": bound,
-            "verdict": "removed" if n and bound <= max_asr else "not_removed"}
+    """The verdict clipfast would give a found and repaired backdoor on these counts."""
+    verdict = judge(True, "", True, hits, n, max_asr)
+    return {"hits": hits, "n": n, "estimate": verdict.asr_estimate, "upper_bound": verdict.asr_upper_bound,
+            "verdict": verdict.status}
 
 
 def calibrate(rows: list[dict], max_asr: float) -> dict:

@@ -36,6 +36,16 @@ from clipfast.models import load_model
 from clipfast.models.packed import check_vision_tower, tower_flops
 
 
+def share_row(regions: int, layout: str, coverage: float | None, crop: float, packed: float) -> dict:
+    """One result row (FLOPs per image of each mode), printed as it is made."""
+    row = {"regions": regions, "layout": layout, "min_coverage": coverage,
+           "crop_gflop_per_image": round(crop / 1e9, 1), "packed_gflop_per_image": round(packed / 1e9, 1),
+           "packed_share_of_crop": round(packed / crop, 4),
+           "packed_images_equivalent": round(packed / (crop / (1 + regions)), 2)}
+    print(json.dumps(row), flush=True)
+    return row
+
+
 @torch.no_grad()
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,21 +66,10 @@ def main(argv=None) -> int:
             for coverage in args.min_coverage:
                 config = ScanConfig(regions="packed", grounding_regions="packed", packed_min_coverage=coverage)
                 packed = _encoder_flops(bundle, images, oracle, config) / len(images)
-                row = {"regions": regions, "layout": layout, "min_coverage": coverage,
-                       "crop_gflop_per_image": round(crop / 1e9, 1), "packed_gflop_per_image": round(packed / 1e9, 1),
-                       "packed_share_of_crop": round(packed / crop, 4),
-                       "packed_images_equivalent": round(packed / (crop / (1 + regions)), 2)}
-                print(json.dumps(row), flush=True)
-                rows.append(row)
+                rows.append(share_row(regions, layout, coverage, crop, packed))
         patches = torch.full((regions,), (whole - 1) // regions) + (torch.arange(regions) < (whole - 1) % regions)
         ideal = tower_flops(visual, torch.cat([torch.tensor([whole]), 1 + patches]))
-        crop = (1 + regions) * tower_flops(visual, torch.tensor([whole]))
-        row = {"regions": regions, "layout": "ideal", "min_coverage": None,
-               "crop_gflop_per_image": round(crop / 1e9, 1), "packed_gflop_per_image": round(ideal / 1e9, 1),
-               "packed_share_of_crop": round(ideal / crop, 4),
-               "packed_images_equivalent": round(ideal / (crop / (1 + regions)), 2)}
-        print(json.dumps(row), flush=True)
-        rows.append(row)
+        rows.append(share_row(regions, "ideal", None, (1 + regions) * tower_flops(visual, torch.tensor([whole])), ideal))
     summary = {"model": "ViT-B-16 224 px (random weights)", "images": args.images, "whole_image_tokens": whole,
                "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
