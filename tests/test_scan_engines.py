@@ -9,6 +9,7 @@ from clipfast.data.prefetch import prefetch
 from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
 from clipfast.defense.scan import ScanConfig, reference_crop, scan
 from clipfast.models import load_model
+from clipfast.models.packed import packable
 from clipfast.models.precision import inference_dtype
 from clipfast.ops import mask_crop
 from clipfast.oracle import ClassicalSegmenter
@@ -50,6 +51,20 @@ def test_prefetch_keeps_order_and_passes_errors_on():
     assert len(produced) < 10
 
 
+def test_auto_regions_are_packed_in_self_mode_only():
+    """regions='auto' (the default) resolves to packed evidence only where it was measured to help and
+    can run: self mode, the fast engine, a tower the packed encoding takes; explicit modes stay."""
+    auto = ScanConfig()
+    assert auto.regions == "auto"
+    assert auto.for_oracle(trusted=False, packable=True).regions == "packed"
+    assert auto.for_oracle(trusted=True, packable=True).regions == "crop"
+    assert auto.for_oracle(trusted=False, packable=False).regions == "crop"
+    assert ScanConfig(engine="reference").for_oracle(trusted=False, packable=True).regions == "crop"
+    assert ScanConfig(regions="crop").for_oracle(trusted=False, packable=True).regions == "crop"
+    assert ScanConfig(regions="packed").for_oracle(trusted=True, packable=True).regions == "packed"
+    assert packable(load_model("clipfast-tiny").model) and not packable(torch.nn.Linear(2, 2))
+
+
 def test_scan_settings_are_checked():
     with pytest.raises(ValueError, match="engine"):
         ScanConfig(engine="turbo")
@@ -73,13 +88,17 @@ def small_world():
     return load_model("clipfast-tiny"), generate_world(61, seed=5).images
 
 
-@pytest.mark.parametrize("settings", [dict(engine="reference"), dict(regions="crop", prefetch=2, batch_size=16),
-                                      dict(regions="packed", precision="bf16", batch_size=7),
-                                      dict(regions="packed", encode_batch=3, batch_size=16)])
-def test_every_engine_scans_an_odd_sized_probe_set(small_world, settings):
+@pytest.mark.parametrize("settings, evidence", [(dict(engine="reference"), "crop"), (dict(batch_size=16), "packed"),
+                                                (dict(regions="crop", prefetch=2, batch_size=16), "crop"),
+                                                (dict(regions="packed", precision="bf16", batch_size=7), "packed"),
+                                                (dict(regions="packed", encode_batch=3, batch_size=16), "packed")])
+def test_every_engine_scans_an_odd_sized_probe_set(small_world, settings, evidence):
     bundle, images = small_world
     result = scan(bundle, list(CLASSES), images, ClassicalSegmenter(), prompts=zero_shot_prompts,
                   config=ScanConfig(progress=False, **settings))
+    # the report says how the regions were seen (the default, auto, is packed evidence in self mode)
+    assert result.region_modes == {"evidence": evidence, "naming": "crop"}
+    assert result.summary()["regions"] == result.region_modes
     assert len(result.image_label) == 61 and (result.region_counts > 0).any()
     assert 0 < result.image_prob.min() and result.image_prob.max() <= 1
     assert result.seconds["regions"] > 0 and result.seconds["segment"] > 0

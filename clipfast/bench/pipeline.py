@@ -25,6 +25,7 @@ import gc
 import json
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -176,17 +177,18 @@ def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segm
     results, seconds = {}, {}
     # The fast path's own choices, each set by hand once: fp32 instead of auto precision, the oracle
     # prefetch thread off and on (auto picks it on GPUs only).
-    configs = {"reference": ScanConfig(progress=False, engine="reference"), "fast crop": ScanConfig(progress=False),
-               "fast crop fp32": ScanConfig(progress=False, precision="fp32"),
-               "fast crop prefetch=0": ScanConfig(progress=False, prefetch=0),
-               "fast crop prefetch=2": ScanConfig(progress=False, prefetch=2),
+    crop = ScanConfig(progress=False, regions="crop")
+    configs = {"reference": ScanConfig(progress=False, engine="reference"), "fast crop": crop,
+               "fast crop fp32": replace(crop, precision="fp32"),
+               "fast crop prefetch=0": replace(crop, prefetch=0),
+               "fast crop prefetch=2": replace(crop, prefetch=2),
                "fast packed": ScanConfig(progress=False, regions="packed", grounding_regions="packed"),
                # the token rule's cost: a patch is a region's token only from half its pixels on (the
                # default, any pixel, repeats a patch on a boundary in every region it touches)
                "fast packed coverage=0.5": ScanConfig(progress=False, regions="packed", grounding_regions="packed",
                                                       packed_min_coverage=0.5),
-               # packed trigger evidence, regions named from crops (`--regions packed`): in self mode, as
-               # here, the suspect encodes its regions both ways
+               # packed trigger evidence, regions named from crops (self mode's default, as here: the
+               # suspect encodes its regions both ways)
                "fast hybrid": ScanConfig(progress=False, regions="packed")}
     for variant in ["reference"] + [v for v in variants if v != "reference"]:
         config = configs[variant]

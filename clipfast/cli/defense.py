@@ -13,7 +13,7 @@ from .options import CliError, add_model_options, load_bundle, non_negative_int,
 
 def defense_arguments(parser: argparse.ArgumentParser) -> None:
     from clipfast.defense import RepairConfig, ScanConfig
-    from clipfast.defense.scan.config import ENGINES, REGION_MODES
+    from clipfast.defense.scan.config import AUTO_REGIONS, ENGINES, REGION_MODES
     from clipfast.models.precision import PRECISIONS
     from clipfast.ops import BACKENDS
     from clipfast.oracle import SAM_MODEL_TYPES, SEGMENTER_NAMES
@@ -59,10 +59,10 @@ def defense_arguments(parser: argparse.ArgumentParser) -> None:
                                       "the output directory records them)")
     speed.add_argument("--engine", choices=ENGINES, default=scan.engine,
                        help=f"fast or the straightforward reference pipeline, for comparison (default: {scan.engine})")
-    speed.add_argument("--regions", choices=REGION_MODES, default=scan.regions,
+    speed.add_argument("--regions", choices=REGION_MODES + (AUTO_REGIONS,), default=scan.regions,
                        help="the model's own region embeddings (the trigger evidence): re-encode each region's crop, "
-                       "or packed (each region its own sequence of masked patches, all in one encoder pass) "
-                       f"(default: {scan.regions})")
+                       "or packed (each region its own sequence of masked patches, all in one encoder pass); auto: "
+                       "packed without a trusted model, crop with one (default: %(default)s)")
     speed.add_argument("--precision", choices=PRECISIONS, default=scan.precision,
                        help="scan encoder precision (auto: bf16 where native)")
     speed.add_argument("--compile", action="store_true", help="torch.compile the encoder and the repair step")

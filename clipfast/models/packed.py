@@ -67,6 +67,15 @@ def check_vision_tower(model: nn.Module) -> nn.Module:
     return visual
 
 
+def packable(model: nn.Module) -> bool:
+    """Whether the packed region encoding can take model's image tower (check_vision_tower)."""
+    try:
+        check_vision_tower(model)
+    except ValueError:
+        return False
+    return True
+
+
 # ------------------------------------------------------------------------------- the sequences
 
 @dataclass

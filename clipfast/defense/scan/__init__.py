@@ -27,6 +27,7 @@ The package, in the order the data flows:
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,6 +37,7 @@ from clipfast import distributed
 from clipfast.data.probe import ProbeSet, as_probe_set
 from clipfast.data.vocabulary import check_vocabulary
 from clipfast.models import ClipBundle
+from clipfast.models.packed import packable
 from clipfast.oracle import Segmenter
 
 from .config import ScanConfig
@@ -74,6 +76,7 @@ def scan(
     probe = as_probe_set(probe)
     if len(probe) == 0:
         raise ValueError("scan: the probe set is empty")
+    config = config.for_oracle(trusted=grounding_bundle is not None, packable=packable(bundle.model))
     classnames = check_vocabulary(classnames)
     group = distributed.current()
     ranges = shard_ranges(len(probe), config.shard_size)
@@ -97,5 +100,6 @@ def scan(
     result = decide(classnames, [every[k] for k in range(len(ranges))], config, seconds)
     result = confirm_image_wide(result, probe, segmenter, bundle, grounding_bundle, prompts, config.min_flip_rate,
                                 config.min_background_flip)
-    return relabel_patch_victims(result, probe, segmenter, bundle, grounding_bundle, prompts, config)
+    result = relabel_patch_victims(result, probe, segmenter, bundle, grounding_bundle, prompts, config)
+    return replace(result, region_modes={"evidence": config.regions, "naming": config.grounding_regions})
 

@@ -3,13 +3,14 @@ decision (they only change speed or output): a shard or run directory resumes ac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from clipfast.models.precision import PRECISIONS
 from clipfast.rundir import untied
 
 ENGINES = ("fast", "reference")
 REGION_MODES = ("crop", "packed")
+AUTO_REGIONS = "auto"  # ScanConfig.regions: packed in self mode on the fast engine, else crop (for_oracle)
 
 
 @dataclass(frozen=True)
@@ -59,8 +60,15 @@ class ScanConfig:
     # Both reach the same decisions up to the encoders' numerics, so the engine ties a run.
     engine: str = "fast"
     # fast engine: crop (each region's crop re-encoded as a whole image) | packed (each region its own
-    # sequence of its masked patches, all packed into one encoder pass; clipfast/models/packed.py)
-    regions: str = "crop"
+    # sequence of its masked patches, all packed into one encoder pass; clipfast/models/packed.py) |
+    # auto (default): packed in self mode, crop with a trusted model or a tower packing cannot take
+    # (for_oracle). Measured on the
+    # efficacy matrix (README, "Packed regions"): in self mode packed evidence named by crops repairs
+    # label-consistent models to 0.02-0.78 % ASR where crops leave 0.42-5.62 % (the suspect's crops
+    # call the degraded target-class victims other labels, packed sequences see the trigger), the
+    # patch family as well (ASR median 0.77 vs 0.84 %, victim recall 1.000 vs 0.939); with a trusted
+    # model packed ranks WaNet victims worse for the compact set (ASR 2.2-5.0 vs 1.7-3.8 %), so crop.
+    regions: str = AUTO_REGIONS
     # How the grounding model sees the regions it names (the images' grounding, the victims' oracle
     # labels): crop (default) or packed; the model under test's own region scores, which find the
     # trigger, follow `regions`. Crops name regions better on the tiny world, whose 4x4 token grid
@@ -108,8 +116,8 @@ class ScanConfig:
             raise ValueError("batch_size, encode_batch, shard_size and min_count must be >= 1")
         if self.engine not in ENGINES:
             raise ValueError(f"ScanConfig.engine must be fast or reference, got {self.engine!r}")
-        if self.regions not in REGION_MODES:
-            raise ValueError(f"ScanConfig.regions must be one of {REGION_MODES}, got {self.regions!r}")
+        if self.regions not in REGION_MODES + (AUTO_REGIONS,):
+            raise ValueError(f"ScanConfig.regions must be one of {REGION_MODES + (AUTO_REGIONS,)}, got {self.regions!r}")
         if self.grounding_regions not in REGION_MODES:
             raise ValueError(f"ScanConfig.grounding_regions must be one of {REGION_MODES}, got {self.grounding_regions!r}")
         if self.engine == "reference" and "packed" in (self.regions, self.grounding_regions):
@@ -120,3 +128,11 @@ class ScanConfig:
             raise ValueError(f"ScanConfig.prefetch must be >= 0, got {self.prefetch}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+
+    def for_oracle(self, trusted: bool, packable: bool) -> "ScanConfig":
+        """This config with regions='auto' resolved, the one place the rule lives: packed in self
+        mode (no trusted model names the regions) on the fast engine when the suspect's image tower
+        takes the packed encoding (packable: models.packed.check_vision_tower), crop otherwise."""
+        if self.regions != AUTO_REGIONS:
+            return self
+        return replace(self, regions="packed" if self.engine == "fast" and not trusted and packable else "crop")

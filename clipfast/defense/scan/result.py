@@ -127,6 +127,9 @@ class ScanResult(ImageColumns):
     # labels that passed the per-label test as image-wide targets but neither transplant test
     # (confirm.py): label -> {"pattern": Flips, "background": Flips}
     unconfirmed: dict[str, dict[str, Flips]] = field(default_factory=dict, kw_only=True)
+    # how the regions were encoded: the suspect's trigger evidence and the grounding model's naming
+    # ("crop" | "packed"; ScanConfig.regions resolved for the oracle mode). Empty in scans saved before.
+    region_modes: dict[str, str] = field(default_factory=dict, kw_only=True)
 
     @property
     def found(self) -> bool:
@@ -149,6 +152,7 @@ class ScanResult(ImageColumns):
             "unreadable": int((~self.readable).sum()),
             "mean_regions_per_image": float(self.region_counts.float().mean()),
             "oracle_mode": self.oracle_mode,
+            "regions": self.region_modes,
             "discordant": int(self.discordant.sum()),
             "transplant_positive": int(self.patch_evidence.sum()),
             "candidates": int(self.candidate.sum()),
