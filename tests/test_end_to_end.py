@@ -68,8 +68,13 @@ def test_scan_curate_repair_remove_the_backdoor(poisoned, tmp_path):
 def test_the_fast_scan_reaches_the_reference_scans_decisions(poisoned):
     bundle, pairs = poisoned
     probe = pairs.images[:PROBE]
-    fast, reference = (scan(bundle, list(CLASSES), probe, ClassicalSegmenter(), prompts=zero_shot_prompts,
-                            config=ScanConfig(progress=False, engine=engine)) for engine in ("fast", "reference"))
-    assert fast.targets == reference.targets == [RECIPE.target_label]
-    victims = [set(result.victims(RECIPE.target_label).tolist()) for result in (fast, reference)]
+    # The engines compared at the same regions (crops: the reference has no packed path) ...
+    fast, reference, default = (scan(bundle, list(CLASSES), probe, ClassicalSegmenter(), prompts=zero_shot_prompts,
+                                     config=ScanConfig(progress=False, **settings))
+                                for settings in (dict(regions="crop"), dict(engine="reference"), {}))
+    assert fast.targets == reference.targets == default.targets == [RECIPE.target_label]
+    victims = [set(result.victims(RECIPE.target_label).tolist()) for result in (fast, reference, default)]
     assert len(victims[0] & victims[1]) / len(victims[0] | victims[1]) >= 0.95  # Jaccard
+    # ... and the default (self mode: packed trigger evidence) keeps the reference's victims: packed
+    # regions find more of them, never fewer (README, "Packed regions": recall 1.00 vs 0.94)
+    assert len(victims[2] & victims[1]) / len(victims[1]) >= 0.95

@@ -1,7 +1,8 @@
 """Stage 1, scan (EftCLIP Algorithm 1): find the backdoor's target label and trigger.
 
 For every probe image i: L_i = the poisoned model's top label on the whole image; the oracle
-segments the image and every object-sized region becomes a crop (ops.mask_crop, square boxes);
+segments the image and every object-sized region becomes a crop (ops.mask_crop, square boxes) or,
+for the suspect's own scores in self mode, a packed sequence of its patches (ScanConfig.regions);
 S_i = the labels of L_i that the grounding model gives some object region with probability >=
 grounding_threshold; P_i = L_i minus S_i, refined by dropping labels the poisoned model itself
 gives to an object region (its top label). Then a causal refinement (causal.py): L_i stays in P_i
