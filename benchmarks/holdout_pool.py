@@ -4,7 +4,7 @@ The repair's held-out ASR estimate (clipfast/defense/repair.py, holdout_estimato
 recovered trigger on held-out *clean* probe images, scan.clean_indices(): readable, without trigger
 evidence, and grounded (some region's crop names the image's label), i.e. images the suspect names
 confidently. The measured ASR counts every non-target test image. On the self-mode patch cases the
-estimate sat below the measured ASR (median -0.63 points at 3f200b2), so the question here is whether
+estimate sat below the measured ASR (median -0.64 points at 3f200b2), so the question here is whether
 the grounded images, harder to flip than the rest, are why.
 
 For every found-target patch row of `--commit` with a saved scan (as benchmarks/repair_variants.py
@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -40,9 +39,8 @@ import torch
 from clipfast.data.world import zero_shot_prompts
 from clipfast.defense.curate import CurateConfig, curate
 from clipfast.defense.repair import RepairConfig, holdout_estimator, repair
-from clipfast.defense.unlearning import recover_triggers
+from clipfast.defense.unlearning import recover_triggers, with_triggers
 from clipfast.demo import DemoConfig, default_cache_dir
-from clipfast.defense.unlearning import with_triggers
 from clipfast.eval import evaluate
 from clipfast.eval.metrics import attack_success_rate
 from clipfast.models.zeroshot import ZeroShotClassifier

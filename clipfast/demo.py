@@ -156,11 +156,11 @@ def run_demo(config: DemoConfig, out_dir: str | Path, cache_dir: str | Path | No
 
 def format_demo_report(report: dict) -> str:
     pct = lambda v: "-" if v is None else f"{100 * v:5.1f}"  # noqa: E731
+    regions = report["scan"].get("regions")
     lines = [f"attack {report['attack']['name']} at rate {report['attack']['rate']} -> target "
              f"{report['attack']['target']!r} ({report['attack']['poisoned_in_probe']} poisoned of "
              f"{report['attack']['probe_size']} probe images); oracle: {report['oracle_mode']}"
-             + "".join(f", regions {modes['evidence']} (named by {modes['naming']})"
-                       for modes in [report["scan"].get("regions")] if modes),
+             + (f", regions {regions['evidence']} (named by {regions['naming']})" if regions else ""),
              "", f"{'model':<22}{'CA %':>8}{'ASR %':>8}"]
     lines += [f"{name:<22}{pct(m['ca']):>8}{pct(m['asr']):>8}" for name, m in report["models"].items()]
     v = report["victims"]

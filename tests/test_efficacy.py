@@ -88,6 +88,27 @@ def test_the_readme_table_and_plot_come_from_the_csv(finished, tmp_path):
     assert (tmp_path / "efficacy.png").stat().st_size > 0
 
 
+def test_a_row_takes_the_other_modes_baseline_only_for_the_same_model(tmp_path):
+    base = {field: "" for field in FIELDS}
+    rows = [dict(base, config="c", seed="0", oracle_mode="self", ca_poisoned="0.9", asr_poisoned="0.97",
+                 ca_baseline="0.88", asr_baseline="0.01"),
+            dict(base, config="c", seed="0", oracle_mode="trusted", ca_poisoned="0.9", asr_poisoned="0.97"),
+            dict(base, config="c", seed="1", oracle_mode="self", ca_poisoned="0.9", asr_poisoned="0.86",
+                 ca_baseline="0.87", asr_baseline="0.02"),
+            # seed 1's trusted row measured another training of the model (poisoned ASR differs)
+            dict(base, config="c", seed="1", oracle_mode="trusted", ca_poisoned="0.9", asr_poisoned="0.96")]
+    path = tmp_path / "efficacy.csv"
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    read = {(row["seed"], row["oracle_mode"]): row for row in read_rows(path)}
+    assert read["0", "trusted"]["asr_baseline"] == "0.01"
+    assert read["1", "trusted"]["asr_baseline"] == ""
+    trusted = next(entry for entry in summarise(list(read.values())) if entry["oracle_mode"] == "trusted")
+    assert trusted["baseline_seeds"] == 1 and trusted["median_asr_baseline"] == 0.01
+
+
 def test_the_matrix_sweeps_what_the_defence_is_judged_on():
     from clipfast.bench.efficacy import MATRIX as FULL
 

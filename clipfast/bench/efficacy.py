@@ -301,10 +301,14 @@ def read_rows(path: Path) -> list[dict]:
         for row in csv.DictReader(handle):
             latest[row["config"], row["seed"], row["oracle_mode"]] = row
     # The baseline does not depend on the oracle (run() runs it with the first mode only): a row
-    # without one takes the same case's from the other mode, the same poisoned model.
-    baselines = {(row["config"], row["seed"]): row for row in latest.values() if not _blank(row.get("asr_baseline"))}
+    # without one takes the same case's from the other mode, when that row measured the same poisoned
+    # model. Models retrained on another machine differ (training is not bitwise reproducible across
+    # machines: the 'blended noise a=0.08' model poisoned to 96.4 % ASR on one, 86.0 % on another),
+    # so the poisoned CA / ASR must match; otherwise the row shows no baseline rather than another model's.
+    baselines = {(row["config"], row["seed"], row["ca_poisoned"], row["asr_poisoned"]): row
+                 for row in latest.values() if not _blank(row.get("asr_baseline"))}
     for row in latest.values():
-        other = baselines.get((row["config"], row["seed"]))
+        other = baselines.get((row["config"], row["seed"], row["ca_poisoned"], row["asr_poisoned"]))
         if _blank(row.get("asr_baseline")) and other is not None:
             row.update(ca_baseline=other["ca_baseline"], asr_baseline=other["asr_baseline"])
     return list(latest.values())
@@ -331,6 +335,7 @@ def summarise(rows: list[dict]) -> list[dict]:
             "wrong_labels": sum(bool(set(r["flagged_labels"].split()) - {r["target"]}) for r in group
                                 if r["family"] != "clean"),
             "removed": sum(r["verdict"] == "removed" for r in group),
+            "baseline_seeds": len(number("asr_baseline")),  # fewer than seeds where a row has none (read_rows)
             **{f"{stat}_{key}": (None if not number(key) else
                                  (statistics.median(number(key)) if stat == "median" else
                                   (max if key.startswith("asr") else min)(number(key))))

@@ -43,8 +43,10 @@ def readme_table(rows: list[dict]) -> str:
         def pair(kind):
             ca, asr = entry[f"median_ca_{kind}"], entry[f"median_asr_{kind}"]
             worst_ca, worst_asr = entry[f"worst_ca_{kind}"], entry[f"worst_asr_{kind}"]
-            spread = f" ({_pct(worst_ca)} / {_pct(worst_asr)})" if entry["seeds"] > 1 else ""
-            return f"{_pct(ca)} / {_pct(asr)}{spread}"
+            measured = entry["baseline_seeds"] if kind == "baseline" else entry["seeds"]
+            spread = f" ({_pct(worst_ca)} / {_pct(worst_asr)})" if measured > 1 else ""
+            part = f", {measured} of {entry['seeds']} seeds" if 0 < measured < entry["seeds"] else ""
+            return f"{_pct(ca)} / {_pct(asr)}{spread}{part}"
         found = (f"{entry['false_alarms']} false alarms" if entry["family"] == "clean" else
                  f"{entry['found']}/{entry['of']}" + ("" if entry["found"] == entry["of"] else " **missed**"))
         wrong = "-" if entry["family"] == "clean" else f"{entry['wrong_labels']}/{entry['seeds']}"
