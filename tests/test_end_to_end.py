@@ -76,5 +76,6 @@ def test_the_fast_scan_reaches_the_reference_scans_decisions(poisoned):
     victims = [set(result.victims(RECIPE.target_label).tolist()) for result in (fast, reference, default)]
     assert len(victims[0] & victims[1]) / len(victims[0] | victims[1]) >= 0.95  # Jaccard
     # ... and the default (self mode: packed trigger evidence) keeps the reference's victims: packed
-    # regions find more of them, never fewer (README, "Packed regions": recall 1.00 vs 0.94)
+    # regions found as many or more of them in 16 of the 17 worlds measured (README, "Packed regions": recall
+    # median 1.00 vs 0.94; the 'bar' target 0.918 vs 0.980)
     assert len(victims[2] & victims[1]) / len(victims[1]) >= 0.95
