@@ -97,12 +97,16 @@ def saved_case(row: dict, commit: str, cache: Path, settings: DemoConfig):
     return recipe, bundle, pairs, load_scan(scans[0])
 
 
+def trusted_model(row: dict, recipe, cache: Path):
+    """The row's trusted clean model (trusted mode), else None."""
+    return cached_world_model(trusted_recipe(recipe), cache / "models")[0] if row["oracle_mode"] == "trusted" else None
+
+
 def relabel(scan, row: dict, recipe, bundle, probe, cache: Path, segmenter) -> None:
     """Name the saved scan's patch victims as scans since e1fd052 do (trigger inpainted), with the
     row's grounding model: the trusted clean model in trusted mode, the suspect in self mode."""
-    trusted = cached_world_model(trusted_recipe(recipe), cache / "models")[0] if row["oracle_mode"] == "trusted" else None
-    relabel_patch_victims(scan, as_probe_set(probe), segmenter, bundle, trusted, zero_shot_prompts,
-                          ScanConfig(progress=False))
+    relabel_patch_victims(scan, as_probe_set(probe), segmenter, bundle, trusted_model(row, recipe, cache),
+                          zero_shot_prompts, ScanConfig(progress=False))
 
 
 def repaired_on_test(bundle, scan, probe, recipe, test, segmenter, curate_config: CurateConfig,
