@@ -1,10 +1,18 @@
 """The verdict every defence ends with: its statuses, exit codes, the Clopper-Pearson bound, and the
 images its held-out ASR was counted on."""
 
-import pytest
+import dataclasses
 
-from clipfast.defense.pipeline import measured_on
+import pytest
+import torch
+
+from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
+from clipfast.defense.pipeline import measured_on, verdict_of
+from clipfast.defense.repair import RepairConfig
+from clipfast.defense.scan import ScanConfig, scan
 from clipfast.defense.verdict import EXIT_NOT_REMOVED, judge, upper_bound
+from clipfast.models import load_model
+from clipfast.oracle import ClassicalSegmenter
 
 
 def test_the_upper_bound_is_the_one_sided_clopper_pearson_bound():
@@ -36,3 +44,18 @@ def test_the_verdict_names_the_images_its_estimate_counted():
     assert both.startswith("held-out victims and clean images")
     self_mode = measured_on({"asr_n": 7, "asr_victim_n": 3, "asr_victim_hits": 2, "asr_pasted_n": 7})
     assert self_mode.startswith("held-out clean images with the recovered trigger") and "not counted: 2/3" in self_mode
+
+
+def test_no_backdoor_found_in_self_mode_says_image_wide_triggers_are_out_of_its_sight():
+    """A self-mode scan cannot see image-wide triggers (README limits): its "no backdoor found"
+    says so and names the way to look for them; a trusted-oracle scan's does not."""
+    torch.manual_seed(0)
+    probe = generate_world(21, seed=3).images
+    result = scan(load_model("clipfast-tiny"), list(CLASSES), probe, ClassicalSegmenter(), prompts=zero_shot_prompts,
+                  config=ScanConfig(progress=False, batch_size=8))
+    assert not result.found and result.oracle_mode == "self"
+    verdict = verdict_of(result, None, RepairConfig())
+    assert verdict.status == "no_backdoor" and verdict.exit_code == 0
+    assert "image-wide" in verdict.message and "--trusted-model" in verdict.message
+    trusted = dataclasses.replace(result, reference_label=torch.zeros_like(result.reference_label))
+    assert trusted.oracle_mode == "trusted" and "image-wide" not in verdict_of(trusted, None, RepairConfig()).message

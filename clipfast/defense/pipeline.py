@@ -142,6 +142,14 @@ def defend(bundle: ClipBundle, classnames: list[str], probe_images: ProbeSet | t
                           verdict_of(scanned, repaired, config.repair))
 
 
+# What "no backdoor found" covers without a trusted model: the suspect grounds its own regions, and a
+# trigger spread over the whole image is in every region it grounds (README, limits: 0 of the
+# efficacy matrix's 14 Blended / SIG / WaNet models found in self mode, with either region mode).
+SELF_MODE_SCOPE = ("; without a trusted model (self mode) the scan sees triggers that a region of the image "
+                   "carries (patches), not image-wide ones (blending, signals, warps): give a trusted clean model "
+                   "(--trusted-model) to look for those too")
+
+
 def verdict_of(scanned: ScanResult, repaired: RepairResult | None, config: RepairConfig) -> Verdict:
     if scanned.found:
         description = "; ".join(t.describe(scanned.classnames) for t in scanned.triggers)
@@ -149,6 +157,8 @@ def verdict_of(scanned: ScanResult, repaired: RepairResult | None, config: Repai
         description = (f"no label among {len(scanned.classnames)} passed the per-label test on "
                        f"{int(scanned.readable.sum())} probe images (family-wise false-alarm rate "
                        f"{scanned.label_test.threshold * len(scanned.classnames):g})")
+        if scanned.oracle_mode == "self":
+            description += SELF_MODE_SCOPE
     if scanned.unconfirmed:
         # Not reported as a backdoor (clean models pass the count too: a confusion the trusted model
         # does not share, confirm.py), but the numbers are shown: a reader sees how far from a trigger it was.
