@@ -211,15 +211,15 @@ def main(argv=None) -> int:
         variants = [("default", compact)]
         for k in args.pairs:
             chosen = torch.cat([spare[scan.image_label[spare] == label][:k] for label in labels])
-            random = torch.cat([warp_images(probe[i: i + 1], flow_field(torch.randn(1, 2, GRID, GRID, generator=generator)
-                                                                         * RANDOM_WARP_SCALE, probe.shape[-1]))
-                                for i in chosen])
-            variants.append((f"recovered warp x{k}", with_pairs(compact, probe, chosen, warp_images(probe[chosen], flow), scan)))
-            if args.random_control:
+            with_recovered = with_pairs(compact, probe, chosen, warp_images(probe[chosen], flow), scan)
+            variants.append((f"recovered warp x{k}", with_recovered))
+            if args.random_control:  # a fresh field per image
+                random = torch.cat([warp_images(probe[i: i + 1], flow_field(
+                    torch.randn(1, 2, GRID, GRID, generator=generator) * RANDOM_WARP_SCALE, probe.shape[-1]))
+                    for i in chosen])
                 variants.append((f"random warps x{k}", with_pairs(compact, probe, chosen, random, scan)))
             if args.anchor_victims:
-                variants.append((f"recovered warp x{k}, victims anchored",
-                                 anchored_victims(with_pairs(compact, probe, chosen, warp_images(probe[chosen], flow), scan), flow)))
+                variants.append((f"recovered warp x{k}, victims anchored", anchored_victims(with_recovered, flow)))
         for name, curated in variants:
             model = copy.deepcopy(bundle)
             with tempfile.TemporaryDirectory() as work:

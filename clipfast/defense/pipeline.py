@@ -147,7 +147,7 @@ def defend(bundle: ClipBundle, classnames: list[str], probe_images: ProbeSet | t
 # efficacy matrix's 14 Blended / SIG / WaNet models found in self mode, with either region mode).
 SELF_MODE_SCOPE = ("; without a trusted model (self mode) the scan sees triggers that a region of the image "
                    "carries (patches), not image-wide ones (blending, signals, warps): give a trusted clean model "
-                   "(--trusted-model) to look for those too")
+                   "(--trusted-model; grounding_bundle in the Python API) to look for those too")
 
 
 def verdict_of(scanned: ScanResult, repaired: RepairResult | None, config: RepairConfig) -> Verdict:
