@@ -21,12 +21,16 @@ obvious next step, on the saved scans of a finished matrix run's trusted WaNet r
 
     python benchmarks/warp_unlearning.py --commit bf4142a                      # objective "target"
     python benchmarks/warp_unlearning.py --commit bf4142a --objective target+unwarp --restarts 4 \
-        --pairs 8 --no-random-control --anchor-victims
+        --pairs 8 --warps recovered --anchor-victims
+    python benchmarks/warp_unlearning.py --commit bf4142a --warps attacker --pairs 8 32   # the oracle bound
 
 The second adds the victims to the search (warped back by the negated field they should lose the
 target: it ties the field to the warp the victims carry, where the first objective also finds
 other warps the backdoor answers) and a variant whose victims are anchored to their warped-back
 views, as a patch victim is anchored to its view with the patch filled.
+
+The third repairs with pairs warped by the attacker's own field, which no defence knows: the upper
+bound of what any inversion could bring within this repair.
 
 Rows go to `--out` (JSON lines) as they end.
 """
@@ -43,6 +47,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from clipfast.attacks.triggers import warp
 from clipfast.data.world import zero_shot_prompts
 from clipfast.defense.curate import CompactSet, CurateConfig, curate
 from clipfast.defense.repair import RepairConfig, repair
@@ -62,17 +67,6 @@ def flow_field(offsets: torch.Tensor, size: int) -> torch.Tensor:
     """float [size, size, 2] pixel offsets from lattice parameters [1, 2, g, g] (tanh-bounded)."""
     lattice = torch.tanh(offsets) * MAX_SHIFT * size
     return F.interpolate(lattice, size=(size, size), mode="bicubic", align_corners=True)[0].permute(1, 2, 0)
-
-
-def warp_images(images: torch.Tensor, flow: torch.Tensor) -> torch.Tensor:
-    """images uint8 (or float [0, 1]) [K, 3, S, S] resampled along flow [S, S, 2] (pixels)."""
-    size = images.shape[-1]
-    pictures = images.float() / 255.0 if images.dtype == torch.uint8 else images
-    ys, xs = torch.meshgrid(torch.linspace(-1, 1, size), torch.linspace(-1, 1, size), indexing="ij")
-    grid = (torch.stack([xs, ys], -1) + flow * 2.0 / (size - 1)).clamp(-1, 1)
-    warped = F.grid_sample(pictures, grid[None].expand(len(images), -1, -1, -1), mode="bilinear",
-                           padding_mode="border", align_corners=True)
-    return (warped * 255.0).round().clamp(0, 255).to(torch.uint8) if images.dtype == torch.uint8 else warped
 
 
 @contextlib.contextmanager
@@ -118,22 +112,22 @@ def invert_warp(suspect, trusted, classnames, fit, fit_labels, judged, target, v
             for _ in range(STEPS):
                 rows = torch.randint(len(fit), (BATCH,), generator=generator)
                 flow = flow_field(offsets, size)
-                warped = warp_images(fit[rows].float() / 255.0, flow)
+                warped = warp(fit[rows].float() / 255.0, flow)
                 loss = (F.cross_entropy(logits(judges[0], warped), torch.full((BATCH,), target))
                         + F.cross_entropy(logits(judges[1], warped), fit_labels[rows]))
                 if victims is not None:
                     picked = torch.randint(len(victims), (BATCH,), generator=generator)
-                    unwarped = warp_images(victims[picked].float() / 255.0, -flow)
+                    unwarped = warp(victims[picked].float() / 255.0, -flow)
                     loss = loss + F.cross_entropy(logits(judges[0], unwarped), victim_labels[picked])
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
             flow = flow_field(offsets, size).detach()
             shares = dict(zip(("suspect_share", "trusted_share"),
-                              (share(judge, warp_images(judged, flow), target) for judge in judges)))
+                              (share(judge, warp(judged, flow), target) for judge in judges)))
             score = shares["suspect_share"] - shares["trusted_share"]
             if victims is not None:
-                shares["unwarped_victims_target_share"] = share(judges[0], warp_images(judged_victims, -flow), target)
+                shares["unwarped_victims_target_share"] = share(judges[0], warp(judged_victims, -flow), target)
                 score -= shares["unwarped_victims_target_share"]
             if best is None or score > best[2]:
                 best = (flow, shares, score)
@@ -156,7 +150,7 @@ def with_pairs(compact: CompactSet, probe, indices: torch.Tensor, warped: torch.
 def anchored_victims(compact: CompactSet, flow: torch.Tensor) -> CompactSet:
     """compact with its victims anchored to their views warped back by the recovered field."""
     views, anchored = compact.clean_views.clone(), compact.has_clean_view.clone()
-    views[compact.is_victim] = warp_images(compact.images[compact.is_victim], -flow)
+    views[compact.is_victim] = warp(compact.images[compact.is_victim], -flow)
     anchored[compact.is_victim] = True
     return dataclasses.replace(compact, clean_views=views, has_clean_view=anchored)
 
@@ -168,8 +162,10 @@ def main(argv=None) -> int:
     parser.add_argument("--objective", choices=["target", "target+unwarp"], default="target",
                         help="the warp search's objective (invert_warp)")
     parser.add_argument("--restarts", type=int, default=RESTARTS)
-    parser.add_argument("--random-control", action=argparse.BooleanOptionalAction, default=True,
-                        help="also repair with random warps of the same size (the trigger-agnostic control)")
+    parser.add_argument("--warps", nargs="+", choices=["recovered", "random", "attacker"], default=["recovered", "random"],
+                        help="whose warps the pairs carry: the recovered field; random fields of the same size (the "
+                             "trigger-agnostic control); the attacker's own field (an oracle: the upper bound of "
+                             "what any inversion could give, not a defence)")
     parser.add_argument("--anchor-victims", action="store_true",
                         help="also repair with the victims anchored to their views warped back (and x K pairs)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "warp_unlearning.jsonl")
@@ -196,29 +192,36 @@ def main(argv=None) -> int:
         victims = scan.victims(target)
         victims = victims[scan.oracle_label[victims] != target]  # their oracle label is what unwarping restores
         victims = victims[torch.randperm(len(victims), generator=torch.Generator().manual_seed(0))]
-        with_victims = args.objective == "target+unwarp"
-        flow, shares = invert_warp(bundle, trusted, scan.classnames, probe[fit], scan.image_label[fit], probe[judged],
-                                   target, probe[victims] if with_victims else None,
-                                   scan.oracle_label[victims] if with_victims else None, args.restarts)
         true_flow = recipe.make_trigger().displacement(*probe.shape[-2:])
-        inversion = {"objective": args.objective, "restarts": args.restarts, **shares,
-                     "cosine_to_true_field": float(F.cosine_similarity(flow.flatten(), true_flow.flatten(), dim=0)),
-                     "mean_shift_px": float(flow.norm(dim=-1).mean()), "true_mean_shift_px": float(true_flow.norm(dim=-1).mean())}
+        flow, inversion = true_flow, {"objective": "none: the attacker's field"}
+        if "recovered" in args.warps:
+            with_victims = args.objective == "target+unwarp"
+            flow, shares = invert_warp(bundle, trusted, scan.classnames, probe[fit], scan.image_label[fit],
+                                       probe[judged], target, probe[victims] if with_victims else None,
+                                       scan.oracle_label[victims] if with_victims else None, args.restarts)
+            inversion = {"objective": args.objective, "restarts": args.restarts, **shares,
+                         "cosine_to_true_field": float(F.cosine_similarity(flow.flatten(), true_flow.flatten(), dim=0)),
+                         "mean_shift_px": float(flow.norm(dim=-1).mean()),
+                         "true_mean_shift_px": float(true_flow.norm(dim=-1).mean())}
         non_target = test.labels != target
-        recovered_on_test = warp_images(test.images[non_target], flow)
+        recovered_on_test = warp(test.images[non_target], flow)
         generator = torch.Generator().manual_seed(1)
         labels = [label for label in range(len(scan.classnames)) if label != target]
         variants = [("default", compact)]
         for k in args.pairs:
             chosen = torch.cat([spare[scan.image_label[spare] == label][:k] for label in labels])
-            with_recovered = with_pairs(compact, probe, chosen, warp_images(probe[chosen], flow), scan)
-            variants.append((f"recovered warp x{k}", with_recovered))
-            if args.random_control:  # a fresh field per image
-                random = torch.cat([warp_images(probe[i: i + 1], flow_field(
+            if "attacker" in args.warps:
+                variants.append((f"attacker's warp x{k} (oracle)",
+                                 with_pairs(compact, probe, chosen, warp(probe[chosen], true_flow), scan)))
+            if "recovered" in args.warps:
+                with_recovered = with_pairs(compact, probe, chosen, warp(probe[chosen], flow), scan)
+                variants.append((f"recovered warp x{k}", with_recovered))
+            if "random" in args.warps:  # a fresh field per image
+                random = torch.cat([warp(probe[i: i + 1], flow_field(
                     torch.randn(1, 2, GRID, GRID, generator=generator) * RANDOM_WARP_SCALE, probe.shape[-1]))
                     for i in chosen])
                 variants.append((f"random warps x{k}", with_pairs(compact, probe, chosen, random, scan)))
-            if args.anchor_victims:
+            if args.anchor_victims and "recovered" in args.warps:
                 variants.append((f"recovered warp x{k}, victims anchored", anchored_victims(with_recovered, flow)))
         for name, curated in variants:
             model = copy.deepcopy(bundle)

@@ -16,6 +16,7 @@ from clipfast.attacks import (
     poison_pairs,
     trigger_parameters,
 )
+from clipfast.attacks.triggers import warp
 
 torch.set_num_threads(1)
 
@@ -133,6 +134,21 @@ def test_wanet_is_a_smooth_non_identity_warp_shared_by_all_images():
     assert torch.equal(trigger.apply(flat), flat)
     stronger = WaNetTrigger(strength=2.0).displacement(H, W)[3:-3, 3:-3].abs().max()
     assert stronger > 3 * magnitude
+
+
+def test_warp_by_a_displacement_field_is_wanet_s_resampling():
+    """attacks.triggers.warp (what warp-inversion experiments fit) resamples exactly as WaNet does."""
+    trigger = WaNetTrigger(strength=3.0, pattern_seed=5)
+    images = _images(4, seed=1)
+    displacement = trigger.displacement(H, W)
+    assert torch.equal(warp(images, displacement), trigger.apply(images))
+    assert torch.equal(warp(images, torch.zeros(H, W, 2)), images)
+    # Float images stay float and carry the gradient to the field, as a fitted warp needs.
+    field = displacement.clone().requires_grad_(True)
+    warped = warp(images.float() / 255, field)
+    assert warped.dtype == torch.float32 and ((warped * 255).round() - trigger.apply(images)).abs().max() <= 1
+    warped.sum().backward()
+    assert field.grad is not None and field.grad.abs().sum() > 0
 
 
 def test_label_consistent_degrades_only_when_poisoning():

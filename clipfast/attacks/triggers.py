@@ -249,6 +249,25 @@ def _identity_grid(height: int, width: int) -> torch.Tensor:
     return torch.stack([xs, ys], dim=-1)
 
 
+def _resample(images: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """images [N, 3, H, W] sampled at grid_sample's (x, y) coordinates grid [1 or N, H, W, 2]
+    (bilinear, borders repeated): uint8 in, uint8 out; float in, float out (differentiable)."""
+    grid = grid.to(images.device).expand(len(images), -1, -1, -1)
+    warped = F.grid_sample(images if images.is_floating_point() else images.float(), grid, mode="bilinear",
+                           padding_mode="border", align_corners=True)
+    return warped if images.is_floating_point() else _to_uint8(warped)
+
+
+def warp(images: torch.Tensor, displacement: torch.Tensor) -> torch.Tensor:
+    """images resampled along a field of pixel offsets, as WaNet warps them: output pixel (y, x) takes
+    the value at (x + dx, y + dy). displacement: float [H, W, 2], (dx, dy) in pixels (what
+    WaNetTrigger.displacement gives, or a field being fitted: float images keep the gradient)."""
+    height, width = images.shape[-2:]
+    scale = torch.tensor([2.0 / (width - 1), 2.0 / (height - 1)], device=displacement.device)
+    grid = (_identity_grid(height, width).to(displacement.device) + displacement * scale).clamp(-1, 1)
+    return _resample(images, grid[None])
+
+
 @dataclass(frozen=True)
 class WaNetTrigger(Trigger):
     """WaNet (Nguyen & Tran, 2021): a smooth elastic warp, the same for every image. A random
@@ -282,10 +301,7 @@ class WaNetTrigger(Trigger):
         return offset * torch.tensor([(width - 1) / 2, (height - 1) / 2])
 
     def _apply(self, images: torch.Tensor, seed: int) -> torch.Tensor:
-        n, _, height, width = images.shape
-        grid = self.sampling_grid(height, width).to(images.device).expand(n, -1, -1, -1)
-        warped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=True)
-        return _to_uint8(warped)
+        return _resample(images, self.sampling_grid(*images.shape[-2:]))
 
 
 @dataclass(frozen=True)
