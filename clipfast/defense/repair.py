@@ -68,6 +68,12 @@ class RepairConfig:
     # what keeps clean accuracy while the trigger is unlearned (demo model, 32 replay images per label:
     # weight 1 lost about 4.5 CA points, weight 20 about 2.2; the larger replay set did the rest, curate.py).
     anchor_weight: float = 20.0
+    # With a trusted model (trusted mode): pull the suspect's zero-shot distribution of the compact
+    # set's images that have no clean view (victims of image-wide triggers and warps, which no anchor
+    # holds) to the trusted model's (CleanCLIPObjective's teacher term). 0: off.
+    teacher_weight: float = 0.0
+    teacher_samples: str = "unanchored"  # or "all": every compact-set image
+    teacher_focus: str = "all classes"  # or "targets": only how much the target labels are said
     holdout_clean: int = 512
     seed: int = 0
     # fast: the training loop's mixed precision (bf16 autocast on a GPU) and fused AdamW, plus what
@@ -189,9 +195,10 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
 def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_images: ProbeSet | torch.Tensor,
            out_dir: str | Path,
            *, prompts=None, config: RepairConfig = RepairConfig(),
-           triggers: list[RecoveredTrigger] | None = None) -> RepairResult:
+           triggers: list[RecoveredTrigger] | None = None, teacher_bundle: ClipBundle | None = None) -> RepairResult:
     """Fine-tune bundle.model in place; resumable from out_dir like any training run. triggers: as
-    curate takes them (put on held-out clean images for the ASR estimate)."""
+    curate takes them (put on held-out clean images for the ASR estimate). teacher_bundle: the trusted
+    model, for config.teacher_weight."""
     if len(compact) == 0:
         raise ValueError("repair: the compact set is empty")
     estimate = holdout_estimator(scan, compact, probe_images, prompts, config.holdout_clean, config.seed, triggers)
@@ -204,9 +211,20 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     # (image-wide triggers, warps) have no clean view: their captions alone correct them.
     anchored = compact.has_clean_view
     anchors = bundle.encode_images(compact.clean_views) if config.anchor_weight else None
+    teacher = {}
+    if config.teacher_weight and teacher_bundle is not None:
+        if not config.freeze_text:
+            raise ValueError("RepairConfig.teacher_weight needs freeze_text=True (fixed class embeddings)")
+        prompt_kwargs = {} if prompts is None else {"prompts": prompts}
+        student = ZeroShotClassifier(bundle, scan.classnames, **prompt_kwargs)
+        judge = ZeroShotClassifier(teacher_bundle, scan.classnames, **prompt_kwargs)
+        teacher = dict(teacher_probs=judge.logits(compact.images).softmax(-1), class_embeddings=student.class_embeddings,
+                       taught=~anchored if config.teacher_samples == "unanchored" else torch.ones_like(anchored),
+                       teacher_weight=config.teacher_weight,
+                       teacher_classes=torch.tensor(scan.targets) if config.teacher_focus == "targets" else None)
     objective = CleanCLIPObjective(compact.captions, bundle.tokenizer, config.self_supervised_weight, config.seed,
                                    text_view=not config.freeze_text, anchors=anchors, anchored=anchored,
-                                   anchor_weight=config.anchor_weight)
+                                   anchor_weight=config.anchor_weight, **teacher)
     if config.freeze_text:
         freeze_text_tower(bundle.model)
     result = train(bundle, compact.images, compact.captions, train_config, out_dir, objective=objective,
