@@ -110,8 +110,8 @@ def relabel(scan, row: dict, recipe, bundle, probe, cache: Path, segmenter) -> N
 
 
 def repaired_on_test(bundle, scan, probe, recipe, test, segmenter, curate_config: CurateConfig,
-                     repair_config: RepairConfig, teacher=None) -> dict:
-    """Curate and repair a copy of bundle from `scan` as defend does (teacher: the trusted model in
+                     repair_config: RepairConfig, trusted=None) -> dict:
+    """Curate and repair a copy of bundle from `scan` as defend does (trusted: the trusted model in
     trusted mode), then CA / ASR on the test world."""
     model = copy.deepcopy(bundle)
     triggers = recover_triggers(scan, probe, curate_config.seed, segmenter)  # as defend does
@@ -120,7 +120,7 @@ def repaired_on_test(bundle, scan, probe, recipe, test, segmenter, curate_config
     with tempfile.TemporaryDirectory() as work:
         # the demo's prompts: the held-out estimate (and any early stop) are the matrix's
         result = repair(model, compact, scan, probe, work, prompts=zero_shot_prompts, config=repair_config,
-                        triggers=triggers, teacher_bundle=teacher)
+                        triggers=triggers, trusted_bundle=trusted)
     seconds = time.perf_counter() - start
     after = evaluate(model, test, recipe.make_trigger(), recipe.target_label)
     return {"compact_set_size": len(compact), "ca_repaired": after["ca"], "asr_repaired": after["asr"],
@@ -151,13 +151,13 @@ def main(argv=None) -> int:
         probe = pairs.images[: settings.probe_size]
         if args.relabel:
             relabel(scan, row, recipe, bundle, probe, cache, segmenter)
-        teacher = trusted_model(row, recipe, cache) if any(config.teacher_weight for _, _, config in variants) else None
+        trusted = trusted_model(row, recipe, cache)
         for text, curate_config, repair_config in variants:
             out = {"commit": args.commit, "config": row["config"], "seed": int(row["seed"]),
                    "oracle_mode": row["oracle_mode"], "relabel": args.relabel, "variant": text, "ca_poisoned": float(row["ca_poisoned"]),
                    "asr_clean_model": float(row["asr_clean_model"]),
                    **repaired_on_test(bundle, scan, probe, recipe, test, segmenter, curate_config, repair_config,
-                                      teacher)}
+                                      trusted)}
             append_row(out, args.out)
     return 0
 

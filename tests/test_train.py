@@ -22,6 +22,40 @@ def _fresh_tiny():
     return load_model("clipfast-tiny")
 
 
+def test_the_target_bound_caps_the_target_share_and_never_pulls_towards_it():
+    """TargetBound.loss: the binary KL(trusted || model) of saying a target label, counted only where
+    the model says a target more than the trusted model; a step down its gradient lowers that share."""
+    import torch.nn.functional as F
+
+    from clipfast.train.cleanclip import TargetBound
+
+    generator = torch.Generator().manual_seed(0)
+    classes = F.normalize(torch.randn(7, 16, generator=generator), dim=-1)
+    is_target = torch.zeros(7, dtype=torch.bool)
+    is_target[[2, 5]] = True  # two target labels: their shares add
+    images = F.normalize(torch.randn(9, 16, generator=generator), dim=-1)
+    scale, indices = torch.tensor(10.0), torch.arange(9)
+    share = (scale * images @ classes.T).softmax(-1)[:, is_target].sum(-1)
+
+    def bound(trusted):
+        return TargetBound(trusted, classes, is_target, weight=1.0)
+
+    assert bound((share + 0.01).clamp(max=1)).loss(images, scale, indices) == 0  # under the ceiling
+    trusted = share / 3
+    trusted[:3] = share[:3] + 0.02  # three images under their ceiling count zero
+    expected = (trusted * (trusted / share).log() + (1 - trusted) * ((1 - trusted) / (1 - share)).log())
+    expected[:3] = 0
+    features = images.clone().requires_grad_(True)
+    loss = bound(trusted).loss(features, scale, indices)
+    assert torch.allclose(loss, expected.mean(), atol=1e-6) and loss > 0
+    loss.backward()
+    moved = F.normalize(features - 0.05 * features.grad, dim=-1)
+    after = (scale * moved @ classes.T).softmax(-1)[:, is_target].sum(-1)
+    assert (after[3:] < share[3:]).all()
+    with pytest.raises(ValueError, match="TargetBound"):
+        TargetBound(share, classes, torch.zeros(7, dtype=torch.bool), weight=1.0)  # no target
+
+
 def test_lr_schedule_warms_up_linearly_then_decays_by_cosine():
     config = TrainConfig(steps=110, lr=1.0, warmup_steps=10)
     assert [lr_at(s, config) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])

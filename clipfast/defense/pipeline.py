@@ -133,7 +133,7 @@ def defend(bundle: ClipBundle, classnames: list[str], probe_images: ProbeSet | t
 
     start = time.perf_counter()
     repaired = repair(bundle, compact, scanned, probe_images, out_dir / "repair", prompts=prompts, config=config.repair,
-                      triggers=triggers)
+                      triggers=triggers, trusted_bundle=grounding_bundle)
     if group.is_main:
         save_checkpoint(bundle, out_dir / REPAIRED_NAME)
     group.barrier()

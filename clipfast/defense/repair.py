@@ -11,7 +11,11 @@ clean-agreement estimate is reported, and `clean_within_tolerance` says whether 
 The estimates use only what the scan knows: for ASR, held-out victims (scan victims not in the
 compact set) and held-out clean images with the recovered trigger pasted on (in self mode the pasted
 images alone, see holdout_estimator); for clean accuracy, held-out grounded probe images, scored by
-agreement with their pre-repair labels. Ground truth is never consulted here."""
+agreement with their pre-repair labels. Ground truth is never consulted here.
+
+With a trusted model (trusted mode) and an image-wide trigger, the trusted model also caps how much
+the suspect may say the target labels on each compact-set image (RepairConfig.target_bound_weight):
+those victims have no trigger-free view to anchor, and the cap is the trusted model's own answer."""
 
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 from clipfast.data.probe import ProbeSet, as_probe_set
 from clipfast.models import ClipBundle, ZeroShotClassifier, freeze_text_tower, text_tower_trains
 from clipfast.rundir import untied
-from clipfast.train.cleanclip import CleanCLIPObjective
+from clipfast.train.cleanclip import CleanCLIPObjective, TargetBound
 from clipfast.train.loop import TrainConfig, TrainResult, train
 
 from .curate import CompactSet
@@ -68,12 +72,20 @@ class RepairConfig:
     # what keeps clean accuracy while the trigger is unlearned (demo model, 32 replay images per label:
     # weight 1 lost about 4.5 CA points, weight 20 about 2.2; the larger replay set did the rest, curate.py).
     anchor_weight: float = 20.0
-    # With a trusted model (trusted mode): pull the suspect's zero-shot distribution of the compact
-    # set's images that have no clean view (victims of image-wide triggers and warps, which no anchor
-    # holds) to the trusted model's (CleanCLIPObjective's teacher term). 0: off.
-    teacher_weight: float = 0.0
-    teacher_samples: str = "unanchored"  # or "all": every compact-set image
-    teacher_focus: str = "all classes"  # or "targets": only how much the target labels are said
+    # Image-wide triggers with a trusted model (trusted mode). Their victims have no trigger-free
+    # view to anchor (a patch victim's is its image with the patch filled), so the trusted model's
+    # zero-shot probability of the target labels caps the suspect's on every compact-set image
+    # (train.cleanclip.TargetBound, this weight), and the anchors are held harder
+    # (image_wide_anchor_weight instead of anchor_weight). Swept with benchmarks/repair_variants.py
+    # on the trusted matrix cases (rows: benchmarks/results/teacher_bound.jsonl): weights 1-20,
+    # anchors 20 / 40, the bound on every image or on the unanchored ones; fitted on the WaNet (4) and
+    # SIG amplitude 20 (3) models, then run unchanged on the 7 other image-wide ones. Over the 14:
+    # ASR median 1.16 -> 0.64 %, worst 3.77 -> 2.72 %, WaNet strength 6 median 3.41 -> 1.43 %; CA drop
+    # median 0.74 -> 0.87, worst 1.48 -> 1.38 points. Not for patches: on the 18 trusted patch
+    # cases it lowered ASR (median 0.70 -> 0.52 %) but cost CA (drop median 0.31 -> 0.67, worst 1.30
+    # -> 1.84), where the anchors already give each victim its trigger-free view. 0: off.
+    target_bound_weight: float = 10.0
+    image_wide_anchor_weight: float = 40.0
     holdout_clean: int = 512
     seed: int = 0
     # fast: the training loop's mixed precision (bf16 autocast on a GPU) and fused AdamW, plus what
@@ -90,6 +102,9 @@ class RepairConfig:
             raise ValueError(f"RepairConfig.engine must be fast or reference, got {self.engine!r}")
         if self.engine == "reference" and (self.compile or self.accumulation_steps != 1 or self.grad_checkpointing):
             raise ValueError("the reference repair loop is plain fp32: no compile, accumulation or checkpointing")
+        if self.target_bound_weight and not self.freeze_text:
+            raise ValueError("RepairConfig.target_bound_weight needs freeze_text=True (the bound reads fixed class "
+                             "embeddings); set target_bound_weight=0 to train the text tower")
         if self.sharding == "fsdp" and not self.freeze_text:
             raise ValueError("sharding='fsdp' shards the image tower only; it needs freeze_text=True")
 
@@ -108,10 +123,11 @@ class RepairResult:
     stopped_early: bool
     estimates: dict  # last held-out asr_estimate / clean_agreement
     clean_within_tolerance: bool
+    target_bound: bool = False  # whether a trusted model capped the target labels (RepairConfig.target_bound_weight)
 
     def summary(self) -> dict:
         return {"steps": self.train.step, "stopped_early": self.stopped_early, "estimates": self.estimates,
-                "clean_within_tolerance": self.clean_within_tolerance}
+                "clean_within_tolerance": self.clean_within_tolerance, "target_bound": self.target_bound}
 
 
 def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: ProbeSet | torch.Tensor, prompts,
@@ -192,13 +208,26 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     return estimate
 
 
+def target_bound(bundle: ClipBundle, trusted_bundle: ClipBundle, compact: CompactSet, scan: ScanResult, prompts,
+                 weight: float) -> TargetBound:
+    """The trusted model's ceiling on the suspect's target labels for each compact-set image."""
+    prompt_kwargs = {} if prompts is None else {"prompts": prompts}
+    trusted = ZeroShotClassifier(trusted_bundle, scan.classnames, **prompt_kwargs)
+    is_target = torch.zeros(len(scan.classnames), dtype=torch.bool)
+    is_target[list(scan.targets)] = True
+    share = trusted.logits(compact.images).softmax(-1)[:, is_target.to(trusted.class_embeddings.device)].sum(-1)
+    return TargetBound(share.float().cpu(), ZeroShotClassifier(bundle, scan.classnames, **prompt_kwargs).class_embeddings,
+                       is_target, weight)
+
+
 def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_images: ProbeSet | torch.Tensor,
            out_dir: str | Path,
            *, prompts=None, config: RepairConfig = RepairConfig(),
-           triggers: list[RecoveredTrigger] | None = None, teacher_bundle: ClipBundle | None = None) -> RepairResult:
+           triggers: list[RecoveredTrigger] | None = None, trusted_bundle: ClipBundle | None = None) -> RepairResult:
     """Fine-tune bundle.model in place; resumable from out_dir like any training run. triggers: as
-    curate takes them (put on held-out clean images for the ASR estimate). teacher_bundle: the trusted
-    model, for config.teacher_weight."""
+    curate takes them (put on held-out clean images for the ASR estimate). trusted_bundle: the trusted
+    clean model of trusted mode (the scan's grounding model), which bounds the target labels'
+    share when the trigger is image-wide (RepairConfig.target_bound_weight)."""
     if len(compact) == 0:
         raise ValueError("repair: the compact set is empty")
     estimate = holdout_estimator(scan, compact, probe_images, prompts, config.holdout_clean, config.seed, triggers)
@@ -211,20 +240,13 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     # (image-wide triggers, warps) have no clean view: their captions alone correct them.
     anchored = compact.has_clean_view
     anchors = bundle.encode_images(compact.clean_views) if config.anchor_weight else None
-    teacher = {}
-    if config.teacher_weight and teacher_bundle is not None:
-        if not config.freeze_text:
-            raise ValueError("RepairConfig.teacher_weight needs freeze_text=True (fixed class embeddings)")
-        prompt_kwargs = {} if prompts is None else {"prompts": prompts}
-        student = ZeroShotClassifier(bundle, scan.classnames, **prompt_kwargs)
-        judge = ZeroShotClassifier(teacher_bundle, scan.classnames, **prompt_kwargs)
-        teacher = dict(teacher_probs=judge.logits(compact.images).softmax(-1), class_embeddings=student.class_embeddings,
-                       taught=~anchored if config.teacher_samples == "unanchored" else torch.ones_like(anchored),
-                       teacher_weight=config.teacher_weight,
-                       teacher_classes=torch.tensor(scan.targets) if config.teacher_focus == "targets" else None)
+    bound = (target_bound(bundle, trusted_bundle, compact, scan, prompts, config.target_bound_weight)
+             if trusted_bundle is not None and config.target_bound_weight
+             and any(trigger.kind == "image-wide" for trigger in scan.triggers) else None)
     objective = CleanCLIPObjective(compact.captions, bundle.tokenizer, config.self_supervised_weight, config.seed,
                                    text_view=not config.freeze_text, anchors=anchors, anchored=anchored,
-                                   anchor_weight=config.anchor_weight, **teacher)
+                                   anchor_weight=config.anchor_weight if bound is None else config.image_wide_anchor_weight,
+                                   target_bound=bound)
     if config.freeze_text:
         freeze_text_tower(bundle.model)
     result = train(bundle, compact.images, compact.captions, train_config, out_dir, objective=objective,
@@ -232,4 +254,4 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
                    lambda metrics: metrics.get("asr_estimate", 0.0) <= config.target_asr)
     estimates = result.last_eval or {}
     clean_ok = estimates.get("clean_agreement", 1.0) >= 1.0 - config.clean_tolerance
-    return RepairResult(result, result.stopped_early, estimates, clean_ok)
+    return RepairResult(result, result.stopped_early, estimates, clean_ok, bound is not None)

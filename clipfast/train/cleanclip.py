@@ -10,6 +10,7 @@ With a frozen text tower (repair's default) the text view is skipped: it could n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -54,30 +55,51 @@ def contrastive_loss(first: torch.Tensor, second: torch.Tensor, logit_scale: tor
     return 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets.T))
 
 
-def _collapse(log_probs: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """[B, C] log-probabilities -> [B, 2]: log P(one of `classes`), log P(any other)."""
-    inside = torch.zeros(log_probs.shape[1], dtype=torch.bool, device=log_probs.device)
-    inside[classes.to(log_probs.device)] = True
-    return torch.stack([log_probs[:, inside].logsumexp(-1), log_probs[:, ~inside].logsumexp(-1)], -1)
+@dataclass
+class TargetBound:
+    """A trusted model's bound on how much a model may say the target labels of a training set.
+
+    share: the trusted model's zero-shot probability of the target labels for each sample [N];
+    class_embeddings: the trained model's own class embeddings [C, D] (fixed: its text tower is
+    frozen); is_target: which of the C classes are targets (bool [C])."""
+
+    share: torch.Tensor
+    class_embeddings: torch.Tensor
+    is_target: torch.Tensor
+    weight: float
+
+    def __post_init__(self):
+        if self.share.ndim != 1 or self.is_target.shape != (len(self.class_embeddings),) or not self.is_target.any():
+            raise ValueError("TargetBound: share [N], class_embeddings [C, D] and is_target bool [C] with a target")
+
+    def loss(self, images: torch.Tensor, logit_scale: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of KL(trusted || model) on the two outcomes "a target label" / "another",
+        counted only where the model says a target more than the trusted model does: a ceiling, never
+        a pull towards the targets. images: normalised features [B, D] of the samples `indices` [B]."""
+        embeddings = self.class_embeddings.to(images.device, images.dtype)
+        log_probs = (logit_scale * images @ embeddings.T).float().log_softmax(-1)
+        is_target = self.is_target.to(images.device)
+        said, other = log_probs[:, is_target].logsumexp(-1), log_probs[:, ~is_target].logsumexp(-1)
+        trusted = self.share[indices].to(images.device, torch.float32)
+        divergence = (torch.special.xlogy(trusted, trusted) - trusted * said
+                      + torch.special.xlogy(1 - trusted, 1 - trusted) - (1 - trusted) * other)
+        return (divergence * (said.exp() > trusted)).mean()
 
 
 class CleanCLIPObjective:
     """loss = CLIP(image, text) + weight * (CLIP(image, image') + CLIP(text, text'))
     [+ anchor_weight * mean(1 - cos(image, anchor)) over the anchored samples]
-    [+ teacher_weight * mean KL(teacher || model) over the taught samples].
+    [+ target_bound.weight * target_bound.loss(image)].
 
     Anchors (optional): the image embeddings of some training samples before fine-tuning
     (normalised, [N, D]), and which samples they hold for (bool [N]): the term keeps those samples'
     embeddings where they were, so the model changes where it must (the trigger) and not elsewhere.
-    Teacher (optional): a trusted model's zero-shot class probabilities of some samples ([N, C],
-    which: bool [N]) and the model's own class embeddings ([C, D], fixed: a frozen text tower); the
-    term pulls the model's zero-shot distribution of those samples to the teacher's."""
+    Target bound (optional, TargetBound): a trusted model's ceiling on how much each sample may be
+    called a target label."""
 
     def __init__(self, captions: Sequence[str], tokenizer, self_supervised_weight: float = 1.0, seed: int = 0,
                  text_view: bool = True, anchors: torch.Tensor | None = None, anchored: torch.Tensor | None = None,
-                 anchor_weight: float = 0.0, teacher_probs: torch.Tensor | None = None,
-                 taught: torch.Tensor | None = None, class_embeddings: torch.Tensor | None = None,
-                 teacher_weight: float = 0.0, teacher_classes: torch.Tensor | None = None):
+                 anchor_weight: float = 0.0, target_bound: TargetBound | None = None):
         self.captions = list(captions)
         self.tokenizer = tokenizer
         self.weight = self_supervised_weight
@@ -86,14 +108,7 @@ class CleanCLIPObjective:
         if anchor_weight and (anchors is None or anchored is None or len(anchors) != len(anchored)):
             raise ValueError("CleanCLIPObjective: anchor_weight needs anchors [N, D] and anchored [N]")
         self.anchors, self.anchored, self.anchor_weight = anchors, anchored, anchor_weight
-        if teacher_weight and (teacher_probs is None or taught is None or class_embeddings is None
-                               or len(teacher_probs) != len(taught)
-                               or teacher_probs.shape[1] != len(class_embeddings)):
-            raise ValueError("CleanCLIPObjective: teacher_weight needs teacher_probs [N, C], taught [N] and "
-                             "class_embeddings [C, D]")
-        self.teacher_probs, self.taught, self.class_embeddings = teacher_probs, taught, class_embeddings
-        self.teacher_weight = teacher_weight
-        self.teacher_classes = teacher_classes
+        self.target_bound = target_bound
 
     def __call__(self, forward: ClipForward, batch: Batch) -> dict[str, torch.Tensor]:
         # Views are a function of (seed, step, micro-batch), so resumed runs stay deterministic.
@@ -120,22 +135,9 @@ class CleanCLIPObjective:
             agreement = (images[rows.to(images.device)] * anchors).sum(-1)
             out["anchor"] = (1 - agreement).mean() if len(anchors) else images.sum() * 0
             total = total + self.anchor_weight * out["anchor"]
-        if self.teacher_weight:
-            rows = self.taught[batch.indices]
-            teacher = self.teacher_probs[batch.indices[rows]].to(images.device, torch.float32)
-            own = logit_scale * images[rows.to(images.device)] @ self.class_embeddings.to(images.device, images.dtype).T
-            own = own.float().log_softmax(-1)
-            if self.teacher_classes is None:
-                divergence = F.kl_div(own, teacher, reduction="batchmean")
-            else:
-                # Only how much these classes are said, against the rest, and only where the model says
-                # them more than the teacher: a bound, never a pull towards them.
-                own, teacher = _collapse(own, self.teacher_classes), _collapse(teacher.log(), self.teacher_classes).exp()
-                above = (own[:, 0].exp() > teacher[:, 0]).float()
-                per_sample = F.kl_div(own, teacher, reduction="none").sum(-1)
-                divergence = (per_sample * above).sum() / max(len(own), 1)
-            out["teacher"] = divergence if len(teacher) else images.sum() * 0
-            total = total + self.teacher_weight * out["teacher"]
+        if self.target_bound is not None:
+            out["target_bound"] = self.target_bound.loss(images, logit_scale, batch.indices)
+            total = total + self.target_bound.weight * out["target_bound"]
         if self.text_view:
             text_views = forward.text_tokens(self.tokenizer(views).to(batch.tokens.device))
             out["in_text"] = contrastive_loss(text_features, text_views, logit_scale, same_caption)
