@@ -1,7 +1,8 @@
 """Is a repaired WaNet model's residual ASR the backdoor, or any warp's pull towards the target? (issue 17)
 
-The trusted WaNet cases keep 2.8-3.8 % ASR after repair at strength 6 (clean-model floors 1.3-2.6 %)
-under every repair variant tried (results/wanet_repair_sweep.jsonl, warp_unlearning.jsonl). ASR
+Before the trusted model's target bound (repair.py, d15be4e) the trusted WaNet cases kept 2.8-3.8 %
+ASR after repair at strength 6 (clean-model floors 1.3-2.6 %) under every repair variant tried
+(results/wanet_repair_sweep.jsonl, warp_unlearning.jsonl). ASR
 counts every non-target test image the attacker's warp sends to the target, so it mixes two things:
 what the backdoor still does for *that* warp, and how often the model calls any warped (or plain)
 image the target. This separates them on the saved scans of a finished matrix run's trusted WaNet
@@ -75,15 +76,20 @@ def main(argv=None) -> int:
         recipe, bundle, pairs, scan = case
         probe, target, trigger = pairs.images[: settings.probe_size], recipe.target_label, recipe.make_trigger()
         images = test.images[test.labels != target]
-        models = {"poisoned": bundle, "trusted clean": trusted_model(row, recipe, cache)}
+        trusted = trusted_model(row, recipe, cache)
+        models = {"poisoned": bundle, "trusted clean": trusted}
         triggers = recover_triggers(scan, probe, 0, segmenter)  # as defend does
         repaired = copy.deepcopy(bundle)
         with tempfile.TemporaryDirectory() as work:
-            repair(repaired, curate(scan, probe, CurateConfig(), triggers), scan, probe, work,
-                   prompts=zero_shot_prompts, config=RepairConfig(progress=False), triggers=triggers)
+            result = repair(repaired, curate(scan, probe, CurateConfig(), triggers), scan, probe, work,
+                            prompts=zero_shot_prompts, config=RepairConfig(progress=False), triggers=triggers,
+                            trusted_bundle=trusted)
+        # "default repair": defend's, with the trusted model's target bound since d15be4e (target_bound
+        # true); the rows without the field are the repair before it.
         models["default repair"] = repaired
         for name, model in models.items():
             append_row({"commit": args.commit, "config": row["config"], "seed": int(row["seed"]), "model": name,
+                        "target_bound": result.target_bound if name == "default repair" else None,
                         "ca": evaluate(model, test)["ca"], "asr_matrix_row": float(row["asr_repaired"]),
                         **target_shares(model, scan.classnames, images, trigger, target)}, args.out)
     return 0
