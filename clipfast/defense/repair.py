@@ -237,7 +237,8 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     # keep their embeddings; an unlearning pair (clean image + recovered trigger) is pulled to its clean
     # image's embedding, so the model learns to ignore the trigger rather than relearn the classes.
     # A patch victim is pulled to its view with the trigger region filled (curate.py); other victims
-    # (image-wide triggers, warps) have no clean view: their captions alone correct them.
+    # (image-wide triggers, warps) have no clean view: their captions correct them, and in trusted
+    # mode the trusted model's target bound caps what they may still say (RepairConfig.target_bound_weight).
     anchored = compact.has_clean_view
     anchors = bundle.encode_images(compact.clean_views) if config.anchor_weight else None
     bound = (target_bound(bundle, trusted_bundle, compact, scan, prompts, config.target_bound_weight)
