@@ -27,8 +27,6 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import torch
-
 from clipfast.data.world import zero_shot_prompts
 from clipfast.defense.curate import CurateConfig, curate
 from clipfast.defense.repair import RepairConfig, repair
