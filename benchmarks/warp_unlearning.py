@@ -32,6 +32,9 @@ views, as a patch victim is anchored to its view with the patch filled.
 The third repairs with pairs warped by the attacker's own field, which no defence knows: the upper
 bound of what any inversion could bring within this repair.
 
+Its repairs run without the trusted model's target bound (repair.py, since d15be4e): they measure
+what warp pairs add to the repair as it was before the bound, which the committed rows are.
+
 Rows go to `--out` (JSON lines) as they end.
 """
 
