@@ -83,7 +83,10 @@ class RepairConfig:
     # ASR median 1.16 -> 0.64 %, worst 3.77 -> 2.72 %, WaNet strength 6 median 3.41 -> 1.43 %; CA drop
     # median 0.74 -> 0.87, worst 1.48 -> 1.38 points. Not for patches: on the 18 trusted patch
     # cases it lowered ASR (median 0.70 -> 0.52 %) but cost CA (drop median 0.31 -> 0.67, worst 1.30
-    # -> 1.84), where the anchors already give each victim its trigger-free view. 0: off.
+    # -> 1.84), where the anchors already give each victim its trigger-free view; a lighter weight (2)
+    # kept CA there (drop median 0.31 -> 0.36) and lowered ASR in all 18 (median 0.70 -> 0.57 %;
+    # benchmarks/repair_variants.py --bound-patches, results/bound_patches.jsonl): not adopted until
+    # the matrix rows are rerun with it. 0: off.
     target_bound_weight: float = 10.0
     image_wide_anchor_weight: float = 40.0
     holdout_clean: int = 512
