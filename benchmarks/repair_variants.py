@@ -110,16 +110,12 @@ def relabel(scan, row: dict, recipe, bundle, probe, cache: Path, segmenter) -> N
 
 
 def repaired_on_test(bundle, scan, probe, recipe, test, segmenter, curate_config: CurateConfig,
-                     repair_config: RepairConfig, trusted=None, bound_patches: bool = False) -> dict:
+                     repair_config: RepairConfig, trusted=None) -> dict:
     """Curate and repair a copy of bundle from `scan` as defend does (trusted: the trusted model in
-    trusted mode), then CA / ASR on the test world. bound_patches: repair as if every trigger were
-    image-wide (the trusted model's target bound and image_wide_anchor_weight for patches too; the
-    held-out estimate then counts a patch target's discordant victims as well)."""
+    trusted mode), then CA / ASR on the test world."""
     model = copy.deepcopy(bundle)
     triggers = recover_triggers(scan, probe, curate_config.seed, segmenter)  # as defend does
     compact = curate(scan, probe, curate_config, triggers)
-    if bound_patches:
-        scan = dataclasses.replace(scan, triggers=[dataclasses.replace(t, kind="image-wide") for t in scan.triggers])
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
         # the demo's prompts: the held-out estimate (and any early stop) are the matrix's
@@ -138,8 +134,6 @@ def main(argv=None) -> int:
     parser.add_argument("--configs", nargs="+", default=None, help="matrix configuration names (default: all)")
     parser.add_argument("--modes", nargs="+", default=["self", "trusted"], choices=["self", "trusted"])
     parser.add_argument("--variant", action="append", default=None, help="FIELD=VALUE,... or 'default' (repeatable)")
-    parser.add_argument("--bound-patches", action="store_true",
-                        help="repair every case as an image-wide one (measures the target bound on patch triggers)")
     parser.add_argument("--relabel", action="store_true",
                         help="name the patch victims with their trigger inpainted first (scans saved before e1fd052)")
     parser.add_argument("--out", type=Path, default=Path("repair_variants.jsonl"))
@@ -161,10 +155,10 @@ def main(argv=None) -> int:
         for text, curate_config, repair_config in variants:
             out = {"commit": args.commit, "config": row["config"], "seed": int(row["seed"]),
                    "oracle_mode": row["oracle_mode"], "relabel": args.relabel, "variant": text,
-                   **({"bound_patches": True} if args.bound_patches else {}), "ca_poisoned": float(row["ca_poisoned"]),
+                   "ca_poisoned": float(row["ca_poisoned"]),
                    "asr_clean_model": float(row["asr_clean_model"]),
                    **repaired_on_test(bundle, scan, probe, recipe, test, segmenter, curate_config, repair_config,
-                                      trusted, args.bound_patches)}
+                                      trusted)}
             append_row(out, args.out)
     return 0
 

@@ -82,12 +82,13 @@ def main(argv=None) -> int:
             result = repair(repaired, curate(scan, probe, CurateConfig(), triggers), scan, probe, work,
                             prompts=zero_shot_prompts, config=RepairConfig(progress=False), triggers=triggers,
                             trusted_bundle=trusted)
-        # "default repair": defend's, with the trusted model's target bound since d15be4e (target_bound
-        # true); the rows without the field are the repair before it.
+        # "default repair": defend's, with the trusted model's target bound since d15be4e (rows of
+        # d15be4e-de270a5: target_bound true; since: target_bound_weight); rows with neither field are the
+        # repair before it.
         models["default repair"] = repaired
         for name, model in models.items():
             append_row({"commit": args.commit, "config": row["config"], "seed": int(row["seed"]), "model": name,
-                        "target_bound": result.target_bound if name == "default repair" else None,
+                        "target_bound_weight": result.target_bound_weight if name == "default repair" else None,
                         "ca": evaluate(model, test)["ca"], "asr_matrix_row": float(row["asr_repaired"]),
                         **target_shares(model, scan.classnames, images, trigger, target)}, args.out)
     return 0

@@ -369,11 +369,15 @@ def test_repair_runs_its_whole_budget_unless_a_target_asr_is_set(tmp_path, targe
     assert "asr_estimate" in result.estimates
 
 
-@pytest.mark.parametrize("kind, trusted, bounded", [("image-wide", True, True), ("patch", True, False),
-                                                    ("image-wide", False, False)])
-def test_a_trusted_model_caps_the_target_labels_only_for_an_image_wide_trigger(tmp_path, kind, trusted, bounded):
-    """The target bound (RepairConfig.target_bound_weight) needs a trusted model and an image-wide
-    trigger: patch victims have their trigger-free views as anchors instead."""
+@pytest.mark.parametrize("kind, trusted, weights, bound", [
+    ("image-wide", True, {}, 10.0), ("patch", True, {}, 2.0), ("image-wide", False, {}, 0.0),
+    ("patch", False, {}, 0.0), ("patch", True, {"patch_target_bound_weight": 0}, 0.0),
+    ("image-wide", True, {"target_bound_weight": 0, "patch_target_bound_weight": 3}, 0.0)])
+def test_a_trusted_model_caps_the_target_labels_at_the_weight_of_the_trigger_kind(tmp_path, kind, trusted, weights,
+                                                                                  bound):
+    """The target bound needs a trusted model; an image-wide trigger's victims get the full weight
+    (RepairConfig.target_bound_weight), a patch trigger's, which have their trigger-free views as
+    anchors, the lighter patch_target_bound_weight."""
     import dataclasses
 
     from clipfast.defense.repair import RepairConfig, repair
@@ -384,18 +388,21 @@ def test_a_trusted_model_caps_the_target_labels_only_for_an_image_wide_trigger(t
     scan.triggers = [dataclasses.replace(scan.triggers[0], kind=kind)]
     images = torch.randint(0, 256, (12, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1))
-    config = RepairConfig(max_steps=2, batch_size=4, warmup_steps=1, eval_every=2, holdout_clean=4, progress=False)
+    config = RepairConfig(max_steps=2, batch_size=4, warmup_steps=1, eval_every=2, holdout_clean=4, progress=False,
+                          **weights)
     result = repair(load_model("clipfast-tiny"), compact, scan, images, tmp_path, config=config,
                     trusted_bundle=load_model("clipfast-tiny") if trusted else None)
-    assert result.target_bound == bounded and result.summary()["target_bound"] == bounded
+    assert result.target_bound_weight == bound and result.summary()["target_bound_weight"] == bound
 
 
 def test_the_target_bound_needs_a_frozen_text_tower():
     from clipfast.defense.repair import RepairConfig
 
-    with pytest.raises(ValueError, match="target_bound_weight needs freeze_text=True"):
+    with pytest.raises(ValueError, match="need freeze_text=True"):
         RepairConfig(freeze_text=False)
-    assert not RepairConfig(freeze_text=False, target_bound_weight=0).freeze_text
+    with pytest.raises(ValueError, match="need freeze_text=True"):
+        RepairConfig(freeze_text=False, target_bound_weight=0)
+    assert not RepairConfig(freeze_text=False, target_bound_weight=0, patch_target_bound_weight=0).freeze_text
 
 
 def test_repair_checkpoints_on_their_own_cadence_and_it_does_not_tie_a_run():

@@ -13,9 +13,10 @@ compact set) and held-out clean images with the recovered trigger pasted on (in 
 images alone, see holdout_estimator); for clean accuracy, held-out grounded probe images, scored by
 agreement with their pre-repair labels. Ground truth is never consulted here.
 
-With a trusted model (trusted mode) and an image-wide trigger, the trusted model also caps how much
-the suspect may say the target labels on each compact-set image (RepairConfig.target_bound_weight):
-those victims have no trigger-free view to anchor, and the cap is the trusted model's own answer."""
+With a trusted model (trusted mode), the trusted model also caps how much the suspect may say the
+target labels on each compact-set image (RepairConfig.target_bound_weight): an image-wide trigger's
+victims have no trigger-free view to anchor, and the cap is the trusted model's own answer; a patch
+trigger's have theirs, and get a lighter cap (patch_target_bound_weight)."""
 
 from __future__ import annotations
 
@@ -72,23 +73,27 @@ class RepairConfig:
     # what keeps clean accuracy while the trigger is unlearned (demo model, 32 replay images per label:
     # weight 1 lost about 4.5 CA points, weight 20 about 2.2; the larger replay set did the rest, curate.py).
     anchor_weight: float = 20.0
-    # Image-wide triggers with a trusted model (trusted mode). Their victims have no trigger-free
-    # view to anchor (a patch victim's is its image with the patch filled), so the trusted model's
-    # zero-shot probability of the target labels caps the suspect's on every compact-set image
-    # (train.cleanclip.TargetBound, this weight), and the anchors are held harder
-    # (image_wide_anchor_weight instead of anchor_weight). Swept with benchmarks/repair_variants.py
-    # on the trusted matrix cases (rows: benchmarks/results/teacher_bound.jsonl): weights 1-20,
-    # anchors 20 / 40, the bound on every image or on the unanchored ones; fitted on the WaNet (4) and
-    # SIG amplitude 20 (3) models, then run unchanged on the 7 other image-wide ones. Over the 14:
-    # ASR median 1.16 -> 0.64 %, worst 3.77 -> 2.72 %, WaNet strength 6 median 3.41 -> 1.43 %; CA drop
-    # median 0.74 -> 0.87, worst 1.48 -> 1.38 points. Not for patches: on the 18 trusted patch
-    # cases it lowered ASR (median 0.70 -> 0.52 %) but cost CA (drop median 0.31 -> 0.67, worst 1.30
-    # -> 1.84), where the anchors already give each victim its trigger-free view; a lighter weight (2)
-    # kept CA there (drop median 0.31 -> 0.36) and lowered ASR in all 18 (median 0.70 -> 0.57 %;
-    # benchmarks/repair_variants.py --bound-patches, results/bound_patches.jsonl): not adopted until
-    # the matrix rows are rerun with it. 0: off.
+    # The trusted model's target bound (trusted mode only). Its zero-shot probability of the target
+    # labels caps the suspect's on every compact-set image (train.cleanclip.TargetBound, at this
+    # weight), and the anchors are held harder while it applies (bounded_anchor_weight instead of
+    # anchor_weight). Image-wide triggers: their victims have no trigger-free view to anchor (a patch
+    # victim's is its image with the patch filled), so the cap is what corrects them. Swept with
+    # benchmarks/repair_variants.py on the trusted matrix cases (rows: benchmarks/results/teacher_bound.jsonl):
+    # weights 1-20, anchors 20 / 40, the bound on every image or on the unanchored ones; fitted on the
+    # WaNet (4) and SIG amplitude 20 (3) models, then run unchanged on the 7 other image-wide ones.
+    # Over the 14: ASR median 1.16 -> 0.64 %, worst 3.77 -> 2.72 %, WaNet strength 6 median 3.41 ->
+    # 1.43 %; CA drop median 0.74 -> 0.87, worst 1.48 -> 1.38 points. 0: off.
     target_bound_weight: float = 10.0
-    image_wide_anchor_weight: float = 40.0
+    # Patch triggers: their victims have their anchors, and the image-wide weight cost CA there (the 18
+    # trusted patch cases: drop median 0.31 -> 0.67, worst 1.30 -> 1.84 points, for ASR median 0.70 ->
+    # 0.52 %); weight 2 kept it (drop median 0.31 -> 0.36, worst 1.30 -> 1.36) and lowered ASR in all
+    # 18 (median 0.70 -> 0.57 %, worst 2.88 -> 2.65 %, 4 px corner median 0.94 -> 0.76 %), weight 5
+    # lost up to 1.64 (benchmarks/repair_variants.py on e2b4754's saved scans, rows in
+    # results/bound_patches.jsonl: made at de270a5 with a flag, since removed, that repaired patch cases
+    # as image-wide ones with these weights; anchors 40 in both). Chosen on all 18 (no held-out patch
+    # models); the 3 label-consistent models were not in the sweep. 0: off for patches.
+    patch_target_bound_weight: float = 2.0
+    bounded_anchor_weight: float = 40.0
     holdout_clean: int = 512
     seed: int = 0
     # fast: the training loop's mixed precision (bf16 autocast on a GPU) and fused AdamW, plus what
@@ -105,9 +110,9 @@ class RepairConfig:
             raise ValueError(f"RepairConfig.engine must be fast or reference, got {self.engine!r}")
         if self.engine == "reference" and (self.compile or self.accumulation_steps != 1 or self.grad_checkpointing):
             raise ValueError("the reference repair loop is plain fp32: no compile, accumulation or checkpointing")
-        if self.target_bound_weight and not self.freeze_text:
-            raise ValueError("RepairConfig.target_bound_weight needs freeze_text=True (the bound reads fixed class "
-                             "embeddings); set target_bound_weight=0 to train the text tower")
+        if (self.target_bound_weight or self.patch_target_bound_weight) and not self.freeze_text:
+            raise ValueError("RepairConfig.target_bound_weight and patch_target_bound_weight need freeze_text=True "
+                             "(the bound reads fixed class embeddings); set both to 0 to train the text tower")
         if self.sharding == "fsdp" and not self.freeze_text:
             raise ValueError("sharding='fsdp' shards the image tower only; it needs freeze_text=True")
 
@@ -126,11 +131,13 @@ class RepairResult:
     stopped_early: bool
     estimates: dict  # last held-out asr_estimate / clean_agreement
     clean_within_tolerance: bool
-    target_bound: bool = False  # whether a trusted model capped the target labels (RepairConfig.target_bound_weight)
+    # the weight at which a trusted model capped the target labels (RepairConfig.target_bound_weight
+    # or patch_target_bound_weight); 0: no bound
+    target_bound_weight: float = 0.0
 
     def summary(self) -> dict:
         return {"steps": self.train.step, "stopped_early": self.stopped_early, "estimates": self.estimates,
-                "clean_within_tolerance": self.clean_within_tolerance, "target_bound": self.target_bound}
+                "clean_within_tolerance": self.clean_within_tolerance, "target_bound_weight": self.target_bound_weight}
 
 
 def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: ProbeSet | torch.Tensor, prompts,
@@ -230,7 +237,8 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     """Fine-tune bundle.model in place; resumable from out_dir like any training run. triggers: as
     curate takes them (put on held-out clean images for the ASR estimate). trusted_bundle: the trusted
     clean model of trusted mode (the scan's grounding model), which bounds the target labels'
-    share when the trigger is image-wide (RepairConfig.target_bound_weight)."""
+    share (RepairConfig.target_bound_weight for an image-wide trigger, patch_target_bound_weight for
+    patches)."""
     if len(compact) == 0:
         raise ValueError("repair: the compact set is empty")
     estimate = holdout_estimator(scan, compact, probe_images, prompts, config.holdout_clean, config.seed, triggers)
@@ -241,15 +249,18 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     # image's embedding, so the model learns to ignore the trigger rather than relearn the classes.
     # A patch victim is pulled to its view with the trigger region filled (curate.py); other victims
     # (image-wide triggers, warps) have no clean view: their captions correct them, and in trusted
-    # mode the trusted model's target bound caps what they may still say (RepairConfig.target_bound_weight).
+    # mode the trusted model's target bound caps what any image may still say (RepairConfig.target_bound_weight;
+    # lighter for patches, patch_target_bound_weight).
     anchored = compact.has_clean_view
     anchors = bundle.encode_images(compact.clean_views) if config.anchor_weight else None
-    bound = (target_bound(bundle, trusted_bundle, compact, scan, prompts, config.target_bound_weight)
-             if trusted_bundle is not None and config.target_bound_weight
-             and any(trigger.kind == "image-wide" for trigger in scan.triggers) else None)
+    bound_weight = 0.0
+    if trusted_bundle is not None and scan.triggers:
+        image_wide = any(trigger.kind == "image-wide" for trigger in scan.triggers)
+        bound_weight = config.target_bound_weight if image_wide else config.patch_target_bound_weight
+    bound = target_bound(bundle, trusted_bundle, compact, scan, prompts, bound_weight) if bound_weight else None
     objective = CleanCLIPObjective(compact.captions, bundle.tokenizer, config.self_supervised_weight, config.seed,
                                    text_view=not config.freeze_text, anchors=anchors, anchored=anchored,
-                                   anchor_weight=config.anchor_weight if bound is None else config.image_wide_anchor_weight,
+                                   anchor_weight=config.anchor_weight if bound is None else config.bounded_anchor_weight,
                                    target_bound=bound)
     if config.freeze_text:
         freeze_text_tower(bundle.model)
@@ -258,4 +269,4 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
                    lambda metrics: metrics.get("asr_estimate", 0.0) <= config.target_asr)
     estimates = result.last_eval or {}
     clean_ok = estimates.get("clean_agreement", 1.0) >= 1.0 - config.clean_tolerance
-    return RepairResult(result, result.stopped_early, estimates, clean_ok, bound is not None)
+    return RepairResult(result, result.stopped_early, estimates, clean_ok, bound_weight)
