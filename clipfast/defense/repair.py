@@ -94,6 +94,9 @@ class RepairConfig:
     # models); the 3 label-consistent models were not in the sweep. 0: off for patches.
     patch_target_bound_weight: float = 2.0
     bounded_anchor_weight: float = 40.0
+    # PROTOTYPE (measuring): in self mode, the suspect's own pre-repair target share on each image's
+    # trigger-free view as the ceiling. 0: off.
+    self_target_bound_weight: float = 0.0
     holdout_clean: int = 512
     seed: int = 0
     # fast: the training loop's mixed precision (bf16 autocast on a GPU) and fused AdamW, plus what
@@ -110,9 +113,10 @@ class RepairConfig:
             raise ValueError(f"RepairConfig.engine must be fast or reference, got {self.engine!r}")
         if self.engine == "reference" and (self.compile or self.accumulation_steps != 1 or self.grad_checkpointing):
             raise ValueError("the reference repair loop is plain fp32: no compile, accumulation or checkpointing")
-        if (self.target_bound_weight or self.patch_target_bound_weight) and not self.freeze_text:
+        if (self.target_bound_weight or self.patch_target_bound_weight or self.self_target_bound_weight) \
+                and not self.freeze_text:
             raise ValueError("RepairConfig.target_bound_weight and patch_target_bound_weight need freeze_text=True "
-                             "(the bound reads fixed class embeddings); set both to 0 to train the text tower")
+                             "(the bound reads fixed class embeddings); set them to 0 to train the text tower")
         if self.sharding == "fsdp" and not self.freeze_text:
             raise ValueError("sharding='fsdp' shards the image tower only; it needs freeze_text=True")
 
@@ -141,14 +145,15 @@ class RepairResult:
 
 
 def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: ProbeSet | torch.Tensor, prompts,
-                      holdout_clean: int, seed: int, triggers: list[RecoveredTrigger] | None = None
-                      ) -> Callable[[ClipBundle], dict]:
+                      holdout_clean: int, seed: int, triggers: list[RecoveredTrigger] | None = None,
+                      classifier: ZeroShotClassifier | None = None) -> Callable[[ClipBundle], dict]:
     """eval_fn for the training loop: the attack success rate on held-out triggered images (victims
     not in the compact set whose oracle label is not a target, those with patch evidence for a patch
     target, and held-out clean images of non-target labels with the recovered trigger put on where it
     can be: asr_hits of asr_n; in self mode the pasted images alone when there are any), and agreement
     with the pre-repair labels on held-out clean images. Both parts are reported on their own too
-    (asr_victim_hits / _n, asr_pasted_hits / _n)."""
+    (asr_victim_hits / _n, asr_pasted_hits / _n). classifier: the trained model's zero-shot classifier
+    when its text tower stays frozen (its class embeddings then never change), else None."""
     probe_images = as_probe_set(probe_images)
     in_compact = torch.zeros(len(probe_images), dtype=torch.bool)
     in_compact[compact.source_indices] = True
@@ -169,7 +174,7 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     clean = clean[~in_compact[clean]]
     clean = clean[torch.randperm(len(clean), generator=torch.Generator().manual_seed(seed))[:holdout_clean]]
     prompt_kwargs = {} if prompts is None else {"prompts": prompts}
-    fixed_classifier = None
+    fixed_classifier = classifier
     clean_pictures = probe_images.read(clean)  # read once
     source = ~torch.isin(scan.image_label[clean], targets)  # ASR counts images of other labels only
     if triggers is None:
@@ -197,7 +202,8 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     def estimate(bundle: ClipBundle) -> dict:
         nonlocal fixed_classifier
         # A frozen text tower keeps the class embeddings: encode the vocabulary once.
-        classifier = fixed_classifier or ZeroShotClassifier(bundle, scan.classnames, **prompt_kwargs)
+        classifier = (ZeroShotClassifier(bundle, scan.classnames, **prompt_kwargs) if fixed_classifier is None
+                      else fixed_classifier.encoding_with(bundle))
         if not text_tower_trains(bundle.model):
             fixed_classifier = classifier
         out = {}
@@ -218,16 +224,21 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     return estimate
 
 
-def target_bound(bundle: ClipBundle, trusted_bundle: ClipBundle, compact: CompactSet, scan: ScanResult, prompts,
-                 weight: float) -> TargetBound:
-    """The trusted model's ceiling on the suspect's target labels for each compact-set image."""
+def target_bound(suspect: ZeroShotClassifier, trusted_bundle: ClipBundle | None, compact: CompactSet,
+                 scan: ScanResult, prompts, weight: float) -> TargetBound:
+    """The ceiling on the suspect's target labels for each compact-set image: the trusted model's
+    zero-shot share of them, or without one (self mode) the suspect's own pre-repair share on the
+    image's trigger-free view (no ceiling where it has none)."""
     prompt_kwargs = {} if prompts is None else {"prompts": prompts}
-    trusted = ZeroShotClassifier(trusted_bundle, scan.classnames, **prompt_kwargs)
     is_target = torch.zeros(len(scan.classnames), dtype=torch.bool)
     is_target[list(scan.targets)] = True
-    share = trusted.logits(compact.images).softmax(-1)[:, is_target.to(trusted.class_embeddings.device)].sum(-1)
-    return TargetBound(share.float().cpu(), ZeroShotClassifier(bundle, scan.classnames, **prompt_kwargs).class_embeddings,
-                       is_target, weight)
+    if trusted_bundle is not None:
+        trusted = ZeroShotClassifier(trusted_bundle, scan.classnames, **prompt_kwargs)
+        share = trusted.logits(compact.images).softmax(-1)[:, is_target.to(trusted.class_embeddings.device)].sum(-1)
+    else:
+        share = suspect.logits(compact.clean_views).softmax(-1)[:, is_target.to(suspect.class_embeddings.device)].sum(-1)
+        share = torch.where(compact.has_clean_view.to(share.device), share, torch.ones_like(share))
+    return TargetBound(share.float().cpu(), suspect.class_embeddings, is_target, weight)
 
 
 def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_images: ProbeSet | torch.Tensor,
@@ -241,7 +252,11 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     patches)."""
     if len(compact) == 0:
         raise ValueError("repair: the compact set is empty")
-    estimate = holdout_estimator(scan, compact, probe_images, prompts, config.holdout_clean, config.seed, triggers)
+    # With the text tower frozen the vocabulary is encoded once, for the estimate and the bound.
+    classifier = (ZeroShotClassifier(bundle, scan.classnames, **({} if prompts is None else {"prompts": prompts}))
+                  if config.freeze_text else None)
+    estimate = holdout_estimator(scan, compact, probe_images, prompts, config.holdout_clean, config.seed, triggers,
+                                 classifier)
 
     train_config = config.train_config()
     # Anchors: what the model said before repair about each image without the trigger. Replay images
@@ -257,7 +272,9 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     if trusted_bundle is not None and scan.triggers:
         image_wide = any(trigger.kind == "image-wide" for trigger in scan.triggers)
         bound_weight = config.target_bound_weight if image_wide else config.patch_target_bound_weight
-    bound = target_bound(bundle, trusted_bundle, compact, scan, prompts, bound_weight) if bound_weight else None
+    elif scan.triggers:
+        bound_weight = config.self_target_bound_weight
+    bound = target_bound(classifier, trusted_bundle, compact, scan, prompts, bound_weight) if bound_weight else None
     objective = CleanCLIPObjective(compact.captions, bundle.tokenizer, config.self_supervised_weight, config.seed,
                                    text_view=not config.freeze_text, anchors=anchors, anchored=anchored,
                                    anchor_weight=config.anchor_weight if bound is None else config.bounded_anchor_weight,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Callable, Sequence
 
 import torch
@@ -40,6 +41,13 @@ class ZeroShotClassifier:
         per_class = torch.split(embeddings, [len(prompt_list) for prompt_list in prompt_lists])
         self.class_embeddings = F.normalize(torch.stack([e.mean(dim=0) for e in per_class]), dim=-1)  # [C, D]
         self.logit_scale = bundle.logit_scale
+
+    def encoding_with(self, bundle: ClipBundle) -> "ZeroShotClassifier":
+        """These class embeddings, images encoded by `bundle` (the same model wrapped for training, say,
+        whose text tower is frozen): no text is encoded again."""
+        other = copy.copy(self)
+        other.bundle = bundle
+        return other
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
