@@ -195,6 +195,26 @@ def test_zero_shot_averages_prompts_and_ranks_classes():
     assert torch.allclose(logits, 10.0 * torch.nn.functional.normalize(images, dim=-1) @ classifier.class_embeddings.T)
 
 
+def test_a_zero_shot_classifier_encodes_images_with_another_bundle_and_keeps_its_class_embeddings():
+    """encoding_with: the repair's wrapped training model classifies with the class embeddings
+    encoded once before it, and no text is encoded again."""
+    table = {"cat": [1.0, 0.0, 0.0], "dog": [0.0, 0.0, 1.0]}
+    classifier = ZeroShotClassifier(_HandMadeBundle(table), ["cat", "dog"], prompts=lambda c: [c])
+
+    class Negating(_HandMadeBundle):
+        def encode_texts(self, texts, normalize=True, batch_size=256):
+            raise AssertionError("encoding_with must not encode text")
+
+        def encode_images(self, images, normalize=True, batch_size=256):
+            return -super().encode_images(images)
+
+    other = classifier.encoding_with(Negating(table))
+    images = torch.tensor([[1.0, 0.2, 0.0], [0.1, 0.0, 1.0]])
+    assert other.class_embeddings is classifier.class_embeddings
+    assert torch.equal(other.logits(images), -classifier.logits(images))
+    assert classifier.predict(images)[0][:, 0].tolist() == [0, 1]  # the original keeps its own bundle
+
+
 # --- text encoding without the padding (clipfast/models/text.py) -----------------------------
 
 

@@ -94,9 +94,13 @@ class RepairConfig:
     # models); the 3 label-consistent models were not in the sweep. 0: off for patches.
     patch_target_bound_weight: float = 2.0
     bounded_anchor_weight: float = 40.0
-    # PROTOTYPE (measuring): in self mode, the suspect's own pre-repair target share on each image's
-    # trigger-free view as the ceiling. 0: off.
-    self_target_bound_weight: float = 0.0
+    # Self mode has no bound: its one reference, the suspect's own pre-repair answer on each image's
+    # trigger-free view, is what the anchors hold already. As a ceiling it moved the self cases little
+    # (3f200b2's saved scans, weight 2: the 18 patch cases' ASR median 0.77 -> 0.73 %, lower in 15 of
+    # 21 with the label-consistent ones; the 4 px corner over 3 models x 3 repair seeds median 1.05 %
+    # either way) and took back most of the label-consistent models' CA gain (median +0.84 -> +0.22
+    # points: the suspect's own answers on their target-class images are the misnamed ones):
+    # benchmarks/results/self_bound.jsonl, from the prototype of 0be2085.
     holdout_clean: int = 512
     seed: int = 0
     # fast: the training loop's mixed precision (bf16 autocast on a GPU) and fused AdamW, plus what
@@ -113,8 +117,7 @@ class RepairConfig:
             raise ValueError(f"RepairConfig.engine must be fast or reference, got {self.engine!r}")
         if self.engine == "reference" and (self.compile or self.accumulation_steps != 1 or self.grad_checkpointing):
             raise ValueError("the reference repair loop is plain fp32: no compile, accumulation or checkpointing")
-        if (self.target_bound_weight or self.patch_target_bound_weight or self.self_target_bound_weight) \
-                and not self.freeze_text:
+        if (self.target_bound_weight or self.patch_target_bound_weight) and not self.freeze_text:
             raise ValueError("RepairConfig.target_bound_weight and patch_target_bound_weight need freeze_text=True "
                              "(the bound reads fixed class embeddings); set them to 0 to train the text tower")
         if self.sharding == "fsdp" and not self.freeze_text:
@@ -224,20 +227,14 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     return estimate
 
 
-def target_bound(suspect: ZeroShotClassifier, trusted_bundle: ClipBundle | None, compact: CompactSet,
-                 scan: ScanResult, prompts, weight: float) -> TargetBound:
-    """The ceiling on the suspect's target labels for each compact-set image: the trusted model's
-    zero-shot share of them, or without one (self mode) the suspect's own pre-repair share on the
-    image's trigger-free view (no ceiling where it has none)."""
+def target_bound(suspect: ZeroShotClassifier, trusted_bundle: ClipBundle, compact: CompactSet, scan: ScanResult,
+                 prompts, weight: float) -> TargetBound:
+    """The trusted model's ceiling on the suspect's target labels for each compact-set image."""
     prompt_kwargs = {} if prompts is None else {"prompts": prompts}
+    trusted = ZeroShotClassifier(trusted_bundle, scan.classnames, **prompt_kwargs)
     is_target = torch.zeros(len(scan.classnames), dtype=torch.bool)
     is_target[list(scan.targets)] = True
-    if trusted_bundle is not None:
-        trusted = ZeroShotClassifier(trusted_bundle, scan.classnames, **prompt_kwargs)
-        share = trusted.logits(compact.images).softmax(-1)[:, is_target.to(trusted.class_embeddings.device)].sum(-1)
-    else:
-        share = suspect.logits(compact.clean_views).softmax(-1)[:, is_target.to(suspect.class_embeddings.device)].sum(-1)
-        share = torch.where(compact.has_clean_view.to(share.device), share, torch.ones_like(share))
+    share = trusted.logits(compact.images).softmax(-1)[:, is_target.to(trusted.class_embeddings.device)].sum(-1)
     return TargetBound(share.float().cpu(), suspect.class_embeddings, is_target, weight)
 
 
@@ -272,8 +269,6 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     if trusted_bundle is not None and scan.triggers:
         image_wide = any(trigger.kind == "image-wide" for trigger in scan.triggers)
         bound_weight = config.target_bound_weight if image_wide else config.patch_target_bound_weight
-    elif scan.triggers:
-        bound_weight = config.self_target_bound_weight
     bound = target_bound(classifier, trusted_bundle, compact, scan, prompts, bound_weight) if bound_weight else None
     objective = CleanCLIPObjective(compact.captions, bundle.tokenizer, config.self_supervised_weight, config.seed,
                                    text_view=not config.freeze_text, anchors=anchors, anchored=anchored,
