@@ -75,15 +75,23 @@ class RepairConfig:
     anchor_weight: float = 20.0
     # The trusted model's target bound (trusted mode only). Its zero-shot probability of the target
     # labels caps the suspect's on every compact-set image (train.cleanclip.TargetBound, at this
-    # weight), and the anchors are held harder while it applies (bounded_anchor_weight instead of
-    # anchor_weight). Image-wide triggers: their victims have no trigger-free view to anchor (a patch
-    # victim's is its image with the patch filled), so the cap is what corrects them. Swept with
+    # weight), and the anchors are held harder while it applies (the bounded_*_anchor_weight of the
+    # trigger's kind instead of anchor_weight). Image-wide triggers: their victims have no
+    # trigger-free view to anchor (a patch victim's is its image with the patch filled), so the cap is
+    # what corrects them. Swept with
     # benchmarks/repair_variants.py on the trusted matrix cases (rows: benchmarks/results/teacher_bound.jsonl):
     # weights 1-20, anchors 20 / 40, the bound on every image or on the unanchored ones; fitted on the
     # WaNet (4) and SIG amplitude 20 (3) models, then run unchanged on the 7 other image-wide ones.
     # Over the 14: ASR median 1.16 -> 0.64 %, worst 3.77 -> 2.72 %, WaNet strength 6 median 3.41 ->
-    # 1.43 %; CA drop median 0.74 -> 0.87, worst 1.48 -> 1.38 points. 0: off.
+    # 1.43 %; CA drop median 0.74 -> 0.87, worst 1.48 -> 1.38 points (anchors 40). 0: off.
     target_bound_weight: float = 10.0
+    # With nothing anchoring their victims, the anchors elsewhere are what keeps clean accuracy: 40 ->
+    # 60 -> 80 on the 14 (d15be4e's saved scans, rows in benchmarks/results/bounded_anchors.jsonl) took
+    # the CA drop median 0.87 -> 0.71 -> 0.61, worst 1.38 -> 0.98 -> 0.88 points (WaNet strength 6
+    # median 1.12 -> 0.74 -> 0.72, under the 1 point from 60 on) for ASR median 0.64 -> 0.71 ->
+    # 0.68 %, worst 2.72 -> 3.05 -> 3.17 % (WaNet strength 6 median 1.43 -> 1.49 -> 1.56 %): 60, the
+    # least ASR given up for every image-wide configuration's CA drop median under 1.
+    bounded_image_wide_anchor_weight: float = 60.0
     # Patch triggers: their victims have their anchors, and the image-wide weight cost CA there (the 18
     # trusted patch cases: drop median 0.31 -> 0.67, worst 1.30 -> 1.84 points, for ASR median 0.70 ->
     # 0.52 %); weight 2 kept it (drop median 0.31 -> 0.36, worst 1.30 -> 1.36) and lowered ASR in all
@@ -93,7 +101,11 @@ class RepairConfig:
     # as image-wide ones with these weights; anchors 40 in both). Chosen on all 18 (no held-out patch
     # models); the 3 label-consistent models were not in the sweep. 0: off for patches.
     patch_target_bound_weight: float = 2.0
-    bounded_anchor_weight: float = 40.0
+    # Patch victims are anchored to their own trigger-free views, and their CA drop is inside its bound
+    # already: anchors 60 instead of 40 (ae944fa's saved scans, the 21 trusted patch and
+    # label-consistent cases, bounded_anchors.jsonl) took the CA drop median 0.30 -> 0.22 points for
+    # higher ASR in 16 of 21 (median 0.60 -> 0.65 %, worst 2.65 -> 2.72 %): patches stay at 40.
+    bounded_patch_anchor_weight: float = 40.0
     # Self mode has no bound: its one reference, the suspect's own pre-repair answer on each image's
     # trigger-free view, is what the anchors hold already. As a ceiling it moved the self cases little
     # (3f200b2's saved scans, weight 2: the 18 patch cases' ASR median 0.77 -> 0.73 %, lower in 15 of
@@ -265,14 +277,17 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     # lighter for patches, patch_target_bound_weight).
     anchored = compact.has_clean_view
     anchors = bundle.encode_images(compact.clean_views) if config.anchor_weight else None
-    bound_weight = 0.0
+    bound_weight, anchor_weight = 0.0, config.anchor_weight
     if trusted_bundle is not None and scan.triggers:
         image_wide = any(trigger.kind == "image-wide" for trigger in scan.triggers)
         bound_weight = config.target_bound_weight if image_wide else config.patch_target_bound_weight
+        if bound_weight:
+            anchor_weight = (config.bounded_image_wide_anchor_weight if image_wide
+                             else config.bounded_patch_anchor_weight)
     bound = target_bound(classifier, trusted_bundle, compact, scan, prompts, bound_weight) if bound_weight else None
     objective = CleanCLIPObjective(compact.captions, bundle.tokenizer, config.self_supervised_weight, config.seed,
                                    text_view=not config.freeze_text, anchors=anchors, anchored=anchored,
-                                   anchor_weight=config.anchor_weight if bound is None else config.bounded_anchor_weight,
+                                   anchor_weight=anchor_weight,
                                    target_bound=bound)
     if config.freeze_text:
         freeze_text_tower(bundle.model)
