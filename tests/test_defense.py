@@ -369,15 +369,16 @@ def test_repair_runs_its_whole_budget_unless_a_target_asr_is_set(tmp_path, targe
     assert "asr_estimate" in result.estimates
 
 
-@pytest.mark.parametrize("kind, trusted, weights, bound", [
-    ("image-wide", True, {}, 10.0), ("patch", True, {}, 2.0), ("image-wide", False, {}, 0.0),
-    ("patch", False, {}, 0.0), ("patch", True, {"patch_target_bound_weight": 0}, 0.0),
-    ("image-wide", True, {"target_bound_weight": 0, "patch_target_bound_weight": 3}, 0.0)])
+@pytest.mark.parametrize("kind, trusted, weights, bound, anchors", [
+    ("image-wide", True, {}, 10.0, 60.0), ("patch", True, {}, 2.0, 40.0), ("image-wide", False, {}, 0.0, 20.0),
+    ("patch", False, {}, 0.0, 20.0), ("patch", True, {"patch_target_bound_weight": 0}, 0.0, 20.0),
+    ("image-wide", True, {"target_bound_weight": 0, "patch_target_bound_weight": 3}, 0.0, 20.0)])
 def test_a_trusted_model_caps_the_target_labels_at_the_weight_of_the_trigger_kind(tmp_path, kind, trusted, weights,
-                                                                                  bound):
+                                                                                  bound, anchors):
     """The target bound needs a trusted model; an image-wide trigger's victims get the full weight
     (RepairConfig.target_bound_weight), a patch trigger's, which have their trigger-free views as
-    anchors, the lighter patch_target_bound_weight."""
+    anchors, the lighter patch_target_bound_weight; while bounded, the anchors are held at the
+    bounded_*_anchor_weight of the trigger's kind."""
     import dataclasses
 
     from clipfast.defense.repair import RepairConfig, repair
@@ -393,6 +394,7 @@ def test_a_trusted_model_caps_the_target_labels_at_the_weight_of_the_trigger_kin
     result = repair(load_model("clipfast-tiny"), compact, scan, images, tmp_path, config=config,
                     trusted_bundle=load_model("clipfast-tiny") if trusted else None)
     assert result.target_bound_weight == bound and result.summary()["target_bound_weight"] == bound
+    assert result.anchor_weight == anchors and result.summary()["anchor_weight"] == anchors
 
 
 def test_the_target_bound_needs_a_frozen_text_tower():

@@ -78,10 +78,10 @@ class RepairConfig:
     # weight), and the anchors are held harder while it applies (the bounded_*_anchor_weight of the
     # trigger's kind instead of anchor_weight). Image-wide triggers: their victims have no
     # trigger-free view to anchor (a patch victim's is its image with the patch filled), so the cap is
-    # what corrects them. Swept with
-    # benchmarks/repair_variants.py on the trusted matrix cases (rows: benchmarks/results/teacher_bound.jsonl):
-    # weights 1-20, anchors 20 / 40, the bound on every image or on the unanchored ones; fitted on the
-    # WaNet (4) and SIG amplitude 20 (3) models, then run unchanged on the 7 other image-wide ones.
+    # what corrects them. Swept with benchmarks/repair_variants.py on the trusted matrix cases (rows:
+    # benchmarks/results/teacher_bound.jsonl): weights 1-20, anchors 20 / 40, the bound on every image
+    # or on the unanchored ones; fitted on the WaNet (4) and SIG amplitude 20 (3) models, then run
+    # unchanged on the 7 other image-wide ones.
     # Over the 14: ASR median 1.16 -> 0.64 %, worst 3.77 -> 2.72 %, WaNet strength 6 median 3.41 ->
     # 1.43 %; CA drop median 0.74 -> 0.87, worst 1.48 -> 1.38 points (anchors 40). 0: off.
     target_bound_weight: float = 10.0
@@ -153,10 +153,12 @@ class RepairResult:
     # the weight at which a trusted model capped the target labels (RepairConfig.target_bound_weight
     # or patch_target_bound_weight); 0: no bound
     target_bound_weight: float = 0.0
+    anchor_weight: float = 0.0  # the anchors' weight (RepairConfig.anchor_weight, or a bounded_* one)
 
     def summary(self) -> dict:
         return {"steps": self.train.step, "stopped_early": self.stopped_early, "estimates": self.estimates,
-                "clean_within_tolerance": self.clean_within_tolerance, "target_bound_weight": self.target_bound_weight}
+                "clean_within_tolerance": self.clean_within_tolerance, "target_bound_weight": self.target_bound_weight,
+                "anchor_weight": self.anchor_weight}
 
 
 def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: ProbeSet | torch.Tensor, prompts,
@@ -296,4 +298,4 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
                    lambda metrics: metrics.get("asr_estimate", 0.0) <= config.target_asr)
     estimates = result.last_eval or {}
     clean_ok = estimates.get("clean_agreement", 1.0) >= 1.0 - config.clean_tolerance
-    return RepairResult(result, result.stopped_early, estimates, clean_ok, bound_weight)
+    return RepairResult(result, result.stopped_early, estimates, clean_ok, bound_weight, anchor_weight)
