@@ -372,7 +372,8 @@ def test_repair_runs_its_whole_budget_unless_a_target_asr_is_set(tmp_path, targe
 @pytest.mark.parametrize("kind, trusted, weights, bound, anchors", [
     ("image-wide", True, {}, 10.0, 60.0), ("patch", True, {}, 2.0, 40.0), ("image-wide", False, {}, 0.0, 20.0),
     ("patch", False, {}, 0.0, 20.0), ("patch", True, {"patch_target_bound_weight": 0}, 0.0, 20.0),
-    ("image-wide", True, {"target_bound_weight": 0, "patch_target_bound_weight": 3}, 0.0, 20.0)])
+    ("image-wide", True, {"target_bound_weight": 0, "patch_target_bound_weight": 3}, 0.0, 20.0),
+    ("patch", True, {"anchor_weight": 0}, 2.0, 40.0), ("patch", False, {"anchor_weight": 0}, 0.0, 0.0)])
 def test_a_trusted_model_caps_the_target_labels_at_the_weight_of_the_trigger_kind(tmp_path, kind, trusted, weights,
                                                                                   bound, anchors):
     """The target bound needs a trusted model; an image-wide trigger's victims get the full weight

@@ -277,20 +277,18 @@ def repair(bundle: ClipBundle, compact: CompactSet, scan: ScanResult, probe_imag
     # (image-wide triggers, warps) have no clean view: their captions correct them, and in trusted
     # mode the trusted model's target bound caps what any image may still say (RepairConfig.target_bound_weight;
     # lighter for patches, patch_target_bound_weight).
-    anchored = compact.has_clean_view
-    anchors = bundle.encode_images(compact.clean_views) if config.anchor_weight else None
     bound_weight, anchor_weight = 0.0, config.anchor_weight
     if trusted_bundle is not None and scan.triggers:
         image_wide = any(trigger.kind == "image-wide" for trigger in scan.triggers)
         bound_weight = config.target_bound_weight if image_wide else config.patch_target_bound_weight
-        if bound_weight:
+        if bound_weight:  # the bounded weight replaces anchor_weight, also where that is 0
             anchor_weight = (config.bounded_image_wide_anchor_weight if image_wide
                              else config.bounded_patch_anchor_weight)
     bound = target_bound(classifier, trusted_bundle, compact, scan, prompts, bound_weight) if bound_weight else None
+    anchors = bundle.encode_images(compact.clean_views) if anchor_weight else None
     objective = CleanCLIPObjective(compact.captions, bundle.tokenizer, config.self_supervised_weight, config.seed,
-                                   text_view=not config.freeze_text, anchors=anchors, anchored=anchored,
-                                   anchor_weight=anchor_weight,
-                                   target_bound=bound)
+                                   text_view=not config.freeze_text, anchors=anchors, anchored=compact.has_clean_view,
+                                   anchor_weight=anchor_weight, target_bound=bound)
     if config.freeze_text:
         freeze_text_tower(bundle.model)
     result = train(bundle, compact.images, compact.captions, train_config, out_dir, objective=objective,
