@@ -41,6 +41,7 @@ import torch.nn.functional as F
 import torchvision.transforms.functional as TF
 from torchvision.io import decode_jpeg, encode_jpeg
 
+from clipfast.bench.common import code_commit
 from clipfast.bench.efficacy import MATRIX, _recipe
 from clipfast.data.world import CLASSES, zero_shot_prompts
 from clipfast.defense.scan import ScanConfig
@@ -163,7 +164,7 @@ def main(argv=None) -> int:  # not under no_grad: models missing from the cache 
             target = None if attack.clean else recipe.target_label
             poisoned = pairs.poisoned_indices[pairs.poisoned_indices < settings.probe_size]
             victims = poisoned[label[poisoned] == target] if target is not None else poisoned  # none: clean
-            row = {"config": name, "seed": seed, "rate": rate, "family": attack.family,
+            row = {"commit": code_commit()[:12], "config": name, "seed": seed, "rate": rate, "family": attack.family,
                    "target": None if target is None else CLASSES[target], "probe": len(probe),
                    "victims_in_probe": len(victims), "transforms": {}}
             objects = largest_regions(probe)
