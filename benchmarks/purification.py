@@ -9,18 +9,30 @@ label alone. Whether it does on our world, and whether it separates poisoned fro
 measured here before anything adopts it.
 
 Per case (a model of the efficacy matrix, trained and cached as the matrix does; the probe set is
-the matrix's, the first probe_size training pairs): the suspect's label L_i of every probe image, and
-its label under each transform T (TRANSFORMS, and the mirror with the largest segmented region kept
-in place, flip_keeping_object). A probe image is a T-candidate when T changes its label ("changed";
-or, "confident", changes it with a hard swing, transform_rows); the purified label is its source.
-Each label's candidates go through the scan's own target test
-(scan.decide.decide_targets: trimmed sources, one-sided binomial against the other labels' pooled
-rate, Bonferroni, count and effect floors; ScanConfig's defaults, untouched), so a row says what the
-scan would flag with that transform's candidates as its evidence. Reported per transform and rule: the
-flagged labels, the true target's trimmed count and p-value, the largest trimmed count and smallest
-p-value among the other labels (the false-alarm margin), and the share of the probe's poisoned images
-(the suspect says the target) that are candidates (victim recall). Clean models: any flag is a false
-alarm.
+the matrix's, the first probe_size training pairs): the suspect's label L_i of every probe image and
+its label under each transform T. A probe image is a T-candidate when T changes its label; its
+purified label is its source. Two tests per transform, both with the scan's significance
+(ScanConfig.significance, Bonferroni over the labels) and count floor (min_count), untouched:
+
+- "pooled": the scan's own target test (scan.decide.decide_targets: sources trimmed, one-sided
+  binomial against the other labels' pooled candidate rate, effect floor). It assumes every label is
+  as sensitive to T as the others, and the world's classes are not: a mirror changes 18-30 % of the
+  arrows' labels on every clean model, a blur or resampling the stars' and squares'.
+- "object control": each label against its own sensitivity to T, measured on the probe's objects
+  shown alone (each image's largest segmented region on the image's median colour, the scan's
+  built-in segmenter): n_l images labelled l, c_l of them changed by T; of the objects alone labelled
+  l, the share T changes, f_l, and its Clopper-Pearson upper 97.5 % bound f+; l is flagged when
+  P(X >= c_l), X ~ Binomial(n_l, f+), is below the significance and c_l >= min_count. An image-wide
+  trigger is mostly gone from an object shown alone (its background was most of it), so its victims
+  barely count in f_l, while T undoes it on the whole image; a class T confuses is confused alone
+  too.
+
+Reported per transform and test: the flagged labels, the true target's count and p-value, the
+smallest p-value among the other labels (the false-alarm margin), and the share of the probe's
+poisoned images that the suspect gives the target that T changes (victim recall). Clean models: any
+flag is a false alarm. An earlier version (7795af3) also tried asking for a hard swing ("confident":
+the new label at >= 0.5 while p(L_i) halves) and mirroring the background with the object kept in
+place; neither removed the pooled test's false flags (see the issue-17 notes).
 
     python benchmarks/purification.py --configs "clean model" "blended noise a=0.15" "sig amp 20" \
         "wanet strength 6" --seeds 0
@@ -39,6 +51,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
+from scipy.stats import beta, binom
 from torchvision.io import decode_jpeg, encode_jpeg
 
 from clipfast.bench.common import code_commit
@@ -46,6 +59,7 @@ from clipfast.bench.efficacy import MATRIX, _recipe
 from clipfast.data.world import CLASSES, zero_shot_prompts
 from clipfast.defense.scan import ScanConfig
 from clipfast.defense.scan.decide import decide_targets
+from clipfast.defense.transplant import fill_with_median
 from clipfast.demo import DemoConfig, default_cache_dir
 from clipfast.models import ZeroShotClassifier
 from clipfast.oracle import ClassicalSegmenter
@@ -94,14 +108,6 @@ def largest_regions(images: torch.Tensor) -> torch.Tensor:
     return torch.cat([segmenter.segment(part).masks[:, 0] for part in images.split(256)])
 
 
-def flip_keeping_object(images: torch.Tensor, objects: torch.Tensor) -> torch.Tensor:
-    """The mirrored image with the largest region's own pixels put back where they were: the
-    background (and what it carries) mirrored, the object as it was. A class the model tells apart
-    by its orientation (the world's arrows) keeps its label; a trigger spread over the background
-    is mirrored all the same."""
-    return torch.where(objects[:, None], images, TF.hflip(images))
-
-
 def matrix_rate(config_name: str, seed: int) -> float:
     """The rate the matrix's rate ladder settled on for this case (its newest CSV row)."""
     with (RESULTS / "efficacy.csv").open(newline="") as handle:
@@ -128,18 +134,32 @@ def label_test_row(label: torch.Tensor, candidate: torch.Tensor, purified: torch
     return row
 
 
-def transform_rows(plain: torch.Tensor, transformed: torch.Tensor, target: int | None, victims: torch.Tensor,
-                   config: ScanConfig) -> dict:
-    """Two candidate rules on the softmax [N, C] of the plain and transformed probe: "changed", the
-    transform changes the top label; "confident", it changes it to a label at >= 0.5 while p(L_i)
-    at least halves (a victim whose trigger dies swings hard to its source; an object the transform
-    merely blurs loses some confidence: does asking for the swing remove the fragile classes' flags?)."""
-    label, purified = plain.argmax(-1), transformed.argmax(-1)
-    changed = purified != label
-    kept = transformed.gather(1, label[:, None])[:, 0] <= 0.5 * plain.gather(1, label[:, None])[:, 0]
-    confident = changed & (transformed.max(-1).values >= 0.5) & kept
-    return {"changed": label_test_row(label, changed, purified, target, victims, config),
-            "confident": label_test_row(label, confident, purified, target, victims, config)}
+def object_control_row(label: torch.Tensor, changed: torch.Tensor, alone: torch.Tensor, alone_changed: torch.Tensor,
+                       target: int | None, victims: torch.Tensor, config: ScanConfig) -> dict:
+    """Each label's T-changed count against its own sensitivity to T on the objects alone (see the
+    module doc). label / alone: top labels of the images and of their objects alone; changed /
+    alone_changed: whether T changes them."""
+    threshold = config.significance / len(CLASSES)
+    p_values, flagged, per_label = [], [], {}
+    for index in range(len(CLASSES)):
+        n, c = int((label == index).sum()), int((changed & (label == index)).sum())
+        n_alone, c_alone = int((alone == index).sum()), int((alone_changed & (alone == index)).sum())
+        upper = 1.0 if n_alone == 0 or c_alone == n_alone else float(beta.ppf(0.975, c_alone + 1, n_alone - c_alone))
+        p = float(binom.sf(c - 1, n, upper)) if c > 0 else 1.0
+        p_values.append(p)
+        if p < threshold and c >= config.min_count:
+            flagged.append(CLASSES[index])
+        per_label[CLASSES[index]] = [n, c, n_alone, c_alone]
+    others = [index for index in range(len(CLASSES)) if index != target]
+    worst = min(others, key=lambda index: p_values[index])
+    row = {"flagged": flagged, "other_min_p": float(f"{p_values[worst]:.3g}"), "other_min_p_label": CLASSES[worst],
+           "per_label_n_c_alone_n_c": per_label}
+    if target is not None:
+        n, c, n_alone, c_alone = per_label[CLASSES[target]]
+        row.update(target_rate=round(c / max(n, 1), 3), target_alone_rate=round(c_alone / max(n_alone, 1), 3),
+                   target_p=float(f"{p_values[target]:.3g}"),
+                   victim_recall=round(float(changed[victims].float().mean()), 3) if len(victims) else None)
+    return row
 
 
 def main(argv=None) -> int:  # not under no_grad: models missing from the cache are trained here
@@ -159,19 +179,21 @@ def main(argv=None) -> int:  # not under no_grad: models missing from the cache 
             bundle, pairs, _ = cached_world_model(recipe, cache / "models")
             classifier = ZeroShotClassifier(bundle, CLASSES, prompts=zero_shot_prompts)
             probe = pairs.images[: settings.probe_size]
-            plain = classifier.logits(probe).softmax(-1)
-            label = plain.argmax(-1)
+            label = classifier.predict(probe)[0][:, 0]
             target = None if attack.clean else recipe.target_label
             poisoned = pairs.poisoned_indices[pairs.poisoned_indices < settings.probe_size]
             victims = poisoned[label[poisoned] == target] if target is not None else poisoned  # none: clean
             row = {"commit": code_commit()[:12], "config": name, "seed": seed, "rate": rate, "family": attack.family,
                    "target": None if target is None else CLASSES[target], "probe": len(probe),
                    "victims_in_probe": len(victims), "transforms": {}}
-            objects = largest_regions(probe)
-            transforms = dict(TRANSFORMS, **{"hflip, object kept": lambda x: flip_keeping_object(x, objects)})
-            for transform, fn in transforms.items():
-                transformed = classifier.logits(fn(probe)).softmax(-1)
-                row["transforms"][transform] = transform_rows(plain, transformed, target, victims, config)
+            objects = fill_with_median(probe, ~largest_regions(probe))  # each largest region alone
+            alone = classifier.predict(objects)[0][:, 0]
+            for transform, fn in TRANSFORMS.items():
+                purified = classifier.predict(fn(probe))[0][:, 0]
+                changed, alone_changed = purified != label, classifier.predict(fn(objects))[0][:, 0] != alone
+                row["transforms"][transform] = {
+                    "pooled": label_test_row(label, changed, purified, target, victims, config),
+                    "object control": object_control_row(label, changed, alone, alone_changed, target, victims, config)}
             print(json.dumps(row), flush=True)
             with args.out.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
