@@ -34,8 +34,14 @@ flag is a false alarm. An earlier version (7795af3) also tried asking for a hard
 the new label at >= 0.5 while p(L_i) halves) and mirroring the background with the object kept in
 place; neither removed the pooled test's false flags (see the issue-17 notes).
 
-    python benchmarks/purification.py --configs "clean model" "blended noise a=0.15" "sig amp 20" \
-        "wanet strength 6" --seeds 0
+The committed rows (c0b1e55's code; ~2 h here, most of it training the models):
+
+    python benchmarks/purification.py --configs "clean model" "blended noise a=0.15" \
+        "blended stripes a=0.15" "sig amp 20" "sig amp 10" "wanet strength 6" "wanet strength 3" \
+        "badnet 4px checker corner" --seeds 0
+    python benchmarks/purification.py --configs "clean model" "blended noise a=0.15" "wanet strength 6" \
+        "sig amp 20" "badnet 4px checker corner" --seeds 1 2 3 4
+    python benchmarks/purification.py --configs "blended noise a=0.08" "blended stripes a=0.08" --seeds 0
 
 Rows go to `--out` (JSON lines), one per case, as each ends; models missing from the cache are
 trained first (about 5 min each on 2 CPU cores).
