@@ -16,7 +16,7 @@ purified label is its source. Two tests per transform, both with the scan's sign
 
 - "pooled": the scan's own target test (scan.decide.decide_targets: sources trimmed, one-sided
   binomial against the other labels' pooled candidate rate, effect floor). It assumes every label is
-  as sensitive to T as the others, and the world's classes are not: a mirror changes 18-30 % of the
+  as sensitive to T as the others, and the world's classes are not: a mirror changes 17-30 % of the
   arrows' labels on every clean model, a blur or resampling the stars' and squares'.
 - "object control": each label against its own sensitivity to T, measured on the probe's objects
   shown alone (each image's largest segmented region on the image's median colour, the scan's
