@@ -61,6 +61,8 @@ def scan_of(victims: list[torch.Tensor]):
         grounded=~candidate, reference_label=torch.where(candidate, 0, label), discordant=candidate,
         explaining_drop=torch.full((count,), -1.0), flip_rate=torch.full((count,), -1.0), discrepancy=torch.zeros(count),
         oracle_label=label, region_counts=torch.ones(count, dtype=torch.int64), classnames=["a", "b", "c", "d"],
+        mirror_label=torch.full((count,), -1), object_label=torch.full((count,), -1),
+        mirror_object_label=torch.full((count,), -1),
         patch_evidence=torch.zeros(count, dtype=torch.bool), candidate=candidate,
         label_test=LabelTest([0] * 4, [0] * 4, [0.0] * 4, [1.0] * 4, 1e-3, [0] * 4), targets=[TARGET],
         triggers=[TriggerEstimate(TARGET, "image-wide", torch.arange(len(victims)), torch.zeros(0, dtype=torch.int64),

@@ -56,6 +56,86 @@ def test_a_confusion_from_one_or_two_classes_is_not_a_target_but_victims_from_ma
     assert targets == [3] and test.candidates[3] == 18 and test.sources[3] == 5
 
 
+
+def mirror_columns(per_label, seed=0):
+    """Self-mode columns, 300 images per label: per_label[l] = (share of l's images the mirror
+    relabels, share of l's objects alone it relabels); relabelled images go to the next label."""
+    generator = torch.Generator().manual_seed(seed)
+    count = 300 * len(per_label)
+    columns = ImageColumns.empty(count)
+    columns.readable = torch.ones(count, dtype=torch.bool)  # (empty()'s columns share their tensors)
+    columns.grounded = columns.readable.clone()
+    columns.image_label = torch.arange(len(per_label)).repeat_interleave(300)
+    columns.object_label = columns.image_label.clone()
+    columns.mirror_label, columns.mirror_object_label = columns.image_label.clone(), columns.image_label.clone()
+    for label, (image_rate, object_rate) in enumerate(per_label):
+        rows = (columns.image_label == label).nonzero().flatten()
+        flipped = rows[torch.rand(len(rows), generator=generator) < image_rate]
+        columns.mirror_label[flipped] = (label + 1) % len(per_label)
+        alone = rows[torch.rand(len(rows), generator=generator) < object_rate]
+        columns.mirror_object_label[alone] = (label + 1) % len(per_label)
+    return columns
+
+
+def decided(columns, config=ScanConfig(), patch=None):
+    patch = torch.zeros(len(columns), dtype=torch.bool) if patch is None else patch
+    columns.flip_rate = torch.where(patch, 0.9, -1.0)
+    shard = ScanShard(**vars(columns), lo=0, hi=len(columns), width=4,
+                      trigger_masks={int(i): pack_mask_bits(torch.ones(4, 4, dtype=torch.bool))[0]
+                                     for i in patch.nonzero().flatten()})
+    return decide([f"label{k}" for k in range(6)], [shard], config, {})
+
+
+def test_the_mirror_test_flags_a_label_the_flip_relabels_far_more_than_its_objects_alone():
+    """Self mode, no region evidence: label 4's images are relabelled by the flip 40 % of the time and
+    its objects alone 2 % (an image-wide trigger the flip breaks); label 2 is relabelled 25 % both
+    ways (a shape the flip confuses: an arrow), which the other labels' pooled rate would flag."""
+    columns = mirror_columns([(0.01, 0.01), (0.02, 0.02), (0.25, 0.25), (0.0, 0.0), (0.4, 0.02), (0.01, 0.01)])
+    result = decided(columns)
+    assert result.targets == [4] and [t.kind for t in result.triggers] == ["image-wide"]
+    test = result.mirror_test
+    assert test.p_values[4] < test.threshold < min(p for k, p in enumerate(test.p_values) if k != 4)
+    relabelled = (columns.image_label == 4) & (columns.mirror_label != 4)
+    assert torch.equal(result.triggers[0].victim_indices, relabelled.nonzero().flatten())
+    # the victims are named by the flip (their source, in this world), nothing else is renamed
+    assert (result.oracle_label[relabelled] == 5).all() and (result.oracle_label[~relabelled] == -1).all()
+    assert result.clean_indices().numel() == 0 or not relabelled[result.clean_indices()].any()
+    summary = result.summary()["mirror_test"]
+    assert summary["label4"]["mirror_changed"] == int(relabelled.sum())
+
+
+@pytest.mark.parametrize("per_label", [
+    [(0.01, 0.01)] * 6,  # nothing relabelled anywhere
+    [(0.3, 0.25)] + [(0.01, 0.01)] * 5,  # one mirror-sensitive shape, as sensitive alone
+    [(0.05, 0.0)] * 6,  # few relabelled images: below min_count's reach on no label
+])
+def test_no_mirror_target_without_an_image_wide_outlier(per_label):
+    columns = mirror_columns(per_label)
+    if per_label[0] == (0.05, 0.0):  # keep the count under min_count
+        columns.mirror_label = torch.where(torch.arange(len(columns)) % 300 < 4, (columns.image_label + 1) % 6,
+                                           columns.image_label)
+    assert decided(columns).targets == []
+
+
+def test_a_label_without_objects_alone_is_never_a_mirror_target():
+    columns = mirror_columns([(0.01, 0.01)] * 4 + [(0.5, 0.0), (0.01, 0.01)])
+    columns.object_label[columns.object_label == 4] = 0  # the model never names an object alone 'label4'
+    columns.mirror_object_label = columns.object_label.clone()
+    assert decided(columns).targets == []
+
+
+def test_a_patch_target_the_mirror_also_flags_stays_a_patch_and_trusted_scans_skip_the_test():
+    columns = mirror_columns([(0.01, 0.01)] * 3 + [(0.4, 0.02)] + [(0.01, 0.01)] * 2)
+    patch = torch.zeros(len(columns), dtype=torch.bool)
+    patch[(columns.image_label == 3).nonzero().flatten()[:40]] = True
+    result = decided(columns, patch=patch)
+    assert result.targets == [3] and [t.kind for t in result.triggers] == ["patch"]
+    assert len(result.triggers[0].victim_indices) == 40  # the patch evidence, not the flip's images
+    unmeasured = mirror_columns([(0.01, 0.01)] * 4 + [(0.5, 0.0), (0.01, 0.01)])
+    unmeasured.mirror_label[:] = -1  # trusted mode (or mirror_test off): the columns are not measured
+    result = decided(unmeasured)
+    assert result.targets == [] and result.mirror_test is None and result.summary()["mirror_test"] is None
+
 def test_a_target_is_a_patch_when_its_patch_victims_alone_are_significant():
     """Trusted mode: a patch target's candidates also hold discordant clean confusions. Label 3 has 30
     patch victims and 40 discordant images without patch evidence (more than the patch victims: a
@@ -91,6 +171,8 @@ def hand_made_scan():
                       grounded=grounded, reference_label=torch.full((n,), -1), discordant=torch.zeros(n, dtype=torch.bool),
                       explaining_drop=torch.zeros(n), flip_rate=candidate.float(), discrepancy=discrepancy,
                       oracle_label=oracle_label, region_counts=torch.ones(n, dtype=torch.int64),
+                      mirror_label=torch.full((n,), -1), object_label=torch.full((n,), -1),
+                      mirror_object_label=torch.full((n,), -1),
                       classnames=["a", "b", "c", "d"], patch_evidence=candidate, candidate=candidate, label_test=test,
                       targets=[3], triggers=[])
 

@@ -107,6 +107,7 @@ def test_only_a_patch_targets_patch_victims_are_relabelled_and_a_regionless_one_
         readable=ones, image_label=torch.full((count,), TARGET), image_prob=torch.ones(count), grounded=~ones,
         reference_label=none, discordant=~ones, explaining_drop=torch.ones(count), flip_rate=torch.ones(count),
         discrepancy=torch.ones(count), oracle_label=torch.full((count,), RING), region_counts=torch.ones(count),
+        mirror_label=none, object_label=none, mirror_object_label=none,
         classnames=["ring", "square", "heart"], patch_evidence=ones, candidate=ones, label_test=None,
         targets=[TARGET], triggers=[TriggerEstimate(TARGET, "patch", torch.arange(count), torch.arange(1, count),
                                                     triggers[1:], torch.ones(count - 1), triggers[0], None)],

@@ -91,6 +91,10 @@ def save_scan(result: ScanResult, path: Path) -> None:
 def load_scan(path: Path) -> ScanResult:
     data = torch.load(path, weights_only=True)
     data["label_test"] = LabelTest(**data["label_test"])
+    data["mirror_test"] = LabelTest(**data["mirror_test"]) if data.get("mirror_test") else None
+    unmeasured = torch.full_like(data["image_label"], -1)  # scans saved before the mirror test lack its columns
+    for column in ("mirror_label", "object_label", "mirror_object_label"):
+        data.setdefault(column, unmeasured)
     flips = lambda value: None if value is None else Flips(**value)  # noqa: E731 - asdict made them dicts
     data["triggers"] = [TriggerEstimate(**{**t, "pattern": flips(t["pattern"]), "background": flips(t["background"])})
                         for t in data["triggers"]]
@@ -143,11 +147,12 @@ def defend(bundle: ClipBundle, classnames: list[str], probe_images: ProbeSet | t
 
 
 # What "no backdoor found" covers without a trusted model: the suspect grounds its own regions, and a
-# trigger spread over the whole image is in every region it grounds (README, limits: 0 of the
-# efficacy matrix's 14 Blended / SIG / WaNet models found in self mode, with either region mode).
+# trigger spread over the whole image is in every region it grounds; only the mirror test sees those,
+# and only the ones a horizontal flip breaks (README, limits).
 SELF_MODE_SCOPE = ("; without a trusted model (self mode) the scan sees triggers that a region of the image "
-                   "carries (patches), not image-wide ones (blending, signals, warps): give a trusted clean model "
-                   "(--trusted-model; grounding_bundle in the Python API) to look for those too")
+                   "carries (patches), and image-wide ones (blending, signals, warps) only where mirroring the "
+                   "image breaks them: give a trusted clean model (--trusted-model; grounding_bundle in the "
+                   "Python API) to look for every image-wide trigger")
 
 
 def verdict_of(scanned: ScanResult, repaired: RepairResult | None, config: RepairConfig) -> Verdict:

@@ -7,18 +7,27 @@ too). A label is a target when its candidates are far more frequent than the oth
 rate predicts (one-sided binomial test, Bonferroni over labels, count and effect floors) after
 leaving out its two largest source classes: a backdoor pulls victims from every class, an ordinary
 confusion from one or two neighbours, which this keeps from ever looking like a target.
+
+Self mode has no discordance, and an image-wide trigger has no region to find: the suspect's own
+crops carry it and agree with it. There the mirror test (mirror_label_test) adds image-wide targets:
+a label whose images a horizontal flip relabels far more often than it relabels that label's
+objects shown alone. Its victims are the target's images the flip relabels, their oracle label the
+mirrored image's label (the trigger broken, the object kept).
 """
 
 from __future__ import annotations
 
 import torch
-from scipy.stats import binom
+from scipy.stats import beta, binom
 
 from .config import ScanConfig
 from .result import ImageColumns, LabelTest, ScanResult, TriggerEstimate
 from .shards import ScanShard
 
 TRIMMED_SOURCES = 2  # a label's largest source classes left out of its candidate count
+# The mirror test's null rate for a label: the upper bound of this one-sided Clopper-Pearson interval
+# of its objects' mirror rate (a label with few objects alone gets a wide, forgiving bound).
+OBJECT_RATE_CONFIDENCE = 0.975
 
 
 def decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, seconds: dict) -> ScanResult:
@@ -37,10 +46,58 @@ def decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, s
     # (Without discordant candidates, self mode, the candidates are the patch evidence: the same test.)
     patch_targets = targets if not (candidate & ~patch_evidence).any() else \
         decide_targets(columns.image_label, patch_evidence & columns.readable, sources, len(classnames), config)[1]
+    mirror_test, mirrored = mirror_label_test(columns, len(classnames), config)
+    image_wide = [label for label in mirrored if label not in targets]
+    if image_wide:  # the flip's relabelled images of these targets are their victims, named by the flip
+        mirror_evidence = columns.readable & mirror_relabelled(columns) & torch.isin(columns.image_label,
+                                                                                   torch.tensor(image_wide))
+        candidate = candidate | mirror_evidence
+        columns.oracle_label = torch.where(mirror_evidence, columns.mirror_label, columns.oracle_label)
+        targets = sorted(targets + image_wide)
     triggers = [trigger_estimate(target, candidate, patch_evidence, columns, trigger_masks, target in patch_targets)
                 for target in targets]
     return ScanResult(**vars(columns), classnames=classnames, patch_evidence=patch_evidence, candidate=candidate,
-                      label_test=label_test, targets=targets, triggers=triggers, seconds=seconds)
+                      label_test=label_test, targets=targets, triggers=triggers, seconds=seconds,
+                      mirror_test=mirror_test)
+
+
+def mirror_relabelled(columns: ImageColumns) -> torch.Tensor:
+    """bool [N]: the mirror test measured the image and the flip changed its label."""
+    return (columns.mirror_label >= 0) & (columns.mirror_label != columns.image_label)
+
+
+def mirror_label_test(columns: ImageColumns, num_labels: int, config: ScanConfig) -> tuple[LabelTest | None, list[int]]:
+    """The object-controlled mirror test (self mode): n_l images labelled l, c_l of them relabelled
+    by a horizontal flip; of the objects shown alone (each image's largest region, the rest filled)
+    that the model labels l, the share the flip relabels and its upper bound f_l
+    (OBJECT_RATE_CONFIDENCE). l is a target when P(X >= c_l), X ~ Binomial(n_l, f_l), is below
+    significance / num_labels and c_l >= min_count. A fragile image-wide trigger (a blend, a signal,
+    a warp) is broken by the flip, which relabels its victims, and is mostly gone from an object
+    shown alone, whose background was most of it; a label the flip confuses by its own shape (an
+    arrow) is confused alone as well, so its own rate covers it. (The scan's pooled test would take
+    the other labels' rate as the null: on clean models the arrows, relabelled 17-30 %, then flagged
+    on every one; benchmarks/purification.py.) Returns (None, []) where the labels were not measured."""
+    measured = columns.readable & (columns.mirror_label >= 0)
+    if not measured.any():
+        return None, []
+    relabelled = measured & mirror_relabelled(columns)
+    alone_relabelled = measured & (columns.mirror_object_label != columns.object_label)
+    predicted = torch.bincount(columns.image_label[measured], minlength=num_labels)
+    changed = torch.bincount(columns.image_label[relabelled], minlength=num_labels)
+    alone = torch.bincount(columns.object_label[measured], minlength=num_labels)
+    alone_changed = torch.bincount(columns.object_label[alone_relabelled], minlength=num_labels)
+    threshold = config.significance / num_labels
+    expected, p_values, sources, targets = [], [], [], []
+    for label in range(num_labels):
+        n, c, n_alone, c_alone = (int(counts[label]) for counts in (predicted, changed, alone, alone_changed))
+        rate = 1.0 if c_alone == n_alone else float(beta.ppf(OBJECT_RATE_CONFIDENCE, c_alone + 1, n_alone - c_alone))
+        p = float(binom.sf(c - 1, n, rate)) if c > 0 else 1.0
+        expected.append(n * rate)
+        p_values.append(p)
+        sources.append(len(columns.mirror_label[relabelled & (columns.image_label == label)].unique()))
+        if p < threshold and c >= config.min_count:
+            targets.append(label)
+    return LabelTest(predicted.tolist(), changed.tolist(), expected, p_values, threshold, sources), targets
 
 
 def trimmed_counts(image_label: torch.Tensor, candidate: torch.Tensor, sources: torch.Tensor,

@@ -26,7 +26,7 @@ from clipfast.defense.transplant import fill_with_median, paste_regions
 ClassProbs = Callable[[torch.Tensor], torch.Tensor]  # uint8 images [K, 3, H, W] -> softmax [K, C] on the host
 
 
-def _in_chunks(class_probs: ClassProbs, images: torch.Tensor, chunk: int) -> torch.Tensor:
+def in_chunks(class_probs: ClassProbs, images: torch.Tensor, chunk: int) -> torch.Tensor:
     if len(images) == 0:
         return torch.zeros(0, 0)
     return torch.cat([class_probs(part) for part in images.split(chunk)])
@@ -49,7 +49,7 @@ def removal_drops(class_probs: ClassProbs, images: torch.Tensor, masks: torch.Te
         sizes = real.sum(1).tolist()
         out = torch.cat([class_probs(part) for part in removed.split([s for s in sizes if s])])
     else:
-        out = _in_chunks(class_probs, removed, chunk)
+        out = in_chunks(class_probs, removed, chunk)
     kept = out.gather(1, labels[index[:, 0]][:, None]).squeeze(1)
     before = probs[index[:, 0]]
     drops[index[:, 0], index[:, 1]] = (before - kept) / before
@@ -120,7 +120,7 @@ def flip_rates(class_probs: ClassProbs, donors: torch.Tensor, masks: torch.Tenso
             return
         chosen = torch.cat(parts)
         pasted = paste_regions(pool.images[chosen], donors[owner], masks[owner])
-        predicted = _in_chunks(class_probs, pasted, chunk).argmax(1)
+        predicted = in_chunks(class_probs, pasted, chunk).argmax(1)
         flipped.index_add_(0, owner, (predicted == labels[owner]).float())
         tested.index_add_(0, owner, torch.ones_like(owner))
 

@@ -23,6 +23,10 @@ class ImageColumns:
     discrepancy: torch.Tensor  # p_i(L_i) - max_j q_ij(L_i) over the regions
     oracle_label: torch.Tensor  # int64: the grounding model's label of the largest region that does not explain L_i, -1 if none
     region_counts: torch.Tensor  # int64: regions the oracle found
+    # The mirror test (self mode, decide.mirror_label_test); -1: not measured (trusted mode, or off)
+    mirror_label: torch.Tensor  # int64: the model's label of the horizontally mirrored image
+    object_label: torch.Tensor  # int64: its label of the image's largest region alone (the rest median-filled)
+    mirror_object_label: torch.Tensor  # int64: its label of that object alone, mirrored
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
@@ -35,7 +39,8 @@ class ImageColumns:
         none, count = torch.full((size,), -1, dtype=torch.int64), torch.zeros(size, dtype=torch.int64)
         return ImageColumns(readable=false, image_label=none, image_prob=zero, grounded=false, reference_label=none,
                             discordant=false, explaining_drop=unmeasured, flip_rate=unmeasured, discrepancy=zero,
-                            oracle_label=none, region_counts=count)
+                            oracle_label=none, region_counts=count, mirror_label=none, object_label=none,
+                            mirror_object_label=none)
 
     @classmethod
     def cat(cls, parts: list["ImageColumns"]) -> "ImageColumns":
@@ -69,8 +74,10 @@ class LabelTest:
     """The per-label evidence behind the target decision."""
 
     predicted: list[int]  # n_l: images whose whole-image label is l
-    candidates: list[int]  # c_l: of those, candidates (trigger evidence), less the two largest source classes
-    expected: list[float]  # e_l = n_l * (pooled candidate rate of the other labels)
+    # c_l: of those, candidates (trigger evidence), less the two largest source classes (the mirror
+    # test: those the mirror relabels, none left out)
+    candidates: list[int]
+    expected: list[float]  # e_l = n_l * (pooled candidate rate of the other labels; the mirror test: l's own rate alone)
     p_values: list[float]  # P(X >= c_l), X ~ Binomial(n_l, that rate)
     threshold: float  # Bonferroni-corrected significance level
     sources: list[int]  # distinct source classes among label l's candidates
@@ -130,6 +137,10 @@ class ScanResult(ImageColumns):
     # how the regions were encoded: the suspect's trigger evidence and the grounding model's naming
     # ("crop" | "packed"; ScanConfig.regions resolved for the oracle mode). Empty in scans saved before.
     region_modes: dict[str, str] = field(default_factory=dict, kw_only=True)
+    # self mode: the object-controlled mirror test behind image-wide targets (decide.mirror_label_test;
+    # candidates: images the mirror relabels, expected: n_l times the label's upper rate on objects
+    # alone); None where it did not run (trusted mode, ScanConfig.mirror_test off, scans saved before)
+    mirror_test: LabelTest | None = field(default=None, kw_only=True)
 
     @property
     def found(self) -> bool:
@@ -161,6 +172,10 @@ class ScanResult(ImageColumns):
                                                        self.label_test.candidates, self.label_test.expected,
                                                        self.label_test.p_values)},
             "significance_threshold": self.label_test.threshold,
+            "mirror_test": None if self.mirror_test is None else {
+                name: {"predicted": n, "mirror_changed": c, "expected": round(e, 3), "p_value": p}
+                for name, n, c, e, p in zip(self.classnames, self.mirror_test.predicted, self.mirror_test.candidates,
+                                            self.mirror_test.expected, self.mirror_test.p_values)},
             "unconfirmed": {name: {test: asdict(flips) for test, flips in tests.items()}
                             for name, tests in self.unconfirmed.items()},
             "triggers": [{"target": self.classnames[t.target], "kind": t.kind, "box": t.box,

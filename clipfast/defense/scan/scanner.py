@@ -24,7 +24,9 @@ from clipfast.models import ClipBundle, ZeroShotClassifier
 from clipfast.ops import pack_mask_bits
 from clipfast.oracle import Segmentation, Segmenter
 
-from .evidence import RecipientPool, flip_rates, removal_drops
+from clipfast.defense.transplant import fill_with_median
+
+from .evidence import RecipientPool, flip_rates, in_chunks, removal_drops
 from .config import ScanConfig
 from .result import ImageColumns
 from .scorers import PendingScores, make_grounder, make_scorer
@@ -78,6 +80,7 @@ class ShardScanner:
         classifier = ZeroShotClassifier(bundle, classnames, **prompt_kwargs)
         self.suspect = make_scorer(bundle, classifier, config)
         self.trusted = grounding_bundle is not None
+        self.mirror = config.mirror_test and not self.trusted  # self mode's image-wide evidence
         self.grounder = make_grounder(bundle, grounding_bundle, classnames, prompts, config, self.suspect, classifier)
         self.seconds["text_encoding"] = time.perf_counter() - start
         _, _, self.width = probe.image_shape
@@ -136,6 +139,8 @@ class ShardScanner:
             reference_label = ground.image_label
             discordant = (reference_label != label) & (ground.image_prob >= config.grounding_threshold) & ~grounded
         start = time.perf_counter()
+        mirror_label, object_label, mirror_object_label = (
+            self._mirror_labels(batch) if self.mirror else [torch.full((size,), -1)] * 3)
         explaining, drop, has_region = self._explaining_regions(batch, own)
         # The grounding model's label of the largest region (regions are sorted largest first); where
         # the explaining region turns out to be a trigger, of the largest other one (_finish).
@@ -147,7 +152,9 @@ class ShardScanner:
         columns = ImageColumns(readable=readable, image_label=label, image_prob=own.image_prob, grounded=grounded,
                                reference_label=reference_label, discordant=discordant, explaining_drop=drop,
                                flip_rate=torch.full((size,), -1.0), discrepancy=own.discrepancy,
-                               oracle_label=oracle_label, region_counts=batch.segmentation.counts).where_readable()
+                               oracle_label=oracle_label, region_counts=batch.segmentation.counts,
+                               mirror_label=mirror_label, object_label=object_label,
+                               mirror_object_label=mirror_object_label).where_readable()
         shard = self._open[batch.shard]
         shard.parts.append(columns)
         for j in torch.nonzero(readable & (regions.any(-1))).flatten().tolist():
@@ -162,6 +169,19 @@ class ShardScanner:
         self.seconds["evidence"] += time.perf_counter() - start
         if batch.lo == shard.last_batch:
             yield batch.shard, self._finish(batch.shard)
+
+    @torch.no_grad()
+    def _mirror_labels(self, batch: _Batch) -> list[torch.Tensor]:
+        """The mirror test's three labels per image (decide.mirror_label_test): of the mirrored image,
+        of its largest region alone (everything else filled with the image's median colour, as the
+        causal test removes regions) and of that object alone, mirrored."""
+        masks, regions = batch.segmentation.masks, batch.regions
+        largest = (masks[:, 0] & regions[:, 0, None, None] if masks.shape[1] else
+                   torch.zeros(masks.shape[0], *masks.shape[2:], dtype=torch.bool))  # no region: a blank image
+        objects = fill_with_median(batch.images, ~largest)
+        views = torch.cat([batch.images.flip(-1), objects, objects.flip(-1)])
+        probs = in_chunks(self.suspect.class_probs, views, self.config.batch_size)
+        return list(probs.argmax(-1).split(len(batch.images)))
 
     def _explaining_regions(self, batch: _Batch, own) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per image: the index of the region that carries its label, the share of p(L_i) its removal
