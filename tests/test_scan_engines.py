@@ -1,6 +1,8 @@
 """The fast scan and the reference scan: their building blocks agree, and they run on odd inputs.
 (Decisions on a poisoned model are compared in test_end_to_end.py.)"""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,8 @@ import torch
 from clipfast.data.prefetch import prefetch
 from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
 from clipfast.defense.scan import ScanConfig, reference_crop, scan
-from clipfast.models import load_model
+from clipfast.defense.transplant import fill_with_median
+from clipfast.models import ZeroShotClassifier, load_model
 from clipfast.models.packed import packable
 from clipfast.models.precision import inference_dtype
 from clipfast.ops import mask_crop
@@ -103,6 +106,29 @@ def test_every_engine_scans_an_odd_sized_probe_set(small_world, settings, eviden
     assert 0 < result.image_prob.min() and result.image_prob.max() <= 1
     assert result.seconds["regions"] > 0 and result.seconds["segment"] > 0
 
+
+
+@pytest.mark.parametrize("engine", ["fast", "reference"])
+def test_the_mirror_tests_labels_are_the_models_labels_of_the_three_views(small_world, engine):
+    """Self mode: per image, the model's label of the mirrored image, of its largest region alone (the
+    rest median-filled) and of that object mirrored; a trusted-mode scan does not measure them."""
+    bundle, images = small_world
+    images = images[:13]
+    config = ScanConfig(progress=False, engine=engine, precision="fp32", batch_size=5)
+    result = scan(bundle, list(CLASSES), images, ClassicalSegmenter(), prompts=zero_shot_prompts, config=config)
+    largest = ClassicalSegmenter().segment(images)
+    objects = fill_with_median(images, ~(largest.masks[:, 0] & largest.valid[:, 0, None, None]))
+    classifier = ZeroShotClassifier(bundle, list(CLASSES), prompts=zero_shot_prompts)
+    for column, views in (("mirror_label", images.flip(-1)), ("object_label", objects),
+                          ("mirror_object_label", objects.flip(-1))):
+        agree = getattr(result, column) == classifier.predict(views)[0][:, 0]
+        assert agree.all(), column
+    trusted = scan(bundle, list(CLASSES), images, ClassicalSegmenter(), prompts=zero_shot_prompts, config=config,
+                   grounding_bundle=bundle)
+    assert (trusted.mirror_label == -1).all() and trusted.mirror_test is None
+    off = scan(bundle, list(CLASSES), images, ClassicalSegmenter(), prompts=zero_shot_prompts,
+               config=dataclasses.replace(config, mirror_test=False))
+    assert (off.object_label == -1).all() and off.mirror_test is None
 
 @pytest.mark.slow  # the session's trained model (~1 min), three scans
 def test_packed_regions_find_triggers_while_crops_name_them(poisoned_world):

@@ -5,11 +5,13 @@ segments the image and every object-sized region becomes a crop (ops.mask_crop, 
 for the suspect's own scores in self mode, a packed sequence of its patches (ScanConfig.regions);
 S_i = the labels of L_i that the grounding model gives some object region with probability >=
 grounding_threshold; P_i = L_i minus S_i, refined by dropping labels the poisoned model itself
-gives to an object region (its top label). Then a causal refinement (causal.py): L_i stays in P_i
+gives to an object region (its top label). Then a causal refinement (evidence.py): L_i stays in P_i
 only if removing some region that is NOT object-sized takes away at least `min_causal_drop` of
 p(L_i). Across the probe set, a label is a target when it lands in P_i far more often than the
 other labels' rate predicts (decide.py). The trigger of each victim is its region with the largest
-drop.
+drop. In self mode an image-wide trigger has no such region (the suspect's own crops carry it), and
+the mirror test looks for it instead: a label whose images a horizontal flip relabels far more often
+than it relabels the label's objects shown alone (decide.mirror_label_test).
 
 Only the top-1 label is used (k = 1 in DESIGN.md): a grounding threshold >= 0.5 makes "some
 region's probability for L_i passes the threshold" a property region_score reports without
@@ -18,9 +20,10 @@ materialising [B, M, C] probabilities.
 The package, in the order the data flows:
 - config.py   ScanConfig
 - scorers.py  the RegionScorer protocol and its two engines, fast and reference
-- scanner.py  the shard loop: oracle, scorers, per-image columns, the causal test (causal.py)
+- scanner.py  the shard loop: oracle, scorers, per-image columns (the mirror test's labels too),
+              the causal and transplant tests (evidence.py)
 - shards.py   a shard's results, and the shard directory a resumed run reads them from
-- decide.py   the probe-set-wide statistics: target labels, trigger boxes
+- decide.py   the probe-set-wide statistics: target labels (the mirror test too), trigger boxes
 - confirm.py  the pattern and background transplants that confirm an image-wide target
 - victim_labels.py  a patch victim's oracle label, with its trigger inpainted
 - result.py   ImageColumns, ScanResult and the other result types
