@@ -23,7 +23,6 @@ from clipfast.ops import region_topk
 from clipfast.rundir import untied
 
 from .scan import ScanResult
-from .scan.decide import mirror_relabelled
 from .transplant import fill_with_median
 from .unlearning import RecoveredTrigger, recover_triggers, with_triggers
 
@@ -87,9 +86,8 @@ class CompactSet:
     clean_views: torch.Tensor  # uint8 [K, 3, H, W]: each image without the recovered trigger
     has_clean_view: torch.Tensor  # [K] bool: clean_views[k] is a trigger-free view repair anchors to
     # (replay: the image itself; unlearning pair: the image before the paste; patch victim: its trigger
-    # region filled as the causal test fills it; a mirror victim, self mode: the image mirrored). False
-    # for the other victims (image-wide triggers in trusted mode): their view is the image as it is, and
-    # it is not anchored.
+    # region filled as the causal test fills it). False for victims without a recovered region
+    # (image-wide triggers, warps): their view is the image as it is, and it is not anchored.
     victim_indices: torch.Tensor  # all victims found (probe indices), for precision / recall
     affected_labels: list[int]
     targets: list[int]
@@ -192,16 +190,6 @@ def curate(scan: ScanResult, images: ProbeSet | torch.Tensor, config: CurateConf
     if rows:
         masks = torch.stack([regions[int(chosen[row])] for row in rows])
         clean_views[rows] = fill_with_median(clean_views[rows], masks)
-        has_clean_view[rows] = True
-    # A mirror victim's clean view (self mode's image-wide targets, scan/decide.py): the image mirrored,
-    # which the suspect itself labelled other than the target (that is what made it a victim): the
-    # flip broke the trigger and kept the object.
-    mirrored = torch.cat([estimate.victim_indices for estimate in scan.triggers if estimate.kind == "image-wide"]
-                         + [torch.zeros(0, dtype=torch.long)])
-    mirrored = mirrored[mirror_relabelled(scan)[mirrored]]
-    rows = torch.nonzero(torch.isin(chosen, mirrored)).flatten()
-    if len(rows):
-        clean_views[rows] = clean_views[rows].flip(-1)
         has_clean_view[rows] = True
     return CompactSet(pictures, captions, indices, kinds == 0, kinds == 2, clean_views, has_clean_view, victims,
                       affected, list(scan.targets))
