@@ -91,15 +91,20 @@ def test_the_mirror_test_flags_a_label_the_flip_relabels_far_more_than_its_objec
     its objects alone 2 % (an image-wide trigger the flip breaks); label 2 is relabelled 25 % both
     ways (a shape the flip confuses: an arrow), which the other labels' pooled rate would flag."""
     columns = mirror_columns([(0.01, 0.01), (0.02, 0.02), (0.25, 0.25), (0.0, 0.0), (0.4, 0.02), (0.01, 0.01)])
+    relabelled = (columns.image_label == 4) & (columns.mirror_label != 4)
+    # the victims' objects alone are their source class, but for 7 real target-class images the flip relabels
+    genuine = relabelled.nonzero().flatten()[:7]
+    columns.object_label[relabelled] = columns.mirror_object_label[relabelled] = 5
+    columns.object_label[genuine] = columns.mirror_object_label[genuine] = 4
     result = decided(columns)
     assert result.targets == [4] and [t.kind for t in result.triggers] == ["image-wide"]
     test = result.mirror_test
     assert test.p_values[4] < test.threshold < min(p for k, p in enumerate(test.p_values) if k != 4)
-    relabelled = (columns.image_label == 4) & (columns.mirror_label != 4)
-    assert torch.equal(result.triggers[0].victim_indices, relabelled.nonzero().flatten())
+    victims = relabelled.clone()
+    victims[genuine] = False  # the model calls their object alone the target: target-class objects
+    assert torch.equal(result.triggers[0].victim_indices, victims.nonzero().flatten())
     # the victims are named by the flip (their source, in this world), nothing else is renamed
-    assert (result.oracle_label[relabelled] == 5).all() and (result.oracle_label[~relabelled] == -1).all()
-    assert result.clean_indices().numel() == 0 or not relabelled[result.clean_indices()].any()
+    assert (result.oracle_label[victims] == 5).all() and (result.oracle_label[~victims] == -1).all()
     summary = result.summary()["mirror_test"]
     assert summary["label4"]["mirror_changed"] == int(relabelled.sum())
 

@@ -11,8 +11,8 @@ confusion from one or two neighbours, which this keeps from ever looking like a 
 Self mode has no discordance, and an image-wide trigger has no region to find: the suspect's own
 crops carry it and agree with it. There the mirror test (mirror_label_test) adds image-wide targets:
 a label whose images a horizontal flip relabels far more often than it relabels that label's
-objects shown alone. Its victims are the target's images the flip relabels, their oracle label the
-mirrored image's label (the trigger broken, the object kept).
+objects shown alone. Its victims are the target's images the flip relabels whose object alone is
+not the target, their oracle label the mirrored image's label (the trigger broken, the object kept).
 """
 
 from __future__ import annotations
@@ -49,8 +49,13 @@ def decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, s
     mirror_test, mirrored = mirror_label_test(columns, len(classnames), config)
     image_wide = [label for label in mirrored if label not in targets]
     if image_wide:  # the flip's relabelled images of these targets are their victims, named by the flip
-        mirror_evidence = columns.readable & mirror_relabelled(columns) & torch.isin(columns.image_label,
-                                                                                   torch.tensor(image_wide))
+        # ... but for those whose object shown alone the model calls the target: that label comes from
+        # the object (a real target-class image the flip happens to relabel), and the flip's label would
+        # caption it wrong. Measured on the 11 image-wide targets of b415e9f's self-mode matrix
+        # (benchmarks/mirror_victims.py, rows in results/mirror_victims.jsonl): victim precision
+        # 0.58-0.95 -> 0.90-0.99, recall 0.35-1.00 -> 0.34-1.00 (at most 7 points lost).
+        mirror_evidence = (columns.readable & mirror_relabelled(columns) & (columns.object_label != columns.image_label)
+                           & torch.isin(columns.image_label, torch.tensor(image_wide)))
         candidate = candidate | mirror_evidence
         columns.oracle_label = torch.where(mirror_evidence, columns.mirror_label, columns.oracle_label)
         targets = sorted(targets + image_wide)
