@@ -426,6 +426,27 @@ def test_the_self_mode_held_out_asr_counts_the_pasted_images_alone():
     assert estimates["asr_estimate"] == estimates["asr_pasted_hits"] / estimates["asr_pasted_n"]
 
 
+
+def test_the_self_mode_held_out_asr_counts_the_mirror_tests_victims():
+    """Self mode's image-wide targets come from the mirror test, whose victims exclude images whose
+    object alone is the target and are named by the mirror: they count beside the pasted images (the
+    pasted composites alone said *removed* on a warp that kept 6.9 % ASR)."""
+    from clipfast.defense.repair import holdout_estimator
+    from clipfast.models import load_model
+
+    scan = hand_made_scan()
+    scan.classnames = ["circle", "square", "star", "heart"]
+    size = 32
+    scan.triggers = [TriggerEstimate(3, "image-wide", scan.victims(3), torch.zeros(0, dtype=torch.int64),
+                                     torch.zeros(0, size, size, dtype=torch.bool), torch.zeros(0),
+                                     torch.zeros(size, size, dtype=torch.bool), None, additive=True)]
+    images = torch.randint(0, 256, (12, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    compact = curate(scan, images, CurateConfig(victims_per_label=2, replay_per_label=1))
+    estimates = holdout_estimator(scan, compact, images, None, holdout_clean=4, seed=0)(load_model("clipfast-tiny"))
+    assert estimates["asr_victim_n"] >= 1 and estimates["asr_pasted_n"] > 0
+    assert estimates["asr_n"] == estimates["asr_victim_n"] + estimates["asr_pasted_n"]
+    assert estimates["asr_hits"] == estimates["asr_victim_hits"] + estimates["asr_pasted_hits"]
+
 def patch_target_scan():
     """hand_made_scan with a corner patch trigger recovered for target 3 (patch victims 1, 2, 4, 5)."""
     scan = hand_made_scan()

@@ -44,6 +44,8 @@ def test_the_verdict_names_the_images_its_estimate_counted():
     assert both.startswith("held-out victims and clean images")
     self_mode = measured_on({"asr_n": 7, "asr_victim_n": 3, "asr_victim_hits": 2, "asr_pasted_n": 7})
     assert self_mode.startswith("held-out clean images with the recovered trigger") and "not counted: 2/3" in self_mode
+    mixed = measured_on({"asr_n": 9, "asr_victim_n": 3, "asr_victim_hits": 2, "asr_pasted_n": 7})
+    assert "and 2 of 3 held-out victims" in mixed and "not counted" not in mixed
 
 
 def test_no_backdoor_found_in_self_mode_says_image_wide_triggers_are_out_of_its_sight():

@@ -189,6 +189,10 @@ def measured_on(estimates: dict) -> str:
     if estimates.get("asr_n") == victims + pasted and victims:
         return "held-out victims and clean images with the recovered trigger pasted on"
     text = "held-out clean images with the recovered trigger pasted on"
+    counted = estimates.get("asr_n", pasted) - pasted
+    if counted:  # self mode with a patch and a mirror target: the mirror target's victims count
+        return (f"{text} and {counted} of {victims} held-out victims (the image-wide targets'; the others' labels "
+                "are the model's own without a trusted oracle)")
     if victims:  # self mode: shown, not counted
         text += (f"; not counted: {estimates['asr_victim_hits']}/{victims} held-out victims, whose labels "
                  "are the model's own without a trusted oracle")
