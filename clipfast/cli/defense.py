@@ -45,6 +45,9 @@ def defense_arguments(parser: argparse.ArgumentParser) -> None:
     oracle.add_argument("--grounding-regions", choices=REGION_MODES, default=scan.grounding_regions,
                         help="how the grounding model (the trusted one, or the model itself) sees the regions it "
                         f"names: crops name small objects better than packed sequences (default: {scan.grounding_regions})")
+    oracle.add_argument("--no-mirror-test", dest="mirror_test", action="store_false",
+                        help="without --trusted-model: skip the mirror test, self mode's only evidence of image-wide "
+                        "triggers (blends, signals, warps), and its 3 extra encodes per probe image")
     oracle.add_argument("--backend", default=scan.backend, choices=("auto",) + BACKENDS,
                         help=f"op backend (default: {scan.backend})")
     # The config field each speed option sets; the untied ones never change results (rundir.untied).
@@ -136,7 +139,7 @@ def _run_defense_on_rank(args: argparse.Namespace, run_repair: bool, labels: lis
     try:
         config = DefenseConfig(
             scan=ScanConfig(backend=args.backend, progress=progress, engine=args.engine, regions=args.regions,
-                            grounding_regions=args.grounding_regions,
+                            grounding_regions=args.grounding_regions, mirror_test=args.mirror_test,
                             precision=args.precision, compile=args.compile, batch_size=args.batch_size,
                             shard_size=args.shard_size),
             curate=CurateConfig(backend=args.backend),
