@@ -53,18 +53,20 @@ class ScanConfig:
     max_recipient_overlap: float = 0.1
     recipient_size_ratio: float = 2.0
     significance: float = 1e-3  # family-wise false-alarm rate of the target-label test (and of the mirror test)
+    min_effect: float = 3.0  # a target must also occur >= this many times more often than expected
+    min_count: int = 5  # and in at least this many images
     # Self mode: the object-controlled mirror test for image-wide triggers (decide.mirror_label_test),
     # 3 more whole-image encodes per probe image. A label is a target when a horizontal flip relabels
     # far more of its images than it relabels that label's objects shown alone. Its only thresholds are
-    # significance and min_count above, nothing fitted: measured (benchmarks/purification.py, rows in
-    # results/purification.jsonl) on 22 models of the efficacy matrix, it flagged 11 of 14 image-wide
-    # targets (Blended, SIG, WaNet), no clean model (0 of 5 seeds) and no wrong label; it transfers as
-    # far as its premise does: a fragile image-wide trigger is broken by mirroring the whole image and
-    # is mostly absent from an object shown alone, while a label's own mirror sensitivity (arrows:
-    # 17-30 % relabelled on clean models) is the same alone. A symmetric trigger survives the flip.
+    # significance and min_count above, nothing fitted. Measured on the efficacy matrix's self-mode
+    # models (rows of b415e9f and 533e77e in results/efficacy.csv; first on 22 of them with
+    # benchmarks/purification.py): 11 of 14 image-wide targets found (Blended, SIG, WaNet), and over 26
+    # models (5 clean, 14 image-wide, 7 patch / label-consistent) no label but a target flagged
+    # (smallest other p 0.003 against 1e-4). It transfers as far as its premise does: a fragile
+    # image-wide trigger is broken by mirroring the whole image and mostly absent from an object shown
+    # alone, while a label's own mirror sensitivity (arrows: 17-30 % relabelled on clean models) is the
+    # same alone. A mirror-symmetric trigger survives the flip.
     mirror_test: bool = True
-    min_effect: float = 3.0  # a target must also occur >= this many times more often than expected
-    min_count: int = 5  # and in at least this many images
     # fast: batched across images, ops on the model's device, autocast, the oracle running ahead in a
     # thread, no host sync inside the loop; reference: the public tools' image-by-image fp32 pipeline.
     # Both reach the same decisions up to the encoders' numerics, so the engine ties a run.

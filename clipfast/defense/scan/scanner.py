@@ -19,12 +19,11 @@ from tqdm import tqdm
 
 from clipfast.data.prefetch import prefetch
 from clipfast.data.probe import ProbeSet
+from clipfast.defense.transplant import fill_with_median
 from clipfast.errors import NonFiniteError
 from clipfast.models import ClipBundle, ZeroShotClassifier
 from clipfast.ops import pack_mask_bits
 from clipfast.oracle import Segmentation, Segmenter
-
-from clipfast.defense.transplant import fill_with_median
 
 from .evidence import RecipientPool, flip_rates, in_chunks, removal_drops
 from .config import ScanConfig
@@ -180,7 +179,7 @@ class ShardScanner:
                    torch.zeros(masks.shape[0], *masks.shape[2:], dtype=torch.bool))  # no region: a blank image
         objects = fill_with_median(batch.images, ~largest)
         views = torch.cat([batch.images.flip(-1), objects, objects.flip(-1)])
-        probs = in_chunks(self.suspect.class_probs, views, self.config.batch_size)
+        probs = in_chunks(self.suspect.class_probs, views, self.config.encode_batch)
         return list(probs.argmax(-1).split(len(batch.images)))
 
     def _explaining_regions(self, batch: _Batch, own) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
