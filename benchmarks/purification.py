@@ -6,7 +6,8 @@ it. The literature summary (../shared/notes/image-wide-triggers.md, signal 2a) s
 causal test instead: a transform that keeps objects but destroys a fragile trigger (blur, resampling,
 JPEG, bit-depth reduction, flips) turns a victim back to its source label, and leaves a clean image's
 label alone. Whether it does on our world, and whether it separates poisoned from clean models, is
-measured here before anything adopts it.
+measured here before anything adopts it. (The scan adopted the mirror with the object control at
+b415e9f: clipfast/defense/scan/decide.py, mirror_label_test.)
 
 Per case (a model of the efficacy matrix, trained and cached as the matrix does; the probe set is
 the matrix's, the first probe_size training pairs): the suspect's label L_i of every probe image and
