@@ -59,9 +59,9 @@ class ScanConfig:
     # 3 more whole-image encodes per probe image. A label is a target when a horizontal flip relabels
     # far more of its images than it relabels that label's objects shown alone. Its only thresholds are
     # significance and min_count above, nothing fitted. Measured on the efficacy matrix's self-mode
-    # models (rows of b415e9f, 533e77e and c8e31eb in results/efficacy.csv; first on 22 of them with
-    # benchmarks/purification.py): 11 of 14 image-wide targets found (Blended, SIG, WaNet), and over 29
-    # models (5 clean, 14 image-wide, 10 patch / label-consistent) no label but a target flagged
+    # models (rows of b415e9f, 533e77e, c8e31eb and 5518d1e in results/efficacy.csv; first on 22 of them with
+    # benchmarks/purification.py): 11 of 14 image-wide targets found (Blended, SIG, WaNet), and over 33
+    # models (5 clean, 14 image-wide, 14 patch / label-consistent) no label but a target flagged
     # (smallest other p 0.003 against 1e-4). It transfers as far as its premise does: a fragile
     # image-wide trigger is broken by mirroring the whole image and mostly absent from an object shown
     # alone, while a label's own mirror sensitivity (arrows: 17-30 % relabelled on clean models) is the
