@@ -58,14 +58,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import torchvision.transforms.functional as TF
-from scipy.stats import beta, binom
 from torchvision.io import decode_jpeg, encode_jpeg
 
 from clipfast.bench.common import code_commit
 from clipfast.bench.efficacy import MATRIX, _recipe
 from clipfast.data.world import CLASSES, zero_shot_prompts
 from clipfast.defense.scan import ScanConfig
-from clipfast.defense.scan.decide import decide_targets
+from clipfast.defense.scan.decide import decide_targets, object_controlled_test
 from clipfast.defense.transplant import fill_with_median
 from clipfast.demo import DemoConfig, default_cache_dir
 from clipfast.models import ZeroShotClassifier
@@ -141,30 +140,23 @@ def label_test_row(label: torch.Tensor, candidate: torch.Tensor, purified: torch
     return row
 
 
-def object_control_row(label: torch.Tensor, changed: torch.Tensor, alone: torch.Tensor, alone_changed: torch.Tensor,
+def object_control_row(label: torch.Tensor, purified: torch.Tensor, alone: torch.Tensor, alone_purified: torch.Tensor,
                        target: int | None, victims: torch.Tensor, config: ScanConfig) -> dict:
-    """Each label's T-changed count against its own sensitivity to T on the objects alone (see the
-    module doc). label / alone: top labels of the images and of their objects alone; changed /
-    alone_changed: whether T changes them."""
-    threshold = config.significance / len(CLASSES)
-    p_values, flagged, per_label = [], [], {}
-    for index in range(len(CLASSES)):
-        n, c = int((label == index).sum()), int((changed & (label == index)).sum())
-        n_alone, c_alone = int((alone == index).sum()), int((alone_changed & (alone == index)).sum())
-        upper = 1.0 if n_alone == 0 or c_alone == n_alone else float(beta.ppf(0.975, c_alone + 1, n_alone - c_alone))
-        p = float(binom.sf(c - 1, n, upper)) if c > 0 else 1.0
-        p_values.append(p)
-        if p < threshold and c >= config.min_count:
-            flagged.append(CLASSES[index])
-        per_label[CLASSES[index]] = [n, c, n_alone, c_alone]
+    """Each label's T-changed count against its own sensitivity to T on the objects alone (the scan's
+    decide.object_controlled_test, see the module doc). label / alone: top labels of the images and of
+    their objects alone; purified / alone_purified: the same under T."""
+    test, targets = object_controlled_test(label, purified, alone, alone_purified, len(CLASSES), config)
+    changed, alone_changed = purified != label, alone_purified != alone
+    per_label = {name: [test.predicted[index], test.candidates[index], int((alone == index).sum()),
+                        int((alone_changed & (alone == index)).sum())] for index, name in enumerate(CLASSES)}
     others = [index for index in range(len(CLASSES)) if index != target]
-    worst = min(others, key=lambda index: p_values[index])
-    row = {"flagged": flagged, "other_min_p": float(f"{p_values[worst]:.3g}"), "other_min_p_label": CLASSES[worst],
-           "per_label_n_c_alone_n_c": per_label}
+    worst = min(others, key=lambda index: test.p_values[index])
+    row = {"flagged": [CLASSES[index] for index in targets], "other_min_p": float(f"{test.p_values[worst]:.3g}"),
+           "other_min_p_label": CLASSES[worst], "per_label_n_c_alone_n_c": per_label}
     if target is not None:
         n, c, n_alone, c_alone = per_label[CLASSES[target]]
         row.update(target_rate=round(c / max(n, 1), 3), target_alone_rate=round(c_alone / max(n_alone, 1), 3),
-                   target_p=float(f"{p_values[target]:.3g}"),
+                   target_p=float(f"{test.p_values[target]:.3g}"),
                    victim_recall=round(float(changed[victims].float().mean()), 3) if len(victims) else None)
     return row
 
@@ -196,11 +188,11 @@ def main(argv=None) -> int:  # not under no_grad: models missing from the cache 
             objects = fill_with_median(probe, ~largest_regions(probe))  # each largest region alone
             alone = classifier.predict(objects)[0][:, 0]
             for transform, fn in TRANSFORMS.items():
-                purified = classifier.predict(fn(probe))[0][:, 0]
-                changed, alone_changed = purified != label, classifier.predict(fn(objects))[0][:, 0] != alone
+                purified, alone_purified = classifier.predict(fn(probe))[0][:, 0], classifier.predict(fn(objects))[0][:, 0]
                 row["transforms"][transform] = {
-                    "pooled": label_test_row(label, changed, purified, target, victims, config),
-                    "object control": object_control_row(label, changed, alone, alone_changed, target, victims, config)}
+                    "pooled": label_test_row(label, purified != label, purified, target, victims, config),
+                    "object control": object_control_row(label, purified, alone, alone_purified, target, victims,
+                                                         config)}
             print(json.dumps(row), flush=True)
             with args.out.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")

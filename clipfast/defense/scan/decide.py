@@ -85,23 +85,34 @@ def mirror_label_test(columns: ImageColumns, num_labels: int, config: ScanConfig
     measured = columns.readable & (columns.mirror_label >= 0)
     if not measured.any():
         return None, []
-    relabelled = measured & mirror_relabelled(columns)
-    alone_relabelled = measured & (columns.mirror_object_label != columns.object_label)
-    predicted = torch.bincount(columns.image_label[measured], minlength=num_labels)
-    changed = torch.bincount(columns.image_label[relabelled], minlength=num_labels)
-    alone = torch.bincount(columns.object_label[measured], minlength=num_labels)
-    alone_changed = torch.bincount(columns.object_label[alone_relabelled], minlength=num_labels)
+    return object_controlled_test(columns.image_label[measured], columns.mirror_label[measured],
+                                  columns.object_label[measured], columns.mirror_object_label[measured], num_labels,
+                                  config)
+
+
+def object_controlled_test(label: torch.Tensor, transformed: torch.Tensor, object_label: torch.Tensor,
+                           transformed_object: torch.Tensor, num_labels: int,
+                           config: ScanConfig) -> tuple[LabelTest, list[int]]:
+    """The per-label test behind mirror_label_test, for any label-changing transform T: the model's
+    labels of the images and of them under T, of the objects alone and of them under T (int64 [N]
+    each). Each label's count of images T relabels against its own objects' T-rate bound
+    (OBJECT_RATE_CONFIDENCE); LabelTest.sources counts the distinct labels T gives them."""
+    relabelled, alone_relabelled = transformed != label, transformed_object != object_label
+    predicted = torch.bincount(label, minlength=num_labels)
+    changed = torch.bincount(label[relabelled], minlength=num_labels)
+    alone = torch.bincount(object_label, minlength=num_labels)
+    alone_changed = torch.bincount(object_label[alone_relabelled], minlength=num_labels)
     threshold = config.significance / num_labels
     expected, p_values, sources, targets = [], [], [], []
-    for label in range(num_labels):
-        n, c, n_alone, c_alone = (int(counts[label]) for counts in (predicted, changed, alone, alone_changed))
+    for index in range(num_labels):
+        n, c, n_alone, c_alone = (int(counts[index]) for counts in (predicted, changed, alone, alone_changed))
         rate = 1.0 if c_alone == n_alone else float(beta.ppf(OBJECT_RATE_CONFIDENCE, c_alone + 1, n_alone - c_alone))
         p = float(binom.sf(c - 1, n, rate)) if c > 0 else 1.0
         expected.append(n * rate)
         p_values.append(p)
-        sources.append(len(columns.mirror_label[relabelled & (columns.image_label == label)].unique()))
+        sources.append(len(transformed[relabelled & (label == index)].unique()))
         if p < threshold and c >= config.min_count:
-            targets.append(label)
+            targets.append(index)
     return LabelTest(predicted.tolist(), changed.tolist(), expected, p_values, threshold, sources), targets
 
 
