@@ -145,7 +145,8 @@ def object_control_row(label: torch.Tensor, purified: torch.Tensor, alone: torch
     """Each label's T-changed count against its own sensitivity to T on the objects alone (the scan's
     decide.object_controlled_test, see the module doc). label / alone: top labels of the images and of
     their objects alone; purified / alone_purified: the same under T."""
-    test, targets = object_controlled_test(label, purified, alone, alone_purified, len(CLASSES), config)
+    test, targets = object_controlled_test(label, purified, alone, alone_purified, len(CLASSES),
+                                           config.significance, config.min_count)
     changed, alone_changed = purified != label, alone_purified != alone
     per_label = {name: [test.predicted[index], test.candidates[index], int((alone == index).sum()),
                         int((alone_changed & (alone == index)).sum())] for index, name in enumerate(CLASSES)}

@@ -138,8 +138,60 @@ def test_a_patch_target_the_mirror_also_flags_stays_a_patch_and_trusted_scans_sk
     assert len(result.triggers[0].victim_indices) == 40  # the patch evidence, not the flip's images
     unmeasured = mirror_columns([(0.01, 0.01)] * 4 + [(0.5, 0.0), (0.01, 0.01)])
     unmeasured.mirror_label[:] = -1  # trusted mode (or mirror_test off): the columns are not measured
+    unmeasured.object_label[:] = unmeasured.mirror_object_label[:] = -1
     result = decided(unmeasured)
     assert result.targets == [] and result.mirror_test is None and result.summary()["mirror_test"] is None
+    assert result.object_test is None and result.summary()["object_test"] is None
+
+def object_flow_columns(flows, exchange=3):
+    """Self-mode columns, 300 images per label of 6, none relabelled by the flip; flows[(l, k)] = n:
+    n more of label l's images have their object alone labelled k; and every ordered pair of labels
+    exchanges `exchange` such images both ways (a clean model's symmetric disagreements)."""
+    columns = mirror_columns([(0.0, 0.0)] * 6)
+    pairs = {(label, source): exchange for label in range(6) for source in range(6) if label != source}
+    for pair, count in flows.items():
+        pairs[pair] += count
+    for (label, source), count in pairs.items():
+        rows = ((columns.image_label == label) & (columns.object_label == label)).nonzero().flatten()[:count]
+        columns.object_label[rows] = columns.mirror_object_label[rows] = source
+    return columns
+
+
+def test_the_object_test_flags_a_label_whole_images_get_from_every_other_labels_objects():
+    """A flip-robust image-wide trigger on label 4: 12 of its images from each other label's objects
+    (the trigger gone with the background), which the flip relabels nowhere."""
+    columns = object_flow_columns({(4, source): 12 for source in (0, 1, 2, 3, 5)})
+    result = decided(columns)
+    assert result.targets == [4] and [t.kind for t in result.triggers] == ["image-wide"]
+    assert result.mirror_test.p_values[4] > result.mirror_test.threshold  # the flip does not see it
+    test = result.object_test
+    assert test.p_values[4] < test.threshold < min(p for k, p in enumerate(test.p_values) if k != 4)
+    # into label 4 from the 3 sources left after trimming its 2 largest: 3 x (12 + 3); out: 3 x 3
+    assert test.candidates[4] == 45 and test.expected[4] == 27.0
+    victims = (columns.image_label == 4) & (columns.object_label != 4)
+    assert torch.equal(result.triggers[0].victim_indices, victims.nonzero().flatten())
+    # each victim named by its object alone; no other image renamed
+    assert torch.equal(result.oracle_label[victims], columns.object_label[victims])
+    assert (result.oracle_label[~victims] == -1).all()
+    assert result.summary()["object_test"]["label4"] == {"predicted": 300, "whole_not_object": 45, "object_not_whole": 9,
+                                                       "p_value": test.p_values[4]}
+
+
+@pytest.mark.parametrize("flows", [
+    {},  # symmetric disagreements only
+    {(2, 1): 80, (2, 3): 40},  # a label whole images get from one or two neighbours' objects: trimmed
+    {(0, 5): 30, (5, 0): 30},  # a heavy exchange, both ways
+])
+def test_no_object_test_target_without_a_one_way_flow_from_many_labels(flows):
+    result = decided(object_flow_columns(flows))
+    assert result.targets == [] and result.object_test is not None
+
+
+def test_the_image_wide_tests_share_the_significance():
+    """Self mode's two image-wide tests each take half of it: the family-wise rate stays the stated one."""
+    result = decided(object_flow_columns({}), ScanConfig(significance=2e-3))
+    assert result.mirror_test.threshold == result.object_test.threshold == pytest.approx(2e-3 / 2 / 6)
+
 
 def test_a_target_is_a_patch_when_its_patch_victims_alone_are_significant():
     """Trusted mode: a patch target's candidates also hold discordant clean confusions. Label 3 has 30

@@ -46,8 +46,9 @@ def defense_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how the grounding model (the trusted one, or the model itself) sees the regions it "
                         f"names: crops name small objects better than packed sequences (default: {scan.grounding_regions})")
     oracle.add_argument("--no-mirror-test", dest="mirror_test", action="store_false",
-                        help="without --trusted-model: skip the mirror test, self mode's only evidence of image-wide "
-                        "triggers (blends, signals, warps), and its 3 extra encodes per probe image")
+                        help="without --trusted-model: skip the mirror and object-alone tests, self mode's only "
+                        "evidence of image-wide triggers (blends, signals, warps), and their 3 extra encodes per "
+                        "probe image")
     oracle.add_argument("--backend", default=scan.backend, choices=("auto",) + BACKENDS,
                         help=f"op backend (default: {scan.backend})")
     # The config field each speed option sets; the untied ones never change results (rundir.untied).

@@ -91,7 +91,8 @@ def save_scan(result: ScanResult, path: Path) -> None:
 def load_scan(path: Path) -> ScanResult:
     data = torch.load(path, weights_only=True)
     data["label_test"] = LabelTest(**data["label_test"])
-    data["mirror_test"] = LabelTest(**data["mirror_test"]) if data.get("mirror_test") else None
+    for test in ("mirror_test", "object_test"):  # absent from scans saved before them
+        data[test] = LabelTest(**data[test]) if data.get(test) else None
     unmeasured = torch.full_like(data["image_label"], -1)  # scans saved before the mirror test lack its columns
     for column in ("mirror_label", "object_label", "mirror_object_label"):
         data.setdefault(column, unmeasured)
@@ -147,12 +148,13 @@ def defend(bundle: ClipBundle, classnames: list[str], probe_images: ProbeSet | t
 
 
 # What "no backdoor found" covers without a trusted model: the suspect grounds its own regions, and a
-# trigger spread over the whole image is in every region it grounds; only the mirror test sees those,
-# and only the ones a horizontal flip breaks (README, limits).
+# trigger spread over the whole image is in every region it grounds; only the mirror and object-alone
+# tests see those, and only the ones a horizontal flip breaks or the object shown alone has lost in
+# enough victims (README, limits).
 SELF_MODE_SCOPE = ("; without a trusted model (self mode) the scan sees triggers that a region of the image "
                    "carries (patches), and image-wide ones (blending, signals, warps) only where mirroring the "
-                   "image breaks them: give a trusted clean model (--trusted-model; grounding_bundle in the "
-                   "Python API) to look for every image-wide trigger")
+                   "image or showing its object alone breaks them in enough probe images: give a trusted clean "
+                   "model (--trusted-model; grounding_bundle in the Python API) to look for every image-wide trigger")
 
 
 def verdict_of(scanned: ScanResult, repaired: RepairResult | None, config: RepairConfig) -> Verdict:
@@ -190,7 +192,7 @@ def measured_on(estimates: dict) -> str:
         return "held-out victims and clean images with the recovered trigger pasted on"
     text = "held-out clean images with the recovered trigger pasted on"
     counted = estimates.get("asr_n", pasted) - pasted
-    if counted:  # self mode with a patch and a mirror target: the mirror target's victims count
+    if counted:  # self mode with a patch and an image-wide target: the image-wide target's victims count
         return (f"{text} and {counted} of {victims} held-out victims (the image-wide targets'; the others' labels "
                 "are the model's own without a trusted oracle)")
     if victims:  # self mode: shown, not counted

@@ -214,17 +214,18 @@ def holdout_estimator(scan: ScanResult, compact: CompactSet, probe_images: Probe
     # nothing could be pasted. Over 27 self-mode cases (the patch family, label-consistent models) the
     # pasted images alone gave the verdict the measured ASR's answer in all 27, the victims counted
     # too in 22 (benchmarks/estimate_calibration.py, results/estimate_calibration.json).
-    # The mirror test's victims (self mode's image-wide targets, scan/decide.py) are counted: images
-    # whose object alone the suspect calls the target are not among them, and their oracle labels are
-    # the mirrored images', never the target. Without them a warp's pasted composites alone said
-    # *removed* at 3.1 % (upper bound 4.8 %) where 6.9 % was measured on the test world (WaNet strength
-    # 6 seed 0 at 31b1f8c; its held-out victims: 12 of 71 still the target).
-    mirror_victims = torch.cat([trigger.victim_indices for trigger in scan.triggers if trigger.kind == "image-wide"]
+    # The image-wide targets' victims (self mode: the mirror and object-alone tests, scan/decide.py)
+    # are counted: images whose object alone the suspect calls the target are not among them, and
+    # their oracle labels (the mirrored image's or the object alone's) are never the target. Without
+    # them a warp's pasted composites alone said *removed* at 3.1 % (upper bound 4.8 %) where 6.9 % was
+    # measured on the test world (WaNet strength 6 seed 0 at 31b1f8c; its held-out victims: 12 of 71
+    # still the target).
+    image_wide_victims = torch.cat([trigger.victim_indices for trigger in scan.triggers if trigger.kind == "image-wide"]
                                + [torch.zeros(0, dtype=torch.long)])
     if scan.oracle_mode == "trusted" or len(triggered) == held_out_victims:
         counted_victims = torch.ones(held_out_victims, dtype=torch.bool)
     else:
-        counted_victims = torch.isin(victims, mirror_victims)
+        counted_victims = torch.isin(victims, image_wide_victims)
 
     def estimate(bundle: ClipBundle) -> dict:
         nonlocal fixed_classifier

@@ -10,8 +10,10 @@ only if removing some region that is NOT object-sized takes away at least `min_c
 p(L_i). Across the probe set, a label is a target when it lands in P_i far more often than the
 other labels' rate predicts (decide.py). The trigger of each victim is its region with the largest
 drop. In self mode an image-wide trigger has no such region (the suspect's own crops carry it), and
-the mirror test looks for it instead: a label whose images a horizontal flip relabels far more often
-than it relabels the label's objects shown alone (decide.mirror_label_test).
+two tests look for it instead: a label whose images a horizontal flip relabels far more often than
+it relabels the label's objects shown alone (decide.mirror_label_test), and a label whole images get
+from other labels' objects shown alone far more often than the other way round
+(decide.object_alone_test).
 
 Only the top-1 label is used (k = 1 in DESIGN.md): a grounding threshold >= 0.5 makes "some
 region's probability for L_i passes the threshold" a property region_score reports without
@@ -23,7 +25,8 @@ The package, in the order the data flows:
 - scanner.py  the shard loop: oracle, scorers, per-image columns (the mirror test's labels too),
               the causal and transplant tests (evidence.py)
 - shards.py   a shard's results, and the shard directory a resumed run reads them from
-- decide.py   the probe-set-wide statistics: target labels (the mirror test too), trigger boxes
+- decide.py   the probe-set-wide statistics: target labels (the mirror and object-alone tests too),
+              trigger boxes
 - confirm.py  the pattern and background transplants that confirm an image-wide target
 - victim_labels.py  a patch victim's oracle label, with its trigger inpainted
 - result.py   ImageColumns, ScanResult and the other result types

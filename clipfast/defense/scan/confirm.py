@@ -23,11 +23,11 @@ that sees the same pixels, in the trusted model:
   SIG 40 %, the trusted model at most 1.6 %; the 'star' confusion of 5 clean suspects 0-2.2 %.
 
 A target is confirmed when either test passes: the suspect flips at least its threshold and the
-trusted model fewer than that. In self mode (image-wide targets from the mirror test, decide.py)
-there is no control model and the suspect's share alone decides: by itself the background test is
-not safe there (objects the oracle does not fully remove override the pasted ones too: a clean
-suspect's 'circle' images 21-39 %; ../shared/notes/image-wide-triggers.md), but it only confirms
-a label the mirror test flagged already, and the pattern test says whether the trigger is additive,
+trusted model fewer than that. In self mode (image-wide targets from the mirror or object-alone
+test, decide.py) there is no control model and the suspect's share alone decides: by itself the
+background test is not safe there (objects the oracle does not fully remove override the pasted
+ones too: a clean suspect's 'circle' images 21-39 %; ../shared/notes/image-wide-triggers.md), but it
+only confirms a label those tests flagged already, and the pattern test says whether the trigger is additive,
 which the repair needs to put it on clean images (unlearning.py).
 """
 

@@ -9,10 +9,13 @@ leaving out its two largest source classes: a backdoor pulls victims from every 
 confusion from one or two neighbours, which this keeps from ever looking like a target.
 
 Self mode has no discordance, and an image-wide trigger has no region to find: the suspect's own
-crops carry it and agree with it. There the mirror test (mirror_label_test) adds image-wide targets:
-a label whose images a horizontal flip relabels far more often than it relabels that label's
-objects shown alone. Its victims are the target's images the flip relabels whose object alone is
-not the target, their oracle label the mirrored image's label (the trigger broken, the object kept).
+crops carry it and agree with it. There two tests add image-wide targets, sharing the significance:
+the mirror test (mirror_label_test), a label whose images a horizontal flip relabels far more often
+than it relabels that label's objects shown alone, and the object-alone test (object_alone_test), a
+label the whole images get far more often from other labels' objects shown alone than the other
+way round, from more than two source labels. Their victims are the target's images whose object
+alone is not the target: those the flip relabels, named by the flip, where the flip sees the trigger
+best, else all of them, named by their object alone (the trigger gone, the object kept).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ TRIMMED_SOURCES = 2  # a label's largest source classes left out of its candidat
 # The mirror test's null rate for a label: the upper bound of this one-sided Clopper-Pearson interval
 # of its objects' mirror rate (a label with few objects alone gets a wide, forgiving bound).
 OBJECT_RATE_CONFIDENCE = 0.975
+IMAGE_WIDE_TESTS = 2  # self mode's image-wide tests (mirror_label_test, object_alone_test)
 
 
 def decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, seconds: dict) -> ScanResult:
@@ -46,24 +50,35 @@ def decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, s
     # (Without discordant candidates, self mode, the candidates are the patch evidence: the same test.)
     patch_targets = targets if not (candidate & ~patch_evidence).any() else \
         decide_targets(columns.image_label, patch_evidence & columns.readable, sources, len(classnames), config)[1]
-    mirror_test, mirrored = mirror_label_test(columns, len(classnames), config)
-    image_wide = [label for label in mirrored if label not in targets]
-    if image_wide:  # the flip's relabelled images of these targets are their victims, named by the flip
-        # ... but for those whose object shown alone the model calls the target: that label comes from
-        # the object (a real target-class image the flip happens to relabel), and the flip's label would
-        # caption it wrong. Measured on the 11 image-wide targets of b415e9f's self-mode matrix
-        # (benchmarks/mirror_victims.py, rows in results/mirror_victims.jsonl): victim precision
-        # 0.58-0.95 -> 0.90-0.99, recall 0.35-1.00 -> 0.34-1.00 (at most 7 points lost).
-        mirror_evidence = (columns.readable & mirror_relabelled(columns) & (columns.object_label != columns.image_label)
-                           & torch.isin(columns.image_label, torch.tensor(image_wide)))
-        candidate = candidate | mirror_evidence
-        columns.oracle_label = torch.where(mirror_evidence, columns.mirror_label, columns.oracle_label)
-        targets = sorted(targets + image_wide)
+    # Self mode's image-wide tests share the significance, so the stated family-wise rate holds for both.
+    image_wide_significance = config.significance / IMAGE_WIDE_TESTS
+    mirror_test, mirrored = mirror_label_test(columns, len(classnames), image_wide_significance, config.min_count)
+    object_test, one_way = object_alone_test(columns, len(classnames), image_wide_significance, config.min_count)
+    image_wide = sorted(set(mirrored + one_way) - set(targets))
+    for label in image_wide:
+        # Victims: the target's images whose object alone the model does not call the target (a real
+        # target-class object says the target alone too), by the test that sees the trigger best (the
+        # smaller p-value): where the flip breaks it, those the flip relabels, named by the flip;
+        # else all of them, named by their object alone. Measured on the 11 image-wide targets of
+        # 533e77e's self-mode matrix (truth: poisoned probe images labelled the target): the flip's
+        # rule has precision 0.90-0.99, the object's 0.71-0.95 at recall within 2 points on Blended
+        # and SIG, where the flip's p-value is the smaller (all 9); on WaNet, where the object's is,
+        # recall 0.34 / 0.55 (flip) against 0.97 / 0.96 (object) at precision 0.91 / 0.95 against
+        # 0.91 / 0.94. (Before b415e9f's object filter the flip's rule had precision 0.58-0.95.)
+        by_flip = label in mirrored and (label not in one_way or
+                                         mirror_test.p_values[label] <= object_test.p_values[label])
+        evidence = columns.readable & (columns.image_label == label) & (columns.object_label != label)
+        if by_flip:
+            evidence &= mirror_relabelled(columns)
+        candidate = candidate | evidence
+        name = columns.mirror_label if by_flip else columns.object_label
+        columns.oracle_label = torch.where(evidence, name, columns.oracle_label)
+    targets = sorted(targets + image_wide)
     triggers = [trigger_estimate(target, candidate, patch_evidence, columns, trigger_masks, target in patch_targets)
                 for target in targets]
     return ScanResult(**vars(columns), classnames=classnames, patch_evidence=patch_evidence, candidate=candidate,
                       label_test=label_test, targets=targets, triggers=triggers, seconds=seconds,
-                      mirror_test=mirror_test)
+                      mirror_test=mirror_test, object_test=object_test)
 
 
 def mirror_relabelled(columns: ImageColumns) -> torch.Tensor:
@@ -71,7 +86,8 @@ def mirror_relabelled(columns: ImageColumns) -> torch.Tensor:
     return (columns.mirror_label >= 0) & (columns.mirror_label != columns.image_label)
 
 
-def mirror_label_test(columns: ImageColumns, num_labels: int, config: ScanConfig) -> tuple[LabelTest | None, list[int]]:
+def mirror_label_test(columns: ImageColumns, num_labels: int, significance: float,
+                      min_count: int) -> tuple[LabelTest | None, list[int]]:
     """The object-controlled mirror test (self mode): n_l images labelled l, c_l of them relabelled
     by a horizontal flip; of the objects shown alone (each image's largest region, the rest filled)
     that the model labels l, the share the flip relabels and its upper bound f_l
@@ -87,12 +103,12 @@ def mirror_label_test(columns: ImageColumns, num_labels: int, config: ScanConfig
         return None, []
     return object_controlled_test(columns.image_label[measured], columns.mirror_label[measured],
                                   columns.object_label[measured], columns.mirror_object_label[measured], num_labels,
-                                  config)
+                                  significance, min_count)
 
 
 def object_controlled_test(label: torch.Tensor, transformed: torch.Tensor, object_label: torch.Tensor,
-                           transformed_object: torch.Tensor, num_labels: int,
-                           config: ScanConfig) -> tuple[LabelTest, list[int]]:
+                           transformed_object: torch.Tensor, num_labels: int, significance: float,
+                           min_count: int) -> tuple[LabelTest, list[int]]:
     """The per-label test behind mirror_label_test, for any label-changing transform T: the model's
     labels of the images and of them under T, of the objects alone and of them under T (int64 [N]
     each). Each label's count of images T relabels against its own objects' T-rate bound
@@ -102,7 +118,7 @@ def object_controlled_test(label: torch.Tensor, transformed: torch.Tensor, objec
     changed = torch.bincount(label[relabelled], minlength=num_labels)
     alone = torch.bincount(object_label, minlength=num_labels)
     alone_changed = torch.bincount(object_label[alone_relabelled], minlength=num_labels)
-    threshold = config.significance / num_labels
+    threshold = significance / num_labels
     expected, p_values, sources, targets = [], [], [], []
     for index in range(num_labels):
         n, c, n_alone, c_alone = (int(counts[index]) for counts in (predicted, changed, alone, alone_changed))
@@ -111,9 +127,51 @@ def object_controlled_test(label: torch.Tensor, transformed: torch.Tensor, objec
         expected.append(n * rate)
         p_values.append(p)
         sources.append(len(transformed[relabelled & (label == index)].unique()))
-        if p < threshold and c >= config.min_count:
+        if p < threshold and c >= min_count:
             targets.append(index)
     return LabelTest(predicted.tolist(), changed.tolist(), expected, p_values, threshold, sources), targets
+
+
+def object_alone_test(columns: ImageColumns, num_labels: int, significance: float,
+                      min_count: int) -> tuple[LabelTest | None, list[int]]:
+    """The object-alone flow test (self mode): which labels does the whole image get that the object
+    shown alone does not? flow[l, k] counts images the model labels l whose largest region alone
+    (the rest median-filled) it labels k != l. For label l, over the source labels k other than its
+    TRIMMED_SOURCES largest, a_l = sum_k flow[l, k] (into l) and b_l = sum_k flow[k, l] (out of l's
+    objects: the whole image says k where the object alone says l). l is a target when P(X >= a_l),
+    X ~ Binomial(a_l + b_l, 1/2), is below significance / num_labels and a_l >= min_count.
+
+    An image-wide trigger is in the whole image and mostly gone from the object shown alone (its
+    background was most of it), so its victims flow one way, into the target, from every class; a
+    clean model's disagreements between the two views of a pair of labels go both ways about equally,
+    but for a neighbour it confuses one way, which the trimmed sources leave out, as the pooled test
+    does. Unlike the mirror test it needs no transform to break the trigger (a mirror-symmetric or
+    flip-robust one too; WaNet strength 6 seeds 1-2). LabelTest.candidates holds a_l, expected
+    (a_l + b_l) / 2, sources the distinct k with flow[l, k] > 0. Returns (None, []) where the objects
+    alone were not labelled (trusted mode, mirror_test off)."""
+    measured = columns.readable & (columns.object_label >= 0)
+    if not measured.any():
+        return None, []
+    label, alone = columns.image_label[measured], columns.object_label[measured]
+    flow = torch.zeros(num_labels, num_labels, dtype=torch.int64)
+    flow.index_put_((label, alone), torch.ones_like(label), accumulate=True)
+    flow.fill_diagonal_(0)
+    threshold = significance / num_labels
+    into, expected, p_values, sources, targets = [], [], [], [], []
+    for index in range(num_labels):
+        kept = torch.ones(num_labels, dtype=torch.bool)
+        kept[index] = False
+        kept[flow[index].topk(min(TRIMMED_SOURCES, num_labels)).indices] = False
+        a, b = int(flow[index, kept].sum()), int(flow[kept, index].sum())
+        p = float(binom.sf(a - 1, a + b, 0.5)) if a > 0 else 1.0
+        into.append(a)
+        expected.append((a + b) / 2)
+        p_values.append(p)
+        sources.append(int((flow[index] > 0).sum()))
+        if p < threshold and a >= min_count:
+            targets.append(index)
+    predicted = torch.bincount(label, minlength=num_labels)
+    return LabelTest(predicted.tolist(), into, expected, p_values, threshold, sources), targets
 
 
 def trimmed_counts(image_label: torch.Tensor, candidate: torch.Tensor, sources: torch.Tensor,

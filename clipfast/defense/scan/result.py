@@ -141,6 +141,10 @@ class ScanResult(ImageColumns):
     # candidates: images the mirror relabels, expected: n_l times the label's upper rate on objects
     # alone); None where it did not run (trusted mode, ScanConfig.mirror_test off, scans saved before)
     mirror_test: LabelTest | None = field(default=None, kw_only=True)
+    # self mode: the object-alone flow test behind image-wide targets (decide.object_alone_test;
+    # candidates: a_l, images labelled l whose object alone is labelled another label, over l's sources
+    # but its two largest; expected: (a_l + b_l) / 2, b_l the flow the other way); None as mirror_test
+    object_test: LabelTest | None = field(default=None, kw_only=True)
 
     @property
     def found(self) -> bool:
@@ -176,6 +180,10 @@ class ScanResult(ImageColumns):
                 name: {"predicted": n, "mirror_changed": c, "expected": round(e, 3), "p_value": p}
                 for name, n, c, e, p in zip(self.classnames, self.mirror_test.predicted, self.mirror_test.candidates,
                                             self.mirror_test.expected, self.mirror_test.p_values)},
+            "object_test": None if self.object_test is None else {
+                name: {"predicted": n, "whole_not_object": a, "object_not_whole": round(2 * e) - a, "p_value": p}
+                for name, n, a, e, p in zip(self.classnames, self.object_test.predicted, self.object_test.candidates,
+                                            self.object_test.expected, self.object_test.p_values)},
             "unconfirmed": {name: {test: asdict(flips) for test, flips in tests.items()}
                             for name, tests in self.unconfirmed.items()},
             "triggers": [{"target": self.classnames[t.target], "kind": t.kind, "box": t.box,
