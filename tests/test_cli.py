@@ -108,12 +108,13 @@ def test_scan_on_an_image_folder_writes_a_report_and_resumes(poisoned_run, probe
     assert report["scan"]["probe_images"] == 25 and report["scan"]["unreadable"] == 1
     assert report["unreadable_probe_images"][0].endswith("broken.png")
     assert report["repaired_model"] is None
-    assert report["scan"]["mirror_test"] is not None  # self mode: the mirror test ran
+    assert None not in (report["scan"]["mirror_test"], report["scan"]["object_test"])  # self mode: both ran
     assert (tmp_path / "scan" / "scan.pt").exists()
     assert main(argv) == 0  # resumes from scan.pt
     # without it, a setting the run directory records: a fresh directory, and no mirror test
     assert main([*argv[:-1], str(tmp_path / "no_mirror"), "--no-mirror-test"]) == 0
-    assert json.loads((tmp_path / "no_mirror" / "report.json").read_text())["scan"]["mirror_test"] is None
+    no_mirror = json.loads((tmp_path / "no_mirror" / "report.json").read_text())["scan"]
+    assert no_mirror["mirror_test"] is None and no_mirror["object_test"] is None
     other_probe = tmp_path / "other"
     shutil.copytree(probe_folder, other_probe)
     code, err = _exit_code([*argv[:-1], str(tmp_path / "scan"), "--probe", str(other_probe)], capsys)

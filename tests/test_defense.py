@@ -177,6 +177,28 @@ def test_the_object_test_flags_a_label_whole_images_get_from_every_other_labels_
                                                        "p_value": test.p_values[4]}
 
 
+def test_an_image_wide_targets_victims_come_from_the_test_that_sees_it_best():
+    """Label 4 flagged by both tests: the flip relabels 40 of its 215 victims (a warp the flip mostly
+    keeps), the object alone has lost it in all: all 215 are victims, named by their objects; with
+    the flip relabelling most victims, its p-value is the smaller and the flip's rule holds."""
+    for relabelled, rule in ((40, "object"), (180, "flip")):
+        columns = object_flow_columns({(4, source): 40 for source in (0, 1, 2, 3, 5)})
+        victims = (columns.image_label == 4) & (columns.object_label != 4)
+        flipped = victims.nonzero().flatten()[torch.randperm(int(victims.sum()),
+                                                             generator=torch.Generator().manual_seed(0))[:relabelled]]
+        columns.mirror_label[flipped] = 5
+        result = decided(columns)
+        mirror, alone = result.mirror_test.p_values[4], result.object_test.p_values[4]
+        assert result.targets == [4] and max(mirror, alone) < result.object_test.threshold
+        found = result.triggers[0].victim_indices
+        if rule == "object":
+            assert alone < mirror and torch.equal(found, victims.nonzero().flatten())
+            assert torch.equal(result.oracle_label[found], columns.object_label[found])
+        else:
+            assert mirror < alone and torch.equal(found, flipped.sort().values)
+            assert (result.oracle_label[found] == 5).all()
+
+
 @pytest.mark.parametrize("flows", [
     {},  # symmetric disagreements only
     {(2, 1): 80, (2, 3): 40},  # a label whole images get from one or two neighbours' objects: trimmed
