@@ -9,7 +9,7 @@ import torch
 from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
 from clipfast.defense.pipeline import measured_on, verdict_of
 from clipfast.defense.repair import RepairConfig
-from clipfast.defense.scan import ScanConfig, scan
+from clipfast.defense.scan import Flips, ImageColumns, LabelTest, ScanConfig, ScanResult, scan
 from clipfast.defense.verdict import EXIT_NOT_REMOVED, judge, upper_bound
 from clipfast.models import load_model
 from clipfast.oracle import ClassicalSegmenter
@@ -61,3 +61,24 @@ def test_no_backdoor_found_in_self_mode_says_image_wide_triggers_are_out_of_its_
     assert "image-wide" in verdict.message and "--trusted-model" in verdict.message
     trusted = dataclasses.replace(result, reference_label=torch.zeros_like(result.reference_label))
     assert trusted.oracle_mode == "trusted" and "image-wide" not in verdict_of(trusted, None, RepairConfig()).message
+
+
+
+def test_an_unconfirmed_label_is_reported_with_the_test_that_flagged_it():
+    """Trusted mode: the discordance count and both models' shares; self mode: the image-wide test
+    that flagged it (never a 'discordant' count, which self mode does not have) and the model's shares."""
+    columns = ImageColumns.empty(8)
+    columns.readable[:] = True
+    count = LabelTest([2] * 4, [0, 9, 0, 0], [0.0, 1.5, 0.0, 0.0], [1.0, 1e-5, 1.0, 1.0], 1e-4, [1] * 4)
+    scanned = ScanResult(**vars(columns), classnames=["a", "b", "c", "d"], patch_evidence=columns.discordant,
+                         candidate=columns.discordant, label_test=count, targets=[], triggers=[],
+                         unconfirmed={"b": {"pattern": Flips(0.02, 0.0), "background": Flips(0.16, 0.0)}})
+    scanned.reference_label = torch.zeros(8, dtype=torch.long)  # trusted mode
+    message = verdict_of(scanned, None, RepairConfig()).message
+    assert "'b' passed the count (9 discordant images where 1.5 were expected)" in message
+    assert "16 % in the model and 0 % in the trusted one): a confusion of the model" in message
+    scanned.reference_label[:] = -1  # self mode
+    scanned.object_test = LabelTest([2] * 4, [0, 40, 0, 0], [0.0, 25.0, 0.0, 0.0], [1.0, 1e-6, 1.0, 1.0], 1e-4, [3] * 4)
+    message = verdict_of(scanned, None, RepairConfig()).message
+    assert "'b' passed the object-alone test (p 1e-06) but neither transplant test confirmed it" in message
+    assert "backgrounds 16 %): not reported as a trigger" in message and "discordant" not in message

@@ -169,18 +169,33 @@ def verdict_of(scanned: ScanResult, repaired: RepairResult | None, config: Repai
     if scanned.unconfirmed:
         # Not reported as a backdoor (clean models pass the count too: a confusion the trusted model
         # does not share, confirm.py), but the numbers are shown: a reader sees how far from a trigger it was.
-        test, names = scanned.label_test, list(scanned.classnames)
-        description += "; " + "; ".join(
-            f"'{name}' passed the count ({test.candidates[names.index(name)]} discordant images where "
-            f"{test.expected[names.index(name)]:.1f} were expected) but neither transplant test confirmed it (its "
-            f"victims' additive pattern turned {100 * tests['pattern'].suspect:.0f} % of clean images in the model and "
-            f"{100 * tests['pattern'].trusted:.0f} % in the trusted one; other objects on its victims' backgrounds "
-            f"{100 * tests['background'].suspect:.0f} % and {100 * tests['background'].trusted:.0f} %): a confusion "
-            "of the model, not a trigger"
-            for name, tests in scanned.unconfirmed.items())
+        description += "; " + "; ".join(unconfirmed_text(scanned, name, tests) for name, tests in scanned.unconfirmed.items())
     estimates = repaired.estimates if repaired else {}
     return judge(scanned.found, description, repaired is not None, estimates.get("asr_hits"), estimates.get("asr_n"),
                  config.max_asr, measured_on(estimates))
+
+
+def unconfirmed_text(scanned: ScanResult, name: str, tests: dict[str, Flips]) -> str:
+    """What flagged an image-wide label that neither transplant test confirmed, and both tests' shares."""
+    index, trusted = scanned.classnames.index(name), scanned.oracle_mode == "trusted"
+
+    def shares(flips: Flips) -> str:
+        return (f"{100 * flips.suspect:.0f} % in the model and {100 * flips.trusted:.0f} % in the trusted one"
+                if trusted else f"{100 * flips.suspect:.0f} %")
+
+    if trusted:
+        test = scanned.label_test
+        evidence = (f"passed the count ({test.candidates[index]} discordant images where {test.expected[index]:.1f} "
+                    "were expected)")
+    else:  # self mode: the image-wide tests flagged it (decide.py)
+        evidence = "passed " + " and ".join(
+            f"the {title} (p {test.p_values[index]:.2g})"
+            for title, test in (("mirror test", scanned.mirror_test), ("object-alone test", scanned.object_test))
+            if test is not None and test.p_values[index] < test.threshold)
+    return (f"'{name}' {evidence} but neither transplant test confirmed it (its victims' additive pattern turned "
+            f"{shares(tests['pattern'])} of clean images; other objects on its victims' backgrounds "
+            f"{shares(tests['background'])}): " + ("a confusion of the model, not a trigger" if trusted else
+                                                   "not reported as a trigger"))
 
 
 def measured_on(estimates: dict) -> str:
