@@ -1,16 +1,18 @@
-"""How right are the mirror test's victims and their captions? (self mode, image-wide targets)
+"""How right are self mode's image-wide victims and their captions? (the mirror and object-alone tests)
 
-The mirror test (clipfast/defense/scan/decide.py) takes a target's images that a horizontal flip
-relabels as its victims and names each by the mirrored image's label. Two things can go wrong: a
-real target-class image the flip happens to relabel is taken for a victim (precision), and the
-flip's label is not the victim's true class (the caption the repair trains on). This reads the saved
-scans of a finished self-mode matrix run and reports, per found image-wide target: victims found,
-precision and recall against the probe's poisoned images the model labels the target, the share of
-true victims captioned with their true class, and the same for a stricter rule that also drops
-victims whose object shown alone is labelled the target (a target-class object, or a trigger the
-object keeps).
+Self mode's image-wide tests (clipfast/defense/scan/decide.py) take a target's images as victims by
+one of two rules: the *mirror* rule, the images a horizontal flip relabels whose object shown alone
+the model does not call the target, named by the mirrored image's label; and the *object-alone*
+rule, every image of the target whose object alone the model does not call the target, named by
+that object's label. The scan uses the rule of the test with the smaller p-value. Two things can go
+wrong: a real target-class image is taken for a victim (precision), and the name is not the
+victim's true class (the caption the repair trains on). This reads the saved scans of a finished
+self-mode matrix run and reports, per found image-wide target, against the probe's poisoned images
+the model labels the target: victims, precision, recall and the share of true victims captioned
+with their true class, for both rules, the scan's own victims, and both tests' p-values. (Rows
+before 9eeef2f name the rules "mirror" (no object filter) and "mirror, object alone not the target".)
 
-    python benchmarks/mirror_victims.py --commit b415e9f
+    python benchmarks/mirror_victims.py --commit 9eeef2f
 
 Rows go to stdout and are appended to `--out` (JSON lines).
 """
@@ -52,13 +54,18 @@ def main(argv=None) -> int:
             poisoned = pairs.poisoned_indices[pairs.poisoned_indices < len(scan.image_label)]
             truth = poisoned[scan.image_label[poisoned] == trigger.target]
             labels = pairs.labels[: len(scan.image_label)]
-            found = trigger.victim_indices
-            strict = found[scan.object_label[found] != trigger.target]
+            target = scan.image_label == trigger.target
+            alone = torch.nonzero(target & scan.readable & (scan.object_label != trigger.target)).flatten()
+            mirror = alone[scan.mirror_label[alone] != trigger.target]
+            names = {"mirror": scan.mirror_label, "object alone": scan.object_label}
+            tests = {"mirror": scan.mirror_test, "object alone": scan.object_test}
             append_row({"commit": args.commit, "config": row["config"], "seed": int(row["seed"]),
                         "target": scan.classnames[trigger.target], "poisoned_labelled_target": len(truth),
-                        "mirror": victim_quality(found, truth, scan.oracle_label, labels),
-                        "mirror, object alone not the target": victim_quality(strict, truth, scan.oracle_label,
-                                                                              labels)}, args.out)
+                        "p_values": {rule: None if test is None else test.p_values[trigger.target]
+                                     for rule, test in tests.items()},
+                        "scan": victim_quality(trigger.victim_indices, truth, scan.oracle_label, labels),
+                        **{rule: victim_quality(found, truth, names[rule], labels)
+                           for rule, found in (("mirror", mirror), ("object alone", alone))}}, args.out)
     return 0
 
 

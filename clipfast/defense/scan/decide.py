@@ -59,12 +59,13 @@ def decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, s
         # Victims: the target's images whose object alone the model does not call the target (a real
         # target-class object says the target alone too), by the test that sees the trigger best (the
         # smaller p-value): where the flip breaks it, those the flip relabels, named by the flip;
-        # else all of them, named by their object alone. Measured on the 11 image-wide targets of
-        # 533e77e's self-mode matrix (truth: poisoned probe images labelled the target): the flip's
-        # rule has precision 0.90-0.99, the object's 0.71-0.95 at recall within 2 points on Blended
-        # and SIG, where the flip's p-value is the smaller (all 9); on WaNet, where the object's is,
-        # recall 0.34 / 0.55 (flip) against 0.97 / 0.96 (object) at precision 0.91 / 0.95 against
-        # 0.91 / 0.94. (Before b415e9f's object filter the flip's rule had precision 0.58-0.95.)
+        # else all of them, named by their object alone. Measured on the 13 image-wide targets of the
+        # self-mode matrix at 9eeef2f / 203bc16 (benchmarks/mirror_victims.py; truth: poisoned probe
+        # images labelled the target): on Blended and SIG, where the flip's p-value is the smaller
+        # (all 9), the flip's rule has precision 0.90-0.99, the object's 0.71-0.95, recall within 2
+        # points; on WaNet (4), where the object's is, recall 0.30-0.55 (flip) against 0.93-0.97
+        # (object) at precision 0.84-0.95 both. (Before b415e9f's object filter the flip's rule had
+        # precision 0.58-0.95.)
         by_flip = label in mirrored and (label not in one_way or
                                          mirror_test.p_values[label] <= object_test.p_values[label])
         evidence = columns.readable & (columns.image_label == label) & (columns.object_label != label)
