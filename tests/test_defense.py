@@ -143,6 +143,7 @@ def test_a_patch_target_the_mirror_also_flags_stays_a_patch_and_trusted_scans_sk
     assert result.targets == [] and result.mirror_test is None and result.summary()["mirror_test"] is None
     assert result.object_test is None and result.summary()["object_test"] is None
 
+
 def object_flow_columns(flows, exchange=3):
     """Self-mode columns, 300 images per label of 6, none relabelled by the flip; flows[(l, k)] = n:
     n more of label l's images have their object alone labelled k; and every ordered pair of labels

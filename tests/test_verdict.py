@@ -63,12 +63,11 @@ def test_no_backdoor_found_in_self_mode_says_image_wide_triggers_are_out_of_its_
     assert trusted.oracle_mode == "trusted" and "image-wide" not in verdict_of(trusted, None, RepairConfig()).message
 
 
-
 def test_an_unconfirmed_label_is_reported_with_the_test_that_flagged_it():
     """Trusted mode: the discordance count and both models' shares; self mode: the image-wide test
     that flagged it (never a 'discordant' count, which self mode does not have) and the model's shares."""
     columns = ImageColumns.empty(8)
-    columns.readable[:] = True
+    columns.readable = torch.ones(8, dtype=torch.bool)  # (empty()'s columns share their tensors)
     count = LabelTest([2] * 4, [0, 9, 0, 0], [0.0, 1.5, 0.0, 0.0], [1.0, 1e-5, 1.0, 1.0], 1e-4, [1] * 4)
     scanned = ScanResult(**vars(columns), classnames=["a", "b", "c", "d"], patch_evidence=columns.discordant,
                          candidate=columns.discordant, label_test=count, targets=[], triggers=[],

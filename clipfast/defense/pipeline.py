@@ -169,7 +169,8 @@ def verdict_of(scanned: ScanResult, repaired: RepairResult | None, config: Repai
     if scanned.unconfirmed:
         # Not reported as a backdoor (clean models pass the count too: a confusion the trusted model
         # does not share, confirm.py), but the numbers are shown: a reader sees how far from a trigger it was.
-        description += "; " + "; ".join(unconfirmed_text(scanned, name, tests) for name, tests in scanned.unconfirmed.items())
+        description += "; " + "; ".join(unconfirmed_text(scanned, name, tests)
+                                        for name, tests in scanned.unconfirmed.items())
     estimates = repaired.estimates if repaired else {}
     return judge(scanned.found, description, repaired is not None, estimates.get("asr_hits"), estimates.get("asr_n"),
                  config.max_asr, measured_on(estimates))

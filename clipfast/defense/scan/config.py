@@ -52,7 +52,8 @@ class ScanConfig:
     recipient_pool: int = 64
     max_recipient_overlap: float = 0.1
     recipient_size_ratio: float = 2.0
-    significance: float = 1e-3  # family-wise false-alarm rate of the target-label test (and of the mirror test)
+    # family-wise false-alarm rate of the target-label test (and of self mode's two image-wide tests together)
+    significance: float = 1e-3
     min_effect: float = 3.0  # a target must also occur >= this many times more often than expected
     min_count: int = 5  # and in at least this many images
     # Self mode: the object-controlled mirror test for image-wide triggers (decide.mirror_label_test),
