@@ -10,8 +10,8 @@ report; on a patch or label-consistent model, a target the patch test found stay
 
     python benchmarks/image_wide_tests.py --commits 203bc16 9eeef2f 0c6f216 5518d1e c8e31eb b415e9f
 
-Rows go to stdout and to `--out` (JSON lines), one per case: the newest of the given commits that
-saved a scan of it.
+Rows go to stdout and are appended to `--out` (JSON lines), one per case: the newest of the given
+commits that saved a scan of it (`commit`), and the code that recomputed the tests (`code_commit`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import csv
 import json
 from pathlib import Path
 
+from clipfast.bench.common import code_commit
 from clipfast.defense.pipeline import SCAN_NAME, load_scan
 from clipfast.defense.scan import ScanConfig
 from clipfast.defense.scan.decide import IMAGE_WIDE_TESTS, mirror_label_test, object_alone_test
@@ -38,7 +39,7 @@ def main(argv=None) -> int:
     significance = config.significance / IMAGE_WIDE_TESTS
     with (RESULTS / "efficacy.csv").open(newline="") as handle:
         rows = [row for row in csv.DictReader(handle) if row["oracle_mode"] == "self"]
-    seen, lines = set(), []
+    seen, lines, code = set(), [], code_commit()
     for commit in args.commits:
         for row in rows:
             path = cache / row["commit"][:12] / row["case_key"] / "defense" / SCAN_NAME
@@ -48,7 +49,7 @@ def main(argv=None) -> int:
             scan = load_scan(path)
             names = scan.classnames
             target = names.index(row["target"]) if row["family"] != "clean" else None
-            result = {"commit": row["commit"], "config": row["config"], "seed": int(row["seed"]),
+            result = {"commit": row["commit"], "code_commit": code, "config": row["config"], "seed": int(row["seed"]),
                       "family": row["family"], "target": None if target is None else row["target"],
                       "reported": row["flagged_labels"].split()}
             for name, test in (("mirror", mirror_label_test), ("object alone", object_alone_test)):

@@ -3,11 +3,12 @@ CleanCLIP objective."""
 
 import pytest
 import torch
+from scipy.stats import binom
 
 from clipfast.defense.curate import CurateConfig, curate
 from clipfast.defense.pipeline import claim_run_directory, load_scan, save_scan
 from clipfast.defense.scan import ImageColumns, LabelTest, ScanConfig, ScanResult, ScanShard, decide_targets
-from clipfast.defense.scan.decide import decide
+from clipfast.defense.scan.decide import decide, object_alone_test
 from clipfast.defense.scan.result import Flips, TriggerEstimate
 from clipfast.errors import RunMismatchError
 from clipfast.ops import pack_mask_bits
@@ -208,6 +209,44 @@ def test_an_image_wide_targets_victims_come_from_the_test_that_sees_it_best():
 def test_no_object_test_target_without_a_one_way_flow_from_many_labels(flows):
     result = decided(object_flow_columns(flows))
     assert result.targets == [] and result.object_test is not None
+
+
+def dense_object_flows(label, alone, num_labels):
+    """The object-alone test's a_l and b_l from the whole [C, C] flow matrix, its definition."""
+    flow = torch.zeros(num_labels, num_labels, dtype=torch.int64)
+    flow.index_put_((label, alone), torch.ones_like(label), accumulate=True)
+    flow.fill_diagonal_(0)
+    a, b = [], []
+    for index in range(num_labels):
+        sources = [k for k in range(num_labels) if flow[index, k] > 0]
+        trimmed = sorted(sources, key=lambda k: (-int(flow[index, k]), k))[:2] + [index]
+        kept = torch.ones(num_labels, dtype=torch.bool)
+        kept[trimmed] = False
+        a.append(int(flow[index, kept].sum()))
+        b.append(int(flow[kept, index].sum()))
+    return a, b
+
+
+@pytest.mark.parametrize("seed, num_labels, count", [(0, 7, 500), (1, 13, 2000), (2, 3, 50), (3, 40, 300)])
+def test_the_object_tests_sparse_flows_equal_the_dense_definition(seed, num_labels, count):
+    """Skewed random labels (ties, labels with one or no source, unmeasured rows) against the [C, C] matrix."""
+    generator = torch.Generator().manual_seed(seed)
+    columns = ImageColumns.empty(count)
+    columns.readable = torch.rand(count, generator=generator) < 0.95
+    columns.image_label = (torch.rand(count, generator=generator) ** 2 * num_labels).long()
+    columns.object_label = torch.where(torch.rand(count, generator=generator) < 0.7, columns.image_label,
+                                       torch.randint(-1, num_labels, (count,), generator=generator))
+    test, _ = object_alone_test(columns, num_labels, 1e-3, 5)
+    measured = columns.readable & (columns.object_label >= 0)
+    a, b = dense_object_flows(columns.image_label[measured], columns.object_label[measured], num_labels)
+    assert test.candidates == a and test.expected == [(x + y) / 2 for x, y in zip(a, b)]
+    assert test.p_values == pytest.approx([binom.sf(x - 1, x + y, 0.5) if x else 1.0 for x, y in zip(a, b)])
+
+
+def test_the_object_test_takes_a_large_vocabulary_without_a_label_by_label_matrix():
+    columns = object_flow_columns({(4, source): 40 for source in (0, 1, 2, 3, 5)})  # p ~ 1e-28 < 1e-8 (Bonferroni)
+    test, targets = object_alone_test(columns, 50_000, 1e-3 / 2, 5)  # 6 labels used of 50k: the flow stays sparse
+    assert targets == [4] and len(test.p_values) == 50_000
 
 
 def test_the_image_wide_tests_share_the_significance():

@@ -20,6 +20,7 @@ best, else all of them, named by their object alone (the trigger gone, the objec
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from scipy.stats import beta, binom
 
@@ -154,25 +155,31 @@ def object_alone_test(columns: ImageColumns, num_labels: int, significance: floa
     if not measured.any():
         return None, []
     label, alone = columns.image_label[measured], columns.object_label[measured]
-    flow = torch.zeros(num_labels, num_labels, dtype=torch.int64)
-    flow.index_put_((label, alone), torch.ones_like(label), accumulate=True)
-    flow.fill_diagonal_(0)
-    threshold = significance / num_labels
-    into, expected, p_values, sources, targets = [], [], [], [], []
-    for index in range(num_labels):
-        kept = torch.ones(num_labels, dtype=torch.bool)
-        kept[index] = False
-        kept[flow[index].topk(min(TRIMMED_SOURCES, num_labels)).indices] = False
-        a, b = int(flow[index, kept].sum()), int(flow[kept, index].sum())
-        p = float(binom.sf(a - 1, a + b, 0.5)) if a > 0 else 1.0
-        into.append(a)
-        expected.append((a + b) / 2)
-        p_values.append(p)
-        sources.append(int((flow[index] > 0).sum()))
-        if p < threshold and a >= min_count:
-            targets.append(index)
     predicted = torch.bincount(label, minlength=num_labels)
-    return LabelTest(predicted.tolist(), into, expected, p_values, threshold, sources), targets
+    # The flow as its non-zero entries (never a [C, C] matrix: a 20k-label vocabulary would take
+    # gigabytes): flow[l, k] for each key l * C + k, and beside it the flow back, flow[k, l].
+    differ = label != alone
+    keys, flows = torch.unique(label[differ] * num_labels + alone[differ], return_counts=True)  # sorted
+    into, source = keys // num_labels, keys % num_labels
+    reverse = source * num_labels + into
+    position = torch.searchsorted(keys, reverse).clamp(max=max(len(keys) - 1, 0))
+    back = torch.where(keys[position] == reverse, flows[position], 0)
+    # each label's sources, largest flow first (ties: lower label first); the first TRIMMED_SOURCES are left out
+    order = torch.from_numpy(np.lexsort((source.numpy(), -flows.numpy(), into.numpy())))
+    into, source, flows, back = into[order], source[order], flows[order], back[order]
+    trimmed = torch.arange(len(into)) - torch.searchsorted(into, into) < TRIMMED_SOURCES
+    # a_l: the flow into l from its other sources; b_l: the flow back from l's objects into those
+    # sources' labels, i.e. all of l's objects' flow less that into its trimmed sources' labels
+    a = torch.bincount(into[~trimmed], weights=flows[~trimmed].double(), minlength=num_labels).long()
+    b = (torch.bincount(source, weights=flows.double(), minlength=num_labels)
+         - torch.bincount(into[trimmed], weights=back[trimmed].double(), minlength=num_labels)).long()
+    a_values, b_values = a.numpy(), b.numpy()
+    p_values = np.where(a_values > 0, binom.sf(a_values - 1, a_values + b_values, 0.5), 1.0)
+    threshold = significance / num_labels
+    targets = [index for index in range(num_labels) if p_values[index] < threshold and a_values[index] >= min_count]
+    sources = torch.bincount(into, minlength=num_labels)
+    return LabelTest(predicted.tolist(), a.tolist(), ((a + b) / 2).tolist(), p_values.tolist(), threshold,
+                     sources.tolist()), targets
 
 
 def trimmed_counts(image_label: torch.Tensor, candidate: torch.Tensor, sources: torch.Tensor,
