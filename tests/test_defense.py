@@ -8,7 +8,7 @@ from scipy.stats import binom
 from clipfast.defense.curate import CurateConfig, curate
 from clipfast.defense.pipeline import claim_run_directory, load_scan, save_scan
 from clipfast.defense.scan import ImageColumns, LabelTest, ScanConfig, ScanResult, ScanShard, decide_targets
-from clipfast.defense.scan.decide import decide, object_alone_test
+from clipfast.defense.scan.decide import decide, object_alone_test, trimmed_counts
 from clipfast.defense.scan.result import Flips, TriggerEstimate
 from clipfast.errors import RunMismatchError
 from clipfast.ops import pack_mask_bits
@@ -241,6 +241,23 @@ def test_the_object_tests_sparse_flows_equal_the_dense_definition(seed, num_labe
     a, b = dense_object_flows(columns.image_label[measured], columns.object_label[measured], num_labels)
     assert test.candidates == a and test.expected == [(x + y) / 2 for x, y in zip(a, b)]
     assert test.p_values == pytest.approx([binom.sf(x - 1, x + y, 0.5) if x else 1.0 for x, y in zip(a, b)])
+
+
+@pytest.mark.parametrize("seed, num_labels, count", [(0, 7, 500), (1, 2, 60), (2, 1, 20), (3, 30, 0)])
+def test_trimmed_counts_equal_their_label_by_label_definition(seed, num_labels, count):
+    """The pooled test's trimmed counts (through the sparse source table) against a per-label loop."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = (torch.rand(count, generator=generator) ** 2 * num_labels).long()
+    sources = torch.randint(-1, num_labels, (count,), generator=generator)
+    candidate = torch.rand(count, generator=generator) < 0.5
+    expected_counts, expected_distinct = [], []
+    for label in range(num_labels):
+        mine = candidate & (labels == label)
+        per_source = torch.bincount(sources[mine & (sources >= 0) & (sources != label)], minlength=num_labels)
+        expected_counts.append(int(mine.sum()) - int(per_source.sort(descending=True).values[:2].sum()))
+        expected_distinct.append(int((per_source > 0).sum()))
+    counts, distinct = trimmed_counts(labels, candidate, sources, num_labels)
+    assert counts.tolist() == expected_counts and distinct.tolist() == expected_distinct
 
 
 def test_the_object_test_takes_a_large_vocabulary_without_a_label_by_label_matrix():

@@ -156,20 +156,13 @@ def object_alone_test(columns: ImageColumns, num_labels: int, significance: floa
         return None, []
     label, alone = columns.image_label[measured], columns.object_label[measured]
     predicted = torch.bincount(label, minlength=num_labels)
-    # The flow as its non-zero entries (never a [C, C] matrix: a 20k-label vocabulary would take
-    # gigabytes): flow[l, k] for each key l * C + k, and beside it the flow back, flow[k, l].
-    differ = label != alone
-    keys, flows = torch.unique(label[differ] * num_labels + alone[differ], return_counts=True)  # sorted
-    into, source = keys // num_labels, keys % num_labels
+    into, source, flows, trimmed = source_flows(label, alone, num_labels)
+    # b_l: the flow back from l's objects into its kept sources' labels, i.e. all of l's objects' flow
+    # less, for each trimmed source k, flow[k, l] (looked up among the non-zero entries)
+    keys, by_key = (into * num_labels + source).sort()
     reverse = source * num_labels + into
     position = torch.searchsorted(keys, reverse).clamp(max=max(len(keys) - 1, 0))
-    back = torch.where(keys[position] == reverse, flows[position], 0)
-    # each label's sources, largest flow first (ties: lower label first); the first TRIMMED_SOURCES are left out
-    order = torch.from_numpy(np.lexsort((source.numpy(), -flows.numpy(), into.numpy())))
-    into, source, flows, back = into[order], source[order], flows[order], back[order]
-    trimmed = torch.arange(len(into)) - torch.searchsorted(into, into) < TRIMMED_SOURCES
-    # a_l: the flow into l from its other sources; b_l: the flow back from l's objects into those
-    # sources' labels, i.e. all of l's objects' flow less that into its trimmed sources' labels
+    back = torch.where(keys[position] == reverse, flows[by_key[position]], 0)
     a = torch.bincount(into[~trimmed], weights=flows[~trimmed].double(), minlength=num_labels).long()
     b = (torch.bincount(source, weights=flows.double(), minlength=num_labels)
          - torch.bincount(into[trimmed], weights=back[trimmed].double(), minlength=num_labels)).long()
@@ -182,19 +175,29 @@ def object_alone_test(columns: ImageColumns, num_labels: int, significance: floa
                      sources.tolist()), targets
 
 
+def source_flows(label: torch.Tensor, source: torch.Tensor,
+                 num_labels: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """How many images of each label come from each source label (source >= 0 and != label), as the
+    non-zero entries of that [C, C] table, never the table itself (a 20k-label vocabulary would take
+    gigabytes): (label, source, count, trimmed) per entry, each label's sources largest count first
+    (ties: the lower source label first), trimmed marking its TRIMMED_SOURCES largest."""
+    known = (source >= 0) & (source != label)
+    keys, counts = torch.unique(label[known] * num_labels + source[known], return_counts=True)
+    into, source = keys // num_labels, keys % num_labels
+    order = torch.from_numpy(np.lexsort((source.numpy(), -counts.numpy(), into.numpy())))
+    into, source, counts = into[order], source[order], counts[order]
+    trimmed = torch.arange(len(into)) - torch.searchsorted(into, into) < TRIMMED_SOURCES
+    return into, source, counts, trimmed
+
+
 def trimmed_counts(image_label: torch.Tensor, candidate: torch.Tensor, sources: torch.Tensor,
                    num_labels: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per label: candidates less those of its TRIMMED_SOURCES largest source classes (images of
     unknown source, -1, are never left out), and the number of distinct known sources."""
-    counts = torch.zeros(num_labels, dtype=torch.int64)
-    distinct = torch.zeros(num_labels, dtype=torch.int64)
-    for label in range(num_labels):
-        mine = candidate & (image_label == label)
-        known = sources[mine & (sources >= 0) & (sources != label)]
-        per_source = torch.bincount(known, minlength=num_labels)
-        counts[label] = int(mine.sum()) - int(per_source.topk(min(TRIMMED_SOURCES, num_labels)).values.sum())
-        distinct[label] = int((per_source > 0).sum())
-    return counts, distinct
+    mine = candidate & (image_label >= 0)
+    into, _, counts, trimmed = source_flows(image_label[mine], sources[mine], num_labels)
+    left_out = torch.bincount(into[trimmed], weights=counts[trimmed].double(), minlength=num_labels).long()
+    return torch.bincount(image_label[mine], minlength=num_labels) - left_out, torch.bincount(into, minlength=num_labels)
 
 
 def decide_targets(image_label: torch.Tensor, candidate: torch.Tensor, sources: torch.Tensor, num_labels: int,
