@@ -60,10 +60,10 @@ class ScanConfig:
     # 3 more whole-image encodes per probe image. A label is a target when a horizontal flip relabels
     # far more of its images than it relabels that label's objects shown alone. Its only thresholds are
     # significance and min_count above, nothing fitted. Measured on the efficacy matrix's self-mode
-    # models (rows of b415e9f, 533e77e, c8e31eb and 5518d1e in results/efficacy.csv; first on 22 of them with
-    # benchmarks/purification.py): 11 of 14 image-wide targets found (Blended, SIG, WaNet), and over 33
-    # models (5 clean, 14 image-wide, 14 patch / label-consistent) no label but a target flagged
-    # (smallest other p 0.003 against 1e-4). It transfers as far as its premise does: a fragile
+    # models (first on 22 of them with benchmarks/purification.py; then on the saved scans of all 40,
+    # benchmarks/image_wide_tests.py, rows in results/image_wide_tests.jsonl): 11 of 14 image-wide
+    # targets found (Blended, SIG, WaNet), no label flagged on the 5 clean models (smallest p 0.0032
+    # against 5e-5) and none but the target on the 21 patch / label-consistent ones (0.037). It transfers as far as its premise does: a fragile
     # image-wide trigger is broken by mirroring the whole image and mostly absent from an object shown
     # alone, while a label's own mirror sensitivity (arrows: 17-30 % relabelled on clean models) is the
     # same alone. A mirror-symmetric trigger survives the flip.
@@ -71,7 +71,7 @@ class ScanConfig:
     # a label whole images get from other labels' objects alone far more often than the other way
     # round, from more than its two largest source labels (one-sided binomial at 1/2). The two tests
     # share significance (each at half). Measured on the saved scans of the same 40 self-mode models
-    # (every 0c6f216 / 5518d1e / c8e31eb / 533e77e / b415e9f case): it adds WaNet strength 6 seeds 1-2
+    # (benchmarks/image_wide_tests.py): it adds WaNet strength 6 seeds 1-2
     # (p 1e-53, 3e-46) and flags no label on the 5 clean models (smallest p 0.029) or any label but
     # the target on the 21 patch / label-consistent ones (0.011); on WaNet strength 6 seed 1 it also
     # flags 'ring' (p 2.6e-6), 68 of whose 74 images it counts are poisoned ones (the warp sends 106
