@@ -10,6 +10,9 @@ import torch
 from clipfast.data.prefetch import prefetch
 from clipfast.data.world import CLASSES, generate_world, zero_shot_prompts
 from clipfast.defense.scan import ScanConfig, reference_crop, scan
+from clipfast.defense.scan.scanner import name_until_grounded
+from clipfast.defense.scan.shards import ScanShard
+from clipfast.defense.scan.scorers import make_scorer
 from clipfast.defense.transplant import fill_with_median
 from clipfast.models import ZeroShotClassifier, load_model
 from clipfast.models.packed import packable
@@ -156,3 +159,99 @@ def test_fast_and_reference_scores_agree_on_an_untrained_model(small_world):
     torch.testing.assert_close(fast.image_prob, reference.image_prob, atol=1e-4, rtol=1e-4)
     # Crops differ only in the resize filter (bilinear kernel vs PIL bicubic): labels mostly agree.
     assert (fast.oracle_label == reference.oracle_label).float().mean() >= 0.8
+
+
+def _eager_grounding(probs: torch.Tensor, scored: torch.Tensor, labels: torch.Tensor, threshold: float):
+    """The definition: every scored region named, an image grounded where any one grounds its label."""
+    top = probs.max(-1)
+    named = torch.where(scored, top.indices, -1)
+    return ((named == labels[:, None]) & (top.values >= threshold)).any(-1), named
+
+
+@pytest.mark.parametrize("images, regions, classes, seed", [(7, 13, 5, 0), (16, 1, 3, 1), (5, 32, 11, 2), (9, 6, 2, 3),
+                                                             (3, 0, 4, 4)])
+def test_naming_until_grounded_is_naming_every_region(images, regions, classes, seed):
+    """name_until_grounded gives every image the grounding of the definition and the largest region's
+    label, names each region it names as the definition does, and names at most max(1, 2g) regions
+    of an image whose first grounding region is g (all of them where none grounds)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(images, regions, classes, generator=gen) * torch.rand(images, regions, 1, generator=gen) * 6
+    probs = logits.softmax(-1)
+    scored = torch.rand(images, regions, generator=gen) > 0.2
+    labels = torch.randint(0, classes, (images,), generator=gen)
+    # A region's mask holds one pixel that says which (image, region) it is: the fake grounding model
+    # reads it back, and counts what it was asked.
+    side = 1 + int((images * regions) ** 0.5)
+    masks = torch.zeros(images, regions, side * side, dtype=torch.bool)
+    masks.view(-1, side * side)[torch.arange(images * regions), torch.arange(images * regions)] = True
+    masks = masks.view(images, regions, side, side)
+    asked = []
+
+    def region_probs(pictures, region_masks):
+        assert len(pictures) == len(region_masks) <= 4
+        which = region_masks.flatten(1).float().argmax(1)
+        asked.extend(which.tolist())
+        return probs.view(-1, classes)[which]
+
+    grounded, named = name_until_grounded(region_probs, torch.zeros(images, 3, side, side, dtype=torch.uint8), masks,
+                                          scored, labels, 0.5, chunk=4)
+    expected_grounded, expected_named = _eager_grounding(probs, scored, labels, 0.5)
+    assert torch.equal(grounded, expected_grounded)
+    was_named = named >= 0
+    assert torch.equal(named[was_named], expected_named[was_named])
+    if regions:
+        assert torch.equal(named[:, 0], expected_named[:, 0])  # the oracle label's region
+    assert len(asked) == len(set(asked)) == int(was_named.sum())  # each region named at most once
+    hits = (expected_named == labels[:, None]) & (probs.max(-1).values >= 0.5)
+    for i in range(images):
+        count = int(was_named[i].sum())
+        if hits[i].any():
+            assert count <= max(1, 2 * int(hits[i].float().argmax()))
+        else:
+            assert torch.equal(was_named[i], scored[i])
+    if images == 7:  # the case that tests a saving: some image grounded before its last region
+        assert int(was_named.sum()) < int(scored.sum())
+
+
+@pytest.mark.slow  # the session's trained model (~1 min), eight small scans
+@pytest.mark.parametrize("oracle", ["classical", "cells"])
+def test_naming_only_what_the_scan_reads_changes_no_column(poisoned_world, oracle, monkeypatch, tmp_path):
+    """The fast engine names a separate grounding model's regions lazily (name_until_grounded, the
+    passing donors' other regions at the end); every column of the scan equals naming every region,
+    in self mode (packed evidence, crop naming) and with a trusted model."""
+    from clipfast.bench.pipeline import FixedOracle
+    from clipfast.defense.scan import scanner
+
+    bundle, pairs, _ = poisoned_world
+    images = pairs.images[:160]
+    segmenter = ClassicalSegmenter() if oracle == "classical" else FixedOracle(9, "cells")
+    config = ScanConfig(progress=False, precision="fp32", batch_size=48, regions="packed")
+    columns = {}
+    for lazy in (True, False):
+        if not lazy:  # every region named, as the reference engine does
+            monkeypatch.setattr(scanner.ShardScanner, "name_lazily", property(lambda self: False, lambda self, v: None),
+                                raising=False)
+        for mode, kwargs in (("self", {}), ("trusted", dict(grounding_bundle=bundle))):
+            result = scan(bundle, list(CLASSES), images, segmenter, prompts=zero_shot_prompts, config=config,
+                          shard_dir=tmp_path / f"{lazy}-{mode}", **kwargs)
+            columns[lazy, mode] = {name: value for name, value in vars(result).items() if isinstance(value, torch.Tensor)}
+            columns[lazy, mode]["targets"] = torch.tensor(result.targets)
+    for mode in ("self", "trusted"):
+        for name, value in columns[False, mode].items():
+            assert torch.equal(columns[True, mode][name], value), (mode, name)
+    assert (columns[True, "trusted"]["reference_label"] >= 0).all()  # the trusted model's whole-image labels
+    # Both ways name a trigger's caption source at the end: it is the crop label, as every region's
+    # crop scores give it, of the image's largest region other than the trigger region.
+    shards = [ScanShard(**torch.load(path)["shard"]) for path in sorted((tmp_path / "True-self").glob("shard-*.pt"))]
+    trigger_masks = {i: mask for shard in shards for i, mask in shard.unpacked_trigger_masks().items()}
+    assert trigger_masks  # some passing donors to check (2 with the cells, more with the classical oracle)
+    oracle_label = columns[True, "self"]["oracle_label"]
+    crops = ScanConfig(progress=False, precision="fp32", regions="crop")
+    scorer = make_scorer(bundle, ZeroShotClassifier(bundle, list(CLASSES), prompts=zero_shot_prompts), crops)
+    for i, trigger in trigger_masks.items():
+        lo = i - i % config.batch_size  # segmented with its batch (the fixed oracle's masks go by batch position)
+        segmentation = segmenter.segment(images[lo : lo + config.batch_size])
+        masks, valid = segmentation.masks[i - lo : i - lo + 1], segmentation.valid[i - lo : i - lo + 1]
+        other = [j for j in range(masks.shape[1]) if valid[0, j] and not torch.equal(masks[0, j], trigger)]
+        scores = scorer.submit(images[i : i + 1], masks, valid).result()
+        assert int(oracle_label[i]) == (int(scores.region_label[0, other[0]]) if other else -1), i

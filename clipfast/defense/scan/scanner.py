@@ -22,7 +22,7 @@ from clipfast.data.probe import ProbeSet
 from clipfast.defense.transplant import fill_with_median
 from clipfast.errors import NonFiniteError
 from clipfast.models import ClipBundle, ZeroShotClassifier
-from clipfast.ops import pack_mask_bits
+from clipfast.ops import RegionScores, pack_mask_bits
 from clipfast.oracle import Segmentation, Segmenter
 
 from .evidence import RecipientPool, flip_rates, in_chunks, removal_drops
@@ -55,7 +55,7 @@ class _Donor:
     image: torch.Tensor  # uint8 [3, H, W] (a copy: the batch is not kept alive)
     mask: torch.Tensor  # bool [H, W]: its explaining region
     label: int
-    other_label: int  # the grounding model's label of its largest other region (-1: none)
+    other: torch.Tensor | None  # bool [H, W]: its largest other region, named only if it passes (None: none)
 
 
 @dataclass
@@ -81,6 +81,12 @@ class ShardScanner:
         self.trusted = grounding_bundle is not None
         self.mirror = config.mirror_test and not self.trusted  # self mode's image-wide evidence
         self.grounder = make_grounder(bundle, grounding_bundle, classnames, prompts, config, self.suspect, classifier)
+        # A grounder of its own that crops (a trusted model; self mode's crop naming of packed evidence)
+        # would re-encode every region as a whole image, yet the scan reads only whether some region
+        # grounds L_i and the largest region's label: the fast engine names just those (_ground), the
+        # reference engine names every region as the public method does.
+        self.name_lazily = (self.grounder is not self.suspect and config.engine == "fast"
+                            and config.grounding_regions == "crop")
         self.seconds["text_encoding"] = time.perf_counter() - start
         _, _, self.width = probe.image_shape
         self.pin = bundle.device.type == "cuda"  # page-locked host batches: asynchronous copies to the GPU
@@ -96,8 +102,8 @@ class ShardScanner:
         stream = prefetch(self._segmented(batches), ahead if self.suspect.runs_ahead else 0)
         for batch in tqdm(stream, total=len(batches), desc="scan", unit="batch", disable=not self.config.progress):
             own = self.suspect.submit(batch.images, batch.masks, batch.regions)
-            ground = own if self.grounder is self.suspect else self.grounder.submit(batch.images, batch.masks,
-                                                                                     batch.regions)
+            ground = (None if self.grounder is self.suspect or self.name_lazily else
+                      self.grounder.submit(batch.images, batch.masks, batch.regions))
             if pending is not None:
                 yield from self._record(*pending)
             pending = (batch, own, ground)
@@ -118,36 +124,31 @@ class ShardScanner:
             yield _Batch(k, lo, images, readable, segmentation, masks, segmentation.valid)
 
     def _record(self, batch: _Batch, own_pending: PendingScores,
-                ground_pending: PendingScores) -> Iterator[tuple[int, ScanShard]]:
+                ground_pending: PendingScores | None) -> Iterator[tuple[int, ScanShard]]:
         """Host-side bookkeeping of one batch, once its scores are on the host."""
         config, readable, regions = self.config, batch.readable, batch.regions
         own = own_pending.result()
-        ground = own if ground_pending is own_pending else ground_pending.result()
         probs = own.image_prob[readable]
         if not (torch.isfinite(probs) & (probs >= 0) & (probs <= 1)).all():
             raise NonFiniteScoresError(f"scan: the model's scores of probe images {batch.lo}..{batch.lo + len(readable) - 1}"
                                        " are NaN or inf; its weights or the images are broken")
         label, size = own.image_label, len(readable)
-        if self.grounder is self.suspect:  # region_score already has q_ij(L_i) for the suspect's own L_i
-            grounded = (own.region_image_prob >= config.grounding_threshold).any(-1)
-        else:  # threshold >= 0.5: q'_ij(L_i) passes it only as region j's top label
-            grounded = ((ground.region_label == label[:, None]) & (ground.region_prob >= config.grounding_threshold)).any(-1)
+        grounded, named, whole = self._ground(batch, own, None if ground_pending is None else ground_pending.result())
         if not self.trusted:
             reference_label, discordant = torch.full((size,), -1), torch.zeros(size, dtype=torch.bool)
         else:
-            reference_label = ground.image_label
-            discordant = (reference_label != label) & (ground.image_prob >= config.grounding_threshold) & ~grounded
+            reference_label, reference_prob = whole
+            discordant = (reference_label != label) & (reference_prob >= config.grounding_threshold) & ~grounded
         start = time.perf_counter()
         mirror_label, object_label, mirror_object_label = (
             self._mirror_labels(batch) if self.mirror else [torch.full((size,), -1)] * 3)
         explaining, drop, has_region = self._explaining_regions(batch, own)
         # The grounding model's label of the largest region (regions are sorted largest first); where
         # the explaining region turns out to be a trigger, of the largest other one (_finish).
-        oracle_label = torch.where(regions[:, 0], ground.region_label[:, 0], -1)
+        oracle_label = torch.where(regions[:, 0], named[:, 0], -1)
         others = regions.clone()
         others[torch.arange(size), explaining] = False
         first = others.float().argmax(-1)
-        other_label = torch.where(others.any(-1), ground.region_label.gather(1, first[:, None]).squeeze(1), -1)
         columns = ImageColumns(readable=readable, image_label=label, image_prob=own.image_prob, grounded=grounded,
                                reference_label=reference_label, discordant=discordant, explaining_drop=drop,
                                flip_rate=torch.full((size,), -1.0), discrepancy=own.discrepancy,
@@ -160,14 +161,37 @@ class ShardScanner:
             if len(shard.pool) < config.recipient_pool:
                 largest = batch.segmentation.masks[j, 0] if bool(regions[j, 0]) else torch.zeros_like(batch.masks[j, 0])
                 shard.pool.append((batch.lo + j, batch.images[j].clone(), int(label[j]), largest.clone()))
-        shard.waiting += [_Donor(batch.lo + j, batch.images[j].clone(), batch.segmentation.masks[j, explaining[j]].clone(),
-                                 int(label[j]), int(other_label[j]))
+        masks = batch.segmentation.masks
+        shard.waiting += [_Donor(batch.lo + j, batch.images[j].clone(), masks[j, explaining[j]].clone(), int(label[j]),
+                                 masks[j, first[j]].clone() if others[j].any() and masks[j, first[j]].any() else None)
                           for j in torch.nonzero(has_region & readable).flatten().tolist()]
         if len(shard.pool) >= config.recipient_pool:
             self._transplant(shard)
         self.seconds["evidence"] += time.perf_counter() - start
         if batch.lo == shard.last_batch:
             yield batch.shard, self._finish(batch.shard)
+
+    @torch.no_grad()
+    def _ground(self, batch: _Batch, own: RegionScores, ground: RegionScores | None
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Per image whether some region grounds its label L_i (the grounding model's top label of it
+        is L_i at >= grounding_threshold), the grounding model's labels of the regions it named
+        [B, M] (-1 where not named; the largest region always is), and in trusted mode its label and
+        probability of each whole image."""
+        threshold, label = self.config.grounding_threshold, own.image_label
+        if self.grounder is self.suspect:  # region_score already has q_ij(L_i) for the suspect's own L_i
+            return (own.region_image_prob >= threshold).any(-1), own.region_label, None
+        if ground is not None:  # threshold >= 0.5: q'_ij(L_i) passes it only as region j's top label
+            grounded = ((ground.region_label == label[:, None]) & (ground.region_prob >= threshold)).any(-1)
+            return grounded, ground.region_label, (ground.image_label, ground.image_prob) if self.trusted else None
+        scored = batch.readable[:, None] & batch.regions & batch.masks.flatten(2).any(-1)  # what submit scores
+        grounded, named = name_until_grounded(self.grounder.region_probs, batch.images, batch.masks, scored, label,
+                                              threshold, self.config.encode_batch)
+        whole = None
+        if self.trusted:
+            top = in_chunks(self.grounder.class_probs, batch.images, self.config.encode_batch).max(-1)
+            whole = (top.indices, top.values)
+        return grounded, named, whole
 
     @torch.no_grad()
     def _mirror_labels(self, batch: _Batch) -> list[torch.Tensor]:
@@ -216,6 +240,17 @@ class ShardScanner:
         shard.flips.update({d.index: (float(rate), d) for d, rate in zip(donors, rates)})
         shard.waiting = []
 
+    @torch.no_grad()
+    def _name_others(self, donors: list[_Donor]) -> torch.Tensor:
+        """The grounding model's label of each donor's largest other region (-1: it has none)."""
+        labels = torch.full((len(donors),), -1)
+        which = [k for k, donor in enumerate(donors) if donor.other is not None]
+        for lo in range(0, len(which), self.config.encode_batch):
+            part = which[lo : lo + self.config.encode_batch]
+            images, others = torch.stack([donors[k].image for k in part]), torch.stack([donors[k].other for k in part])
+            labels[part] = self.grounder.region_probs(images, others).argmax(-1)
+        return labels
+
     def _finish(self, index: int) -> ScanShard:
         shard = self._open.pop(index)
         start = time.perf_counter()
@@ -225,7 +260,44 @@ class ShardScanner:
         passing = {}
         for i, (rate, donor) in shard.flips.items():
             columns.flip_rate[i - shard.lo] = rate
-            if rate >= self.config.min_flip_rate:  # a trigger: the caption source is the largest other region
-                columns.oracle_label[i - shard.lo] = donor.other_label
+            if rate >= self.config.min_flip_rate:
                 passing[i] = pack_mask_bits(donor.mask)[0]
+        # A trigger's caption source is its largest other region, named here for the passing donors
+        # only: a few regions, not every donor's.
+        triggers = [donor for i, (_, donor) in shard.flips.items() if i in passing]
+        if triggers:
+            start = time.perf_counter()
+            columns.oracle_label[torch.tensor([d.index - shard.lo for d in triggers])] = self._name_others(triggers)
+            self.seconds["evidence"] += time.perf_counter() - start
         return ScanShard(**vars(columns), lo=shard.lo, hi=shard.hi, width=self.width, trigger_masks=passing)
+
+
+def name_until_grounded(region_probs: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], images: torch.Tensor,
+                        masks: torch.Tensor, scored: torch.Tensor, labels: torch.Tensor, threshold: float,
+                        chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Whether some scored region of each image grounds its label (the grounding model's top label of
+    the region is labels[i] at >= threshold) and the labels of the regions named on the way [B, M]
+    (-1: not named), naming as few regions as that takes: region 0 (the largest) of every image, then,
+    for the images no named region grounds yet, regions 1, 2-3, 4-7, ... (at most log2(M) + 1
+    rounds; an image whose first grounding region is g gets at most max(1, 2g) named). Exact: an
+    image stops only once a region grounds it, and any one does. region_probs(images [K, 3, H, W],
+    masks [K, H, W]) -> softmax [K, C]; images [B, 3, H, W], masks [B, M, H, W], scored bool [B, M];
+    `chunk` regions per call."""
+    named = torch.full(scored.shape, -1)
+    grounded = torch.zeros(len(labels), dtype=torch.bool)
+    lo, count = 0, scored.shape[1]
+    while lo < count:
+        hi = max(1, 2 * lo)
+        want = scored.clone()
+        want[:, :lo] = want[:, hi:] = False
+        if lo:
+            want &= ~grounded[:, None]
+        index = torch.nonzero(want)
+        if len(index):
+            top = torch.cat([region_probs(images[part[:, 0]], masks[part[:, 0], part[:, 1]])
+                             for part in index.split(chunk)]).max(-1)
+            named[index[:, 0], index[:, 1]] = top.indices
+            hits = (top.indices == labels[index[:, 0]]) & (top.values >= threshold)
+            grounded[index[hits, 0]] = True
+        lo = hi
+    return grounded, named

@@ -55,6 +55,11 @@ class RegionScorer(Protocol):
     def class_probs(self, images: torch.Tensor) -> torch.Tensor:
         """Softmax over the vocabulary [K, C] of whole uint8 images [K, 3, H, W], on the host."""
 
+    def region_probs(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Softmax over the vocabulary [K, C] of K regions, each seen as submit sees regions (its crop,
+        or its packed sequence): region k is the non-empty mask masks[k] [H, W] of uint8 image
+        images[k] [3, H, W]; on the host. For naming a few regions after submit (scanner.py)."""
+
 
 def make_scorer(bundle: ClipBundle, classifier: ZeroShotClassifier, config: ScanConfig) -> RegionScorer:
     """The scorer of config.engine: the one place the engine is chosen."""
@@ -111,8 +116,16 @@ class FastRegionScorer:
 
     @torch.no_grad()
     def submit(self, images: torch.Tensor, masks: torch.Tensor, object_regions: torch.Tensor) -> _HostCopy:
-        bundle, config, device = self.bundle, self.config, self.bundle.device
         valid = object_regions & masks.flatten(2).any(-1)  # an empty mask has no crop
+        image_embeddings, region_embeddings = self._embeddings(images, masks, valid)
+        scores = region_score(image_embeddings, region_embeddings, valid.to(self.bundle.device, non_blocking=True),
+                              self.text, self.classifier.logit_scale, backend=self.config.backend)
+        return _HostCopy(scores)
+
+    def _embeddings(self, images: torch.Tensor, masks: torch.Tensor, valid: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image embeddings [B, E] and the valid regions' embeddings [B, M, E] (zero elsewhere)."""
+        bundle, config, device = self.bundle, self.config, self.bundle.device
         images, masks = images.to(device, non_blocking=True), masks.to(device, non_blocking=True)
         pixels = bundle.preprocess(images)
         if config.regions == "packed":
@@ -123,25 +136,38 @@ class FastRegionScorer:
                     bundle, pixels.to(self.encoder.dtype or torch.float32), bundle.resize(images), scored,
                     background=config.crop_background,
                     min_coverage=config.packed_min_coverage, token_budget=self.token_budget, backend=config.backend)
-        else:
-            dtype = self.encoder.dtype or torch.float32  # crops written in the encoder's precision: half the bytes
-            crops = mask_crop(images, masks, bundle.image_size, margin=config.crop_margin, square=config.crop_square,
-                              background=config.crop_background, mean=bundle.mean, std=bundle.std, out_dtype=dtype,
-                              backend=config.backend)
-            index = torch.nonzero(valid.flatten()).flatten().to(device, non_blocking=True)
-            embeddings = self.encoder(torch.cat([pixels.to(dtype), crops.crops.flatten(0, 1)[index]]))
-            image_embeddings = embeddings[: len(images)]
-            region_embeddings = embeddings.new_zeros(masks.shape[0] * masks.shape[1], embeddings.shape[1])
-            region_embeddings[index] = embeddings[len(images):]
-            region_embeddings = region_embeddings.view(*masks.shape[:2], -1)
-        scores = region_score(image_embeddings, region_embeddings, valid.to(device, non_blocking=True), self.text,
-                              self.classifier.logit_scale, backend=config.backend)
-        return _HostCopy(scores)
+            return image_embeddings, region_embeddings
+        index = torch.nonzero(valid.flatten()).flatten().to(device, non_blocking=True)
+        embeddings = self.encoder(torch.cat([pixels.to(self.encoder.dtype or torch.float32),
+                                             self._crops(images, masks)[index]]))
+        region_embeddings = embeddings.new_zeros(masks.shape[0] * masks.shape[1], embeddings.shape[1])
+        region_embeddings[index] = embeddings[len(images):]
+        return embeddings[: len(images)], region_embeddings.view(*masks.shape[:2], -1)
+
+    def _crops(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Every region's crop [B * M, 3, S, S] (images and masks on the device), written in the
+        encoder's precision: half the bytes under bf16."""
+        bundle, config = self.bundle, self.config
+        crops = mask_crop(images, masks, bundle.image_size, margin=config.crop_margin, square=config.crop_square,
+                          background=config.crop_background, mean=bundle.mean, std=bundle.std,
+                          out_dtype=self.encoder.dtype or torch.float32, backend=config.backend)
+        return crops.crops.flatten(0, 1)
+
+    def _probs(self, embeddings: torch.Tensor) -> torch.Tensor:
+        return (self.classifier.logit_scale * embeddings @ self.text.T).softmax(-1).cpu()
 
     @torch.no_grad()
     def class_probs(self, images: torch.Tensor) -> torch.Tensor:
-        embeddings = self.encoder(self.bundle.preprocess(images))
-        return (self.classifier.logit_scale * embeddings @ self.text.T).softmax(-1).cpu()
+        return self._probs(self.encoder(self.bundle.preprocess(images)))
+
+    @torch.no_grad()
+    def region_probs(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        if len(images) == 0:
+            return torch.zeros(0, self.text.shape[0])
+        if self.config.regions == "packed":  # the packed pass encodes the whole images too: meant for few regions
+            return self._probs(self._embeddings(images, masks[:, None], torch.ones(len(masks), 1, dtype=torch.bool))[1][:, 0])
+        device = self.bundle.device
+        return self._probs(self.encoder(self._crops(images.to(device), masks[:, None].to(device))))
 
 
 def reference_crop(image: np.ndarray, mask: torch.Tensor, margin: float, square: bool, background: float) -> Image.Image:
@@ -194,8 +220,19 @@ class ReferenceRegionScorer:
         return _Ready(RegionScores(*(torch.cat([getattr(row, name) for row in rows]).cpu()
                                      for name in RegionScores._fields)))
 
-    @torch.no_grad()
-    def class_probs(self, images: torch.Tensor) -> torch.Tensor:
-        embeddings = self._encode([Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images])
+    def _probs(self, pictures: list[Image.Image]) -> torch.Tensor:
+        if not pictures:
+            return torch.zeros(0, len(self.classifier.class_embeddings))
+        embeddings = self._encode(pictures)
         text = self.classifier.class_embeddings.to(embeddings.device)
         return (self.classifier.logit_scale * embeddings @ text.T).softmax(-1).cpu()
+
+    @torch.no_grad()
+    def class_probs(self, images: torch.Tensor) -> torch.Tensor:
+        return self._probs([Image.fromarray(image.permute(1, 2, 0).numpy()) for image in images])
+
+    @torch.no_grad()
+    def region_probs(self, images: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        config = self.config
+        return self._probs([reference_crop(image.permute(1, 2, 0).numpy(), mask, config.crop_margin, config.crop_square,
+                                           config.crop_background) for image, mask in zip(images, masks)])
