@@ -96,6 +96,16 @@ def test_the_fixed_oracle_makes_its_masks_once(monkeypatch):
     oracle, images = FixedOracle(4), generate_world(6, seed=1).images
     first, again, fewer = oracle.segment(images), oracle.segment(images), oracle.segment(images[:2])
     assert len(calls) == 1 and torch.equal(first.masks, again.masks) and torch.equal(fewer.masks, first.masks[:2])
+    # An image's masks go by its batch position only, whatever was asked before: a larger batch
+    # later (the bank grows by blocks) leaves the first positions' masks as they were.
+    many = generate_world(FixedOracle.BLOCK + 7, seed=2).images
+    for shape in FixedOracle.SHAPES:
+        small_first = FixedOracle(5, shape)
+        few = small_first.segment(many[:3]).masks
+        grown = small_first.segment(many).masks
+        fresh = FixedOracle(5, shape).segment(many).masks
+        assert torch.equal(grown, fresh) and torch.equal(grown[:3], few) and len(grown) == len(many)
+        assert not torch.equal(grown[0], grown[FixedOracle.BLOCK])  # the next block is drawn anew
 
 
 def test_rows_are_on_disk_as_they_are_measured(tmp_path):

@@ -90,6 +90,10 @@ class FixedOracle(Segmenter):
     "cells", a partition of the image (cell_masks: disjoint, one image's area in all)."""
 
     SHAPES = ("discs", "cells")
+    BLOCK = 64  # images per generated block, block k from seed k: an image's masks go by its position in
+    # the batch alone, whatever batch sizes were asked for before (the bank was once drawn from seed n
+    # at the first call larger than it: a scan that segmented more images at once, as the causal tests
+    # may, changed the masks every later scan with the same oracle saw)
 
     def __init__(self, regions: int, shape: str = "discs"):
         if shape not in self.SHAPES:
@@ -97,16 +101,25 @@ class FixedOracle(Segmenter):
         self.regions, self.shape = regions, shape
         self._bank: Segmentation | None = None
 
+    def _block(self, seed: int, height: int, width: int) -> torch.Tensor:
+        if self.shape == "cells":
+            masks = cell_masks(self.BLOCK, self.regions, height, width, "cpu", seed=seed)
+        else:
+            masks = blob_masks(self.BLOCK, self.regions + 1, height, width, "cpu", seed=seed)[:, :-1]
+        masks[..., 0, 0] |= ~masks.flatten(2).any(-1)  # never empty
+        return masks
+
     def segment(self, images: torch.Tensor) -> Segmentation:
         n, _, height, width = images.shape
         bank = self._bank
-        if bank is None or len(bank) < n or tuple(bank.masks.shape[-2:]) != (height, width):
-            if self.shape == "cells":
-                masks = cell_masks(n, self.regions, height, width, "cpu", seed=n)
-            else:
-                masks = blob_masks(n, self.regions + 1, height, width, "cpu", seed=n)[:, :-1]
-            masks[..., 0, 0] |= ~masks.flatten(2).any(-1)  # never empty
-            bank = self._bank = Segmentation(masks, torch.full((n,), self.regions), torch.ones(n, self.regions))
+        if bank is not None and tuple(bank.masks.shape[-2:]) != (height, width):
+            bank = None
+        have = 0 if bank is None else len(bank)
+        if have < n:
+            blocks = [self._block(k, height, width) for k in range(have // self.BLOCK, -(-n // self.BLOCK))]
+            masks = torch.cat(([bank.masks] if bank is not None else []) + blocks)
+            bank = Segmentation(masks, torch.full((len(masks),), self.regions), torch.ones(len(masks), self.regions))
+        self._bank = bank
         return Segmentation(bank.masks[:n], bank.counts[:n], bank.scores[:n])
 
 
