@@ -25,8 +25,10 @@ import gc
 import json
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -38,7 +40,7 @@ from clipfast.demo import BASELINE_SEED_OFFSET, DemoConfig, default_cache_dir
 from clipfast.defense.baseline import BaselineConfig, cleanclip_baseline
 from clipfast.defense.pipeline import DefenseConfig, defend
 from clipfast.defense.repair import RepairConfig
-from clipfast.defense.scan import ScanConfig, scan
+from clipfast.defense.scan import ScanConfig, scan, scanner
 from clipfast.eval import evaluate
 from clipfast.models import ClipBundle, freeze_text_tower, load_model
 from clipfast.models.packed import check_vision_tower, tower_flops
@@ -161,20 +163,73 @@ def _row(stage, model, variant, sizes, seconds, throughput, unit, reference_seco
                 mfu="" if mfu is None else f"{mfu:.3f}", agreement=agreement)
 
 
-def _encoder_flops(bundle: ClipBundle, images: torch.Tensor, oracle: Segmenter, config: ScanConfig) -> int:
+class CountingGrounder:
+    """A scan's separate grounding model (scorers.make_grounder), counting what it encodes: whole
+    images, the regions submitted whole batches at a time, and those named one by one (the fast
+    engine's lazy naming, scanner.name_until_grounded, and the passing donors' other regions)."""
+
+    def __init__(self, scorer):
+        self.scorer, self.images, self.submitted, self.named = scorer, 0, 0, 0
+
+    def __getattr__(self, name):
+        return getattr(self.scorer, name)
+
+    @property
+    def crops(self) -> int:
+        return self.submitted + self.named
+
+    def submit(self, images, masks, object_regions):
+        self.images += len(images)
+        self.submitted += int((object_regions & masks.flatten(2).any(-1)).sum())
+        return self.scorer.submit(images, masks, object_regions)
+
+    def class_probs(self, images):
+        self.images += len(images)
+        return self.scorer.class_probs(images)
+
+    def region_probs(self, images, masks):
+        self.named += len(masks)
+        return self.scorer.region_probs(images, masks)
+
+
+@contextmanager
+def counting_grounders() -> Iterator[list[CountingGrounder]]:
+    """Every scan inside counts its separate grounding model's encodes (one CountingGrounder per scan,
+    appended in order; none for a scan whose suspect grounds its own regions)."""
+    counters, make = [], scanner.make_grounder
+
+    def counting(bundle, grounding_bundle, classnames, prompts, config, suspect=None, classifier=None):
+        grounder = make(bundle, grounding_bundle, classnames, prompts, config, suspect, classifier)
+        if grounder is suspect:
+            return grounder
+        counters.append(CountingGrounder(grounder))
+        return counters[-1]
+
+    scanner.make_grounder = counting
+    try:
+        yield counters
+    finally:
+        scanner.make_grounder = make
+
+
+def _encoder_flops(bundle: ClipBundle, images: torch.Tensor, oracle: Segmenter, config: ScanConfig,
+                   grounder: CountingGrounder | None) -> int:
     """FLOPs of the encoder passes that embed the scan's images and scored regions in self mode (models.
     packed.tower_flops on the sequences each mode runs: a whole image per crop, or the packed sequences;
-    both when the regions are packed and named from crops). The causal and transplant tests' whole-image
-    encodes are not counted: they are not region encodes, and how many there are depends on what the
-    regions said: bench_scan's `removal encodes/image` rows (ViT-B-16 with seed 0's weights at 6295c15,
-    12 images x 16 discs: 10.7 per image crop, 1.3 packed)."""
+    with packed regions named from crops, the packed pass and the crops and images the grounding model
+    counted, `grounder`). The causal and transplant tests' whole-image encodes are not counted: they are
+    not region encodes, and how many there are depends on what the regions said: bench_scan's `removal
+    encodes/image` rows (ViT-B-16 with seed 0's weights at 6295c15, 12 images x 16 discs: 10.7 per image
+    crop, 1.3 packed)."""
     visual = check_vision_tower(bundle.model)
     whole = 1 + visual.grid_size[0] * visual.grid_size[1]
     segmentation = oracle.segment(images)
     scored = segmentation.valid & segmentation.masks.flatten(2).any(-1)
     lengths = [torch.full((len(images),), whole)]
-    if "crop" in (config.regions, config.grounding_regions):
+    if config.regions == "crop":
         lengths.append(torch.full((int(scored.sum()),), whole))
+    if grounder is not None:
+        lengths.append(torch.full((grounder.crops + grounder.images,), whole))
     if config.regions == "packed":
         masks = bundle.resize_masks(segmentation.masks.to(bundle.device)) & scored.to(bundle.device)[..., None, None]
         kept = region_patches(bundle.resize(images), masks, visual.grid_size, min_coverage=config.packed_min_coverage,
@@ -187,7 +242,7 @@ def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segm
                rows: list[dict], variants=DEFAULT_SCAN_VARIANTS) -> None:
     kwargs = dict(prompts=zero_shot_prompts)
     scan(bundle, list(CLASSES), images[:8], oracle, config=ScanConfig(progress=False), **kwargs)  # warm-up
-    results, seconds = {}, {}
+    results, seconds, grounders = {}, {}, {}
     # The fast path's own choices, each set by hand once: fp32 instead of auto precision, the oracle
     # prefetch thread off and on (auto picks it on GPUs only).
     crop = ScanConfig(progress=False, regions="crop")
@@ -201,13 +256,15 @@ def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segm
                "fast packed coverage=0.5": ScanConfig(progress=False, regions="packed", grounding_regions="packed",
                                                       packed_min_coverage=0.5),
                # packed trigger evidence, regions named from crops (self mode's default, as here: the
-               # suspect encodes its regions both ways)
+               # suspect encodes its regions packed, and crops those the scan's grounding reads)
                "fast hybrid": ScanConfig(progress=False, regions="packed")}
     for variant in ["reference"] + [v for v in variants if v != "reference"]:
         config = configs[variant]
         synchronize(device)
-        results[variant], seconds[variant] = _timed(lambda: scan(bundle, list(CLASSES), images, oracle, config=config,
-                                                                 **kwargs))
+        with counting_grounders() as counters:
+            results[variant], seconds[variant] = _timed(lambda: scan(bundle, list(CLASSES), images, oracle,
+                                                                     config=config, **kwargs))
+        grounders[variant] = counters[0] if counters else None
     peak = matrix_rate(device) * 1e12
     reference = results["reference"]
     for variant, result in results.items():
@@ -215,7 +272,7 @@ def bench_scan(bundle: ClipBundle, name: str, images: torch.Tensor, oracle: Segm
         agreement = "" if variant == "reference" else _agreement(reference, result)
         if variant.startswith(("fast packed", "fast hybrid")) and "fast crop" in results:  # the mode it would replace
             agreement += "; vs fast crop: " + _agreement(results["fast crop"], result)
-        flops = _encoder_flops(bundle, images, oracle, configs[variant])
+        flops = _encoder_flops(bundle, images, oracle, configs[variant], grounders[variant])
         rows.append(_row("scan", name, variant, sizes, seconds[variant], len(images) / seconds[variant], "images/s",
                          seconds["reference"] if variant != "reference" else None,
                          flops / seconds[variant] / peak, agreement))
