@@ -201,6 +201,39 @@ def test_an_image_wide_targets_victims_come_from_the_test_that_sees_it_best():
             assert (result.oracle_label[found] == 5).all()
 
 
+def test_the_image_wide_tests_run_only_where_the_largest_region_is_the_object():
+    """With regions blind to the content (the object alone keeps the image's label for few images) both
+    image-wide tests are off, even under the strongest one-way flow and flip, and the verdict says
+    why; from MIN_OBJECT_AGREEMENT of the probe set on they run as before."""
+    from clipfast.defense.pipeline import verdict_of
+    from clipfast.defense.repair import RepairConfig
+    from clipfast.defense.scan.decide import MIN_OBJECT_AGREEMENT
+
+    columns = object_flow_columns({(4, source): 40 for source in (0, 1, 2, 3, 5)})
+    victims = (columns.image_label == 4) & (columns.object_label != 4)
+    columns.mirror_label[victims] = 5
+    agreeing = columns.object_label == columns.image_label
+    result = decided(columns)
+    assert result.targets == [4] and result.object_agreement == pytest.approx(float(agreeing.double().mean()))
+    assert result.summary()["object_agreement"] == result.object_agreement >= MIN_OBJECT_AGREEMENT
+    # fragments for objects: most images' object alone is another label (not the trigger's victims)
+    fragments = agreeing.nonzero().flatten()
+    for share, runs in ((0.5, False), (0.25, True)):  # of the agreeing images relabelled
+        blind = object_flow_columns({(4, source): 40 for source in (0, 1, 2, 3, 5)})
+        blind.mirror_label[victims] = 5
+        moved = fragments[: int(share * len(columns)) + 1] if not runs else fragments[: int(share * len(fragments))]
+        blind.object_label[moved] = (blind.image_label[moved] + 1) % 6
+        result = decided(blind)
+        assert (result.object_agreement >= MIN_OBJECT_AGREEMENT) == runs
+        if runs:
+            assert result.mirror_test is not None and result.object_test is not None
+        else:
+            assert result.mirror_test is None and result.object_test is None and result.targets == []
+            verdict = verdict_of(result, None, RepairConfig())
+            assert verdict.status == "no_backdoor" and "image-wide tests did not run" in verdict.message
+            assert f"{100 * result.object_agreement:.0f} % of the probe images" in verdict.message
+
+
 @pytest.mark.parametrize("flows", [
     {},  # symmetric disagreements only
     {(2, 1): 80, (2, 3): 40},  # a label whole images get from one or two neighbours' objects: trimmed

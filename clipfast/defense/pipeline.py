@@ -25,6 +25,7 @@ from .repair import RepairConfig, RepairResult, repair
 from .unlearning import recover_triggers
 from .verdict import Verdict, judge
 from .scan import Flips, LabelTest, ScanConfig, ScanResult, TriggerEstimate, scan
+from .scan.decide import MIN_OBJECT_AGREEMENT
 
 CONFIG_NAME = "defense_config.json"
 SCAN_NAME = "scan.pt"
@@ -93,6 +94,7 @@ def load_scan(path: Path) -> ScanResult:
     data["label_test"] = LabelTest(**data["label_test"])
     for test in ("mirror_test", "object_test"):  # absent from scans saved before them
         data[test] = LabelTest(**data[test]) if data.get(test) else None
+    data.setdefault("object_agreement", None)
     unmeasured = torch.full_like(data["image_label"], -1)  # scans saved before the mirror test lack its columns
     for column in ("mirror_label", "object_label", "mirror_object_label"):
         data.setdefault(column, unmeasured)
@@ -166,6 +168,11 @@ def verdict_of(scanned: ScanResult, repaired: RepairResult | None, config: Repai
                        f"{scanned.label_test.threshold * len(scanned.classnames):g})")
         if scanned.oracle_mode == "self":
             description += SELF_MODE_SCOPE
+    if scanned.object_agreement is not None and scanned.object_agreement < MIN_OBJECT_AGREEMENT:
+        description += (f"; self mode's image-wide tests did not run: the oracle's largest region, shown alone, kept "
+                        f"the image's label for only {100 * scanned.object_agreement:.0f} % of the probe images "
+                        f"(they need {100 * MIN_OBJECT_AGREEMENT:.0f} %), so it is not the images' object and the "
+                        "tests' controls would not hold: use a segmenter that isolates objects, or a trusted model")
     if scanned.unconfirmed:
         # Not reported as a backdoor (clean models pass the count too: a confusion the trusted model
         # does not share, confirm.py), but the numbers are shown: a reader sees how far from a trigger it was.

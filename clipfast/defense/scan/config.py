@@ -102,7 +102,8 @@ class ScanConfig:
     # (benchmarks/packed_ca_causes.py, 9 self-mode patch cases at e353012: victims' oracle labels right
     # 0.97 vs 0.76 (medians), grounded images' labels 0.993 vs 0.968 right); repairs from a packed scan
     # that names with crops lost CA 0.24 points (median; worst 1.20) against 0.60 (1.70) naming packed.
-    # In self mode packed regions with crop naming encode the suspect's regions twice.
+    # A grounding model of its own (a trusted model, or self mode's crop naming of packed evidence) crops
+    # only the regions the scan reads on the fast engine (scanner.name_until_grounded, exact).
     grounding_regions: str = "crop"
     # packed regions: a patch is a region's token from this share of its pixels on (0: any pixel, so
     # that every mask pixel is seen, as in a crop); a region with no such patch keeps its best ones.

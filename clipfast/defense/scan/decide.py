@@ -33,6 +33,17 @@ TRIMMED_SOURCES = 2  # a label's largest source classes left out of its candidat
 # of its objects' mirror rate (a label with few objects alone gets a wide, forgiving bound).
 OBJECT_RATE_CONFIDENCE = 0.975
 IMAGE_WIDE_TESTS = 2  # self mode's image-wide tests (mirror_label_test, object_alone_test)
+# Both image-wide tests read each image's largest region, shown alone, as its object; they run only
+# where that holds for most of the probe set: the object alone keeps the whole image's label for at
+# least this share of the images (object_agreement). Calibrated on: the world's built-in segmenter,
+# 0.84-0.96 over the 87 saved self-mode scans of the efficacy matrix (clean, patch and image-wide
+# models: a backdoor's victims, a few % of a probe, disagree by design), against 0.12-0.17 for
+# regions blind to the content (the pipeline bench's fixed oracle, 16 discs or cells, on the clean
+# seed-0 model: benchmarks/object_agreement.py), where both tests flagged labels of a clean model and
+# the mirror test's 'arrow' was confirmed, a false alarm. Why it transfers: it checks the tests' own
+# assumption on the probe set itself, and a segmenter that does isolate objects falls below it only
+# if more than half the probe images are poisoned.
+MIN_OBJECT_AGREEMENT = 0.5
 
 
 def decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, seconds: dict) -> ScanResult:
@@ -51,10 +62,14 @@ def decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, s
     # (Without discordant candidates, self mode, the candidates are the patch evidence: the same test.)
     patch_targets = targets if not (candidate & ~patch_evidence).any() else \
         decide_targets(columns.image_label, patch_evidence & columns.readable, sources, len(classnames), config)[1]
-    # Self mode's image-wide tests share the significance, so the stated family-wise rate holds for both.
+    # Self mode's image-wide tests share the significance, so the stated family-wise rate holds for both;
+    # they run where the oracle's largest regions are the images' objects (MIN_OBJECT_AGREEMENT).
     image_wide_significance = config.significance / IMAGE_WIDE_TESTS
-    mirror_test, mirrored = mirror_label_test(columns, len(classnames), image_wide_significance, config.min_count)
-    object_test, one_way = object_alone_test(columns, len(classnames), image_wide_significance, config.min_count)
+    agreement = object_agreement(columns)
+    mirror_test, mirrored, object_test, one_way = None, [], None, []
+    if agreement is not None and agreement >= MIN_OBJECT_AGREEMENT:
+        mirror_test, mirrored = mirror_label_test(columns, len(classnames), image_wide_significance, config.min_count)
+        object_test, one_way = object_alone_test(columns, len(classnames), image_wide_significance, config.min_count)
     image_wide = sorted(set(mirrored + one_way) - set(targets))
     for label in image_wide:
         # Victims: the target's images whose object alone the model does not call the target (a real
@@ -80,7 +95,16 @@ def decide(classnames: list[str], shards: list[ScanShard], config: ScanConfig, s
                 for target in targets]
     return ScanResult(**vars(columns), classnames=classnames, patch_evidence=patch_evidence, candidate=candidate,
                       label_test=label_test, targets=targets, triggers=triggers, seconds=seconds,
-                      mirror_test=mirror_test, object_test=object_test)
+                      mirror_test=mirror_test, object_test=object_test, object_agreement=agreement)
+
+
+def object_agreement(columns: ImageColumns) -> float | None:
+    """The share of probe images whose largest region shown alone keeps the image's label (None where
+    the objects alone were not labelled: trusted mode, the mirror test off)."""
+    measured = columns.readable & (columns.object_label >= 0)
+    if not measured.any():
+        return None
+    return float((columns.object_label[measured] == columns.image_label[measured]).double().mean())
 
 
 def mirror_relabelled(columns: ImageColumns) -> torch.Tensor:

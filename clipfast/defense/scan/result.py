@@ -145,6 +145,9 @@ class ScanResult(ImageColumns):
     # candidates: a_l, images labelled l whose object alone is labelled another label, over l's sources
     # but its two largest; expected: (a_l + b_l) / 2, b_l the flow the other way); None as mirror_test
     object_test: LabelTest | None = field(default=None, kw_only=True)
+    # self mode: the share of probe images whose largest region alone keeps the image's label; the two
+    # tests above run only from decide.MIN_OBJECT_AGREEMENT on (None: not measured, or saved before)
+    object_agreement: float | None = field(default=None, kw_only=True)
 
     @property
     def found(self) -> bool:
@@ -184,6 +187,7 @@ class ScanResult(ImageColumns):
                 name: {"predicted": n, "whole_not_object": a, "object_not_whole": round(2 * e) - a, "p_value": p}
                 for name, n, a, e, p in zip(self.classnames, self.object_test.predicted, self.object_test.candidates,
                                             self.object_test.expected, self.object_test.p_values)},
+            "object_agreement": self.object_agreement,
             "unconfirmed": {name: {test: asdict(flips) for test, flips in tests.items()}
                             for name, tests in self.unconfirmed.items()},
             "triggers": [{"target": self.classnames[t.target], "kind": t.kind, "box": t.box,
