@@ -35,14 +35,15 @@ OBJECT_RATE_CONFIDENCE = 0.975
 IMAGE_WIDE_TESTS = 2  # self mode's image-wide tests (mirror_label_test, object_alone_test)
 # Both image-wide tests read each image's largest region, shown alone, as its object; they run only
 # where that holds for most of the probe set: the object alone keeps the whole image's label for at
-# least this share of the images (object_agreement). Calibrated on: the world's built-in segmenter,
-# 0.84-0.96 over the 87 saved self-mode scans of the efficacy matrix (clean, patch and image-wide
-# models: a backdoor's victims, a few % of a probe, disagree by design), against 0.12-0.17 for
-# regions blind to the content (the pipeline bench's fixed oracle, 16 discs or cells, on the clean
-# seed-0 model: benchmarks/object_agreement.py), where both tests flagged labels of a clean model and
-# the mirror test's 'arrow' was confirmed, a false alarm. Why it transfers: it checks the tests' own
-# assumption on the probe set itself, and a segmenter that does isolate objects falls below it only
-# if more than half the probe images are poisoned.
+# least this share of the images (object_agreement). Calibrated on (benchmarks/object_agreement.py,
+# results/object_agreement.json): the world's built-in segmenter gives 0.839-0.960 on the 40 saved
+# self-mode scans of the efficacy matrix (clean, patch and image-wide models: a backdoor's victims,
+# a few % of a probe, disagree by design) and 0.917-0.965 on the 5 clean seeds; regions blind to the
+# content (the pipeline bench's fixed oracle, 16 discs or cells) give 0.11-0.18 on those 5 clean
+# models, where without this gate the tests flagged labels on all 10 scans (the mirror test 'arrow'
+# on 9, which the background test then confirmed on seed 0: a false alarm). Why it transfers: it
+# checks the tests' own assumption on the probe set itself, and a segmenter that does isolate
+# objects falls below it only if more than half the probe images are poisoned.
 MIN_OBJECT_AGREEMENT = 0.5
 
 
