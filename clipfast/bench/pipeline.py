@@ -222,6 +222,7 @@ def _encoder_flops(bundle: ClipBundle, images: torch.Tensor, oracle: Segmenter, 
     encodes/image` rows (ViT-B-16 with seed 0's weights at 6295c15, 12 images x 16 discs: 10.7 per image
     crop, 1.3 packed)."""
     visual = check_vision_tower(bundle.model)
+    config = config.for_oracle(trusted=False, packable=True)  # the regions the scan ran ("auto" resolved)
     whole = 1 + visual.grid_size[0] * visual.grid_size[1]
     segmentation = oracle.segment(images)
     scored = segmentation.valid & segmentation.masks.flatten(2).any(-1)
