@@ -57,7 +57,8 @@ def test_pipeline_rows_report_throughput_speedup_and_agreement(tiny, tmp_path):
     flops = {r["variant"]: float(r["throughput"]) for r in scans if r["unit"] == "encoder GFLOP/image"}
     assert flops["fast packed"] < flops["fast crop"] == flops["reference"]  # 5 discs: fewer tokens than 5 crops
     assert flops["fast packed coverage=0.5"] < flops["fast packed"]  # boundary patches kept by fewer regions
-    # self mode: the hybrid encodes the regions both ways (the whole images once)
+    # self mode: the hybrid's packed pass, and the crops its naming encoded, counted (a random model
+    # grounds no region, so all of them: each region both ways, the whole images once)
     assert flops["fast crop"] < flops["fast hybrid"] < flops["fast crop"] + flops["fast packed"]
     packed = next(r for r in scans if r["variant"] == "fast packed" and r["unit"] == "images/s")
     assert "vs fast crop" in packed["agreement"]
