@@ -77,12 +77,9 @@ def main() -> None:
         segmenter = FixedOracle(int(count), shape)
     commit = code_commit()
     for config, seed in select(MATRIX, args.attacks, args.seeds):
-        recipe = optimized_patch_recipe(_recipe(config, seed, config.rates[0], settings), cache / "models")
-        for rate in config.rates:  # the first rate whose model the cache holds (the matrix's ladder)
-            candidate = optimized_patch_recipe(_recipe(config, seed, rate, settings), cache / "models")
-            if (cache / "models" / candidate.cache_key()).exists():
-                recipe = candidate
-                break
+        # the first rate of the matrix's ladder whose model the cache holds (else the first, trained now)
+        ladder = [optimized_patch_recipe(_recipe(config, seed, rate, settings), cache / "models") for rate in config.rates]
+        recipe = next((r for r in ladder if (cache / "models" / r.cache_key()).exists()), ladder[0])
         bundle, pairs, _ = cached_world_model(recipe, cache / "models")
         probe = pairs.images[: args.probe]
         for mode in args.modes:

@@ -216,9 +216,10 @@ def test_naming_until_grounded_is_naming_every_region(images, regions, classes, 
 @pytest.mark.slow  # the session's trained model (~1 min), eight small scans
 @pytest.mark.parametrize("oracle", ["classical", "cells"])
 def test_naming_only_what_the_scan_reads_changes_no_column(poisoned_world, oracle, monkeypatch, tmp_path):
-    """The fast engine names a separate grounding model's regions lazily (name_until_grounded, the
-    passing donors' other regions at the end); every column of the scan equals naming every region,
-    in self mode (packed evidence, crop naming) and with a trusted model."""
+    """The fast engine names a separate grounding model's regions lazily (name_until_grounded, and the
+    passing donors' other regions the naming did not reach at the end); every column of the scan equals
+    naming every region, in self mode (packed evidence, crop naming) and with a trusted model; with
+    the naming's labels withheld, the passing donors' caption labels, then all named at the end, too."""
     from clipfast.bench.pipeline import FixedOracle
     from clipfast.defense.scan import scanner
 
@@ -227,7 +228,17 @@ def test_naming_only_what_the_scan_reads_changes_no_column(poisoned_world, oracl
     segmenter = ClassicalSegmenter() if oracle == "classical" else FixedOracle(9, "cells")
     config = ScanConfig(progress=False, precision="fp32", batch_size=48, regions="packed")
     columns = {}
-    for lazy in (True, False):
+    lazily = scanner.name_until_grounded
+
+    def unnamed(*args, **kwargs):  # the same grounding, no region's name kept
+        grounded, named = lazily(*args, **kwargs)
+        return grounded, torch.full_like(named, -1)
+
+    for lazy in ("unnamed", True, False):
+        if lazy == "unnamed":
+            monkeypatch.setattr(scanner, "name_until_grounded", unnamed)
+        if lazy is True:
+            monkeypatch.setattr(scanner, "name_until_grounded", lazily)
         if not lazy:  # every region named, as the reference engine does
             monkeypatch.setattr(scanner.ShardScanner, "name_lazily", property(lambda self: False, lambda self, v: None),
                                 raising=False)
@@ -239,6 +250,11 @@ def test_naming_only_what_the_scan_reads_changes_no_column(poisoned_world, oracl
     for mode in ("self", "trusted"):
         for name, value in columns[False, mode].items():
             assert torch.equal(columns[True, mode][name], value), (mode, name)
+            if name != "oracle_label":
+                assert torch.equal(columns["unnamed", mode][name], value), (mode, name)
+        passing = columns[False, mode]["flip_rate"] >= config.min_flip_rate
+        assert passing.any()
+        assert torch.equal(columns["unnamed", mode]["oracle_label"][passing], columns[False, mode]["oracle_label"][passing])
     assert (columns[True, "trusted"]["reference_label"] >= 0).all()  # the trusted model's whole-image labels
     # Both ways name a trigger's caption source at the end: it is the crop label, as every region's
     # crop scores give it, of the image's largest region other than the trigger region.

@@ -55,7 +55,10 @@ class _Donor:
     image: torch.Tensor  # uint8 [3, H, W] (a copy: the batch is not kept alive)
     mask: torch.Tensor  # bool [H, W]: its explaining region
     label: int
-    other: torch.Tensor | None  # bool [H, W]: its largest other region, named only if it passes (None: none)
+    # the grounding model's label of its largest other region (-1: it has none), or, where the naming
+    # has not reached that region, None and the region (bool [H, W]), named only if the donor passes
+    other_label: int | None
+    other: torch.Tensor | None = None
 
 
 @dataclass
@@ -149,6 +152,8 @@ class ShardScanner:
         others = regions.clone()
         others[torch.arange(size), explaining] = False
         first = others.float().argmax(-1)
+        has_other = others.any(-1) & batch.segmentation.masks[torch.arange(size), first].flatten(1).any(-1)
+        other_label = torch.where(has_other, named.gather(1, first[:, None]).squeeze(1), -1)
         columns = ImageColumns(readable=readable, image_label=label, image_prob=own.image_prob, grounded=grounded,
                                reference_label=reference_label, discordant=discordant, explaining_drop=drop,
                                flip_rate=torch.full((size,), -1.0), discrepancy=own.discrepancy,
@@ -162,9 +167,11 @@ class ShardScanner:
                 largest = batch.segmentation.masks[j, 0] if bool(regions[j, 0]) else torch.zeros_like(batch.masks[j, 0])
                 shard.pool.append((batch.lo + j, batch.images[j].clone(), int(label[j]), largest.clone()))
         masks = batch.segmentation.masks
-        shard.waiting += [_Donor(batch.lo + j, batch.images[j].clone(), masks[j, explaining[j]].clone(), int(label[j]),
-                                 masks[j, first[j]].clone() if others[j].any() and masks[j, first[j]].any() else None)
-                          for j in torch.nonzero(has_region & readable).flatten().tolist()]
+        for j in torch.nonzero(has_region & readable).flatten().tolist():
+            unnamed = bool(has_other[j]) and int(other_label[j]) < 0  # left to _finish, if it passes
+            shard.waiting.append(_Donor(batch.lo + j, batch.images[j].clone(), masks[j, explaining[j]].clone(),
+                                        int(label[j]), None if unnamed else int(other_label[j]),
+                                        masks[j, first[j]].clone() if unnamed else None))
         if len(shard.pool) >= config.recipient_pool:
             self._transplant(shard)
         self.seconds["evidence"] += time.perf_counter() - start
@@ -242,9 +249,10 @@ class ShardScanner:
 
     @torch.no_grad()
     def _name_others(self, donors: list[_Donor]) -> torch.Tensor:
-        """The grounding model's label of each donor's largest other region (-1: it has none)."""
-        labels = torch.full((len(donors),), -1)
-        which = [k for k, donor in enumerate(donors) if donor.other is not None]
+        """The grounding model's label of each donor's largest other region (-1: it has none), naming
+        those the scan's naming did not reach."""
+        labels = torch.tensor([-1 if donor.other_label is None else donor.other_label for donor in donors])
+        which = [k for k, donor in enumerate(donors) if donor.other_label is None]
         for lo in range(0, len(which), self.config.encode_batch):
             part = which[lo : lo + self.config.encode_batch]
             images, others = torch.stack([donors[k].image for k in part]), torch.stack([donors[k].other for k in part])
@@ -262,8 +270,8 @@ class ShardScanner:
             columns.flip_rate[i - shard.lo] = rate
             if rate >= self.config.min_flip_rate:
                 passing[i] = pack_mask_bits(donor.mask)[0]
-        # A trigger's caption source is its largest other region, named here for the passing donors
-        # only: a few regions, not every donor's.
+        # A trigger's caption source is its largest other region; where the (lazy) naming did not
+        # reach it, it is named here, for the passing donors only: a few regions, not every donor's.
         triggers = [donor for i, (_, donor) in shard.flips.items() if i in passing]
         if triggers:
             start = time.perf_counter()
